@@ -1,0 +1,61 @@
+"""``disttrain.Callback``: the notification hooks, each called before the module's own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Callback:
+    """Override any of these to observe or steer a run without touching the module.
+
+    Every method receives ``(trainer, module, ...)`` with the same extra arguments as the
+    module's hook of the same name (see :class:`disttrain.ModelHooks` for when each runs and on
+    which ranks); callbacks run in list order before the module. The three hooks that do work
+    (``prepare_data``, ``backward``, ``transfer_batch_to_device``) belong to the module alone.
+    Return values are ignored.
+    """
+
+    def setup(self, trainer: Any, module: Any, stage: str) -> None:
+        """All ranks, before the module's ``setup``."""
+
+    def teardown(self, trainer: Any, module: Any, stage: str) -> None:
+        """All ranks, before the module's ``teardown``."""
+
+    def on_fit_start(self, trainer: Any, module: Any) -> None:
+        """All ranks, at the very beginning of fit."""
+
+    def on_fit_end(self, trainer: Any, module: Any) -> None:
+        """All ranks, at the very end of fit."""
+
+    def on_train_start(self, trainer: Any, module: Any) -> None:
+        """All ranks, before the sanity check."""
+
+    def on_train_end(self, trainer: Any, module: Any) -> None:
+        """All ranks, at the end of training."""
+
+    def on_sanity_check_start(self, trainer: Any, module: Any) -> None:
+        """All ranks, before the sanity check (deprecated in the seed; warns once)."""
+
+    def on_pre_performance_check(self, trainer: Any, module: Any) -> None:
+        """All ranks, at the beginning of every validation loop."""
+
+    def on_post_performance_check(self, trainer: Any, module: Any) -> None:
+        """All ranks, at the end of every validation loop."""
+
+    def on_epoch_start(self, trainer: Any, module: Any) -> None:
+        """All ranks, at the beginning of a training epoch."""
+
+    def on_epoch_end(self, trainer: Any, module: Any) -> None:
+        """All ranks, at the end of a training epoch."""
+
+    def on_batch_start(self, trainer: Any, module: Any, batch: Any) -> None:
+        """All ranks, before a training batch (its return value is ignored)."""
+
+    def on_after_backward(self, trainer: Any, module: Any) -> None:
+        """All ranks, after each backward."""
+
+    def on_before_zero_grad(self, trainer: Any, module: Any, optimizer: Any) -> None:
+        """All ranks, after each optimizer step and before its ``zero_grad``."""
+
+    def on_batch_end(self, trainer: Any, module: Any) -> None:
+        """All ranks, at the end of a training batch."""

@@ -1,0 +1,128 @@
+"""The trainer's options as one typed dataclass, validated the same way from Python and YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, Union
+
+
+class ConfigError(ValueError):
+    """A bad option: the message names the key (and the file, when there is one)."""
+
+    def __init__(self, key: str, problem: str, source: str | None = None) -> None:
+        self.key, self.problem, self.source = key, problem, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {problem}")
+
+
+Precision = Literal["32", "bf16-mixed", "16-mixed"]
+Accelerator = Literal["auto", "cpu", "cuda"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Every option of :class:`disttrain.Trainer`; a YAML ``trainer:`` section maps onto it."""
+
+    max_epochs: int = 1000
+    max_steps: int | None = None  # optimizer steps; None: no limit
+    limit_train_batches: int | float = 1.0  # an int counts batches, a float is a fraction
+    limit_val_batches: int | float = 1.0
+    limit_test_batches: int | float = 1.0
+    num_sanity_val_steps: int = 2
+    check_val_every_n_epoch: int = 1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None  # max global L2 norm; None or 0: no clipping
+    precision: Precision = "32"
+    accelerator: Accelerator = "auto"
+    seed: int | None = 0  # seeds Python, torch and the samplers; None leaves RNGs alone
+    callbacks: list = dataclasses.field(default_factory=list)
+    default_root_dir: str = "runs"
+    prepare_data_per_node: bool = False
+    timeout: float = 1800.0  # seconds a collective may wait before the job fails
+    prepare_data_timeout: float = 7200.0  # seconds other ranks wait for prepare_data
+    find_unused_parameters: bool | None = None  # None: only with several optimizers
+
+    def __post_init__(self) -> None:
+        if self.precision == 32 and not isinstance(self.precision, bool):  # YAML reads 32 as int
+            object.__setattr__(self, "precision", "32")
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            check_type(field.name, getattr(self, field.name), hints[field.name])
+        for name in ("max_epochs", "check_val_every_n_epoch", "accumulate_grad_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("num_sanity_val_steps", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(name, f"must be 0 or more, got {value}")
+        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+            value = getattr(self, name)
+            if value < 0 or (isinstance(value, float) and value > 1.0):
+                raise ConfigError(
+                    name, f"must be a batch count (int >= 0) or a fraction in [0, 1], got {value}"
+                )
+        for name in ("timeout", "prepare_data_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    name, f"must be a positive number of seconds, got {getattr(self, name)}"
+                )
+        if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
+            raise ConfigError("gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
+
+    @classmethod
+    def from_mapping(
+        cls, options: Mapping[str, Any], *, prefix: str = "", source: str | None = None
+    ) -> TrainerConfig:
+        """Build from keyword arguments or a YAML section; errors name ``prefix + key``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+                raise ConfigError(f"{prefix}{key}", f"unknown trainer option{hint}", source)
+        try:
+            return cls(**options)
+        except ConfigError as err:
+            raise ConfigError(f"{prefix}{err.key}", err.problem, source) from None
+
+
+def check_type(key: str, value: Any, annotation: Any) -> None:
+    """Raise ``ConfigError`` unless ``value`` fits ``annotation`` (bools are not ints here)."""
+    if not _fits(value, annotation):
+        raise ConfigError(
+            key, f"expected {_describe(annotation)}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation) and isinstance(value, str)
+    if origin is not None:
+        return isinstance(value, origin)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))

@@ -1,0 +1,125 @@
+"""Dataloaders as a distributed run needs them: sharded training data, exact evaluation data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
+
+
+class UnpaddedDistributedSampler(Sampler[int]):
+    """Rank ``r`` of ``n`` takes indices ``r, r+n, r+2n, ...``: every sample exactly once.
+
+    ``DistributedSampler`` pads the dataset to a multiple of the world size, so an evaluation
+    would count some samples twice; this one does not, and ranks may get one batch more or
+    less than others (evaluation runs no collective per batch, so that is safe).
+    """
+
+    def __init__(self, dataset_len: int, rank: int, world_size: int) -> None:
+        self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.dataset_len, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_len, self.world_size))
+
+
+def train_loader(
+    loader: Any, rank: int, world_size: int, seed: int, device: torch.device, where: str
+) -> Any:
+    """``loader`` with its sampler replaced by a ``DistributedSampler`` (same shuffle)."""
+    sampler = getattr(loader, "sampler", None)
+    if not _is_plain_loader(loader) or isinstance(sampler, DistributedSampler):
+        return _checked_custom(loader, world_size, where)
+    shuffle = isinstance(sampler, RandomSampler)
+    new_sampler = DistributedSampler(
+        loader.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+        drop_last=loader.drop_last,
+    )  # fmt: skip
+    return _rebuild(loader, new_sampler, device)
+
+
+def eval_loader(loader: Any, rank: int, world_size: int, device: torch.device, where: str) -> Any:
+    """``loader`` sharded without padding, in order: each sample evaluated exactly once."""
+    if loader is None:
+        return None
+    if not _is_plain_loader(loader) or isinstance(loader.sampler, DistributedSampler):
+        return _checked_custom(loader, world_size, where)
+    if not isinstance(loader.sampler, SequentialSampler):
+        raise ValueError(
+            f"{where}: evaluation loaders must not shuffle (got {type(loader.sampler).__name__});"
+            " disttrain shards them in order so that each sample is evaluated exactly once"
+        )
+    return _rebuild(
+        loader, UnpaddedDistributedSampler(len(loader.dataset), rank, world_size), device
+    )
+
+
+def limit_batches(loader: Any, limit: int | float, option: str) -> int:
+    """How many batches of ``loader`` to run: an int counts, a float is a fraction."""
+    try:
+        total = len(loader)
+    except TypeError:
+        if isinstance(limit, float):
+            if limit == 1.0:
+                return math.inf  # type: ignore[return-value]
+            raise ValueError(
+                f"{option}={limit} is a fraction, but the dataloader has no length; "
+                "give a batch count (an int)"
+            ) from None
+        return limit
+    if isinstance(limit, float):
+        return int(total * limit)
+    return min(total, limit)
+
+
+def _is_plain_loader(loader: Any) -> bool:
+    return (
+        isinstance(loader, DataLoader)
+        and not isinstance(loader.dataset, IterableDataset)
+        and loader.batch_size is not None  # not a custom batch_sampler
+    )
+
+
+def _checked_custom(loader: Any, world_size: int, where: str) -> Any:
+    """Loaders disttrain cannot shard itself pass through, if they shard themselves."""
+    sampler = getattr(loader, "sampler", None)
+    if world_size > 1 and not isinstance(sampler, (DistributedSampler, UnpaddedDistributedSampler)):
+        raise ValueError(
+            f"{where}: disttrain shards DataLoaders built with a batch_size and a sequential or "
+            f"random sampler; this one ({type(loader).__name__} with "
+            f"{type(sampler).__name__ if sampler is not None else 'no sampler'}) would give every "
+            "rank the same data. Use such a loader, or shard the data yourself with a "
+            "DistributedSampler."
+        )
+    return loader
+
+
+def _rebuild(loader: DataLoader, sampler: Sampler, device: torch.device) -> DataLoader:
+    workers = loader.num_workers
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory or device.type == "cuda",
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
+        persistent_workers=workers > 0,
+    )

@@ -1,0 +1,132 @@
+"""The one place that runs a hook: on the ranks the table names, then the sync it names.
+
+The plan for every hook (which callables, which sync) is worked out once when a run starts,
+so ``call`` in the hot loop is a dict lookup and a loop over the callables that exist: a hook
+nobody overrides costs nothing, and ``on_batch_start``'s agreement is only paid when the
+module overrides it.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from disttrain.callback import Callback
+from disttrain.dist import Collectives, DistEnv
+from disttrain.hooks import (
+    Hook,
+    ModelHooks,
+    Ranks,
+    Rule,
+    Sync,
+    overridden,
+    warn_deprecated_overrides,
+)
+
+
+class HookFailed(RuntimeError):
+    """A hook raised on one or more ranks; every rank raises this, naming them."""
+
+    def __init__(self, hook: Hook, failed_ranks: list[int], messages: list[str]) -> None:
+        self.hook, self.failed_ranks = hook, failed_ranks
+        detail = "\n".join(f"  rank {r}: {messages[r]}" for r in failed_ranks)
+        super().__init__(
+            f"hook '{hook.value}' failed on rank {', '.join(map(str, failed_ranks))}:\n{detail}"
+        )
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        table: Mapping[Hook, Rule],
+        module: ModelHooks,
+        callbacks: Sequence[Callback],
+        trainer: Any,
+        env: DistEnv,
+        collectives: Collectives,
+    ) -> None:
+        self.collectives = collectives
+        self.module = module
+        self._plan: dict[Hook, tuple[Sync, bool, list[Callable[..., Any]], Callable | None]] = {}
+        self._forbids_state = {hook for hook, rule in table.items() if rule.forbids_state}
+        warn_deprecated_overrides(module, ModelHooks)
+        for callback in callbacks:
+            warn_deprecated_overrides(callback, Callback)
+        for hook, rule in table.items():
+            name = hook.value
+            observers = [
+                functools.partial(getattr(cb, name), trainer, module)
+                for cb in callbacks
+                if rule.callbacks and overridden(cb, name, Callback)
+            ]
+            # Hooks that do work always run the module's method; notifications only if overridden.
+            runs_module = not rule.callbacks or overridden(module, name, ModelHooks)
+            target = getattr(module, name) if runs_module else None
+            sync = rule.sync
+            if sync is Sync.AGREE_STOP and target is None:
+                sync = Sync.NONE  # nothing can return -1, so there is nothing to agree on
+            self._plan[hook] = (sync, _runs_on(rule.ranks, env), observers, target)
+
+    def call(self, hook: Hook, *args: Any) -> Any:
+        """Run ``hook`` where the table says, then its sync; return the module's result."""
+        sync, runs_here, observers, target = self._plan[hook]
+        if sync is Sync.NONE:
+            for observer in observers:
+                observer(*args)
+            return target(*args) if target is not None else None
+        if sync is Sync.AGREE_STOP:
+            for observer in observers:
+                observer(*args)
+            result = target(*args)
+            return -1 if self.collectives.any_true(result == -1) else result
+        return self._call_with_verdict(hook, sync, runs_here, observers, target, args)
+
+    def _call_with_verdict(self, hook, sync, runs_here, observers, target, args) -> Any:
+        long = sync is Sync.VERDICT_LONG
+        result, error = None, None
+        if runs_here:
+            try:
+                before = _state_of(self.module) if hook in self._forbids_state else None
+                for observer in observers:
+                    observer(*args)
+                result = target(*args) if target is not None else None
+                if before is not None:
+                    _forbid_new_state(before, _state_of(self.module))
+            except Exception as exc:
+                error = exc
+        failed = self.collectives.verdict(error is not None, long=long)
+        if failed:
+            text = "" if error is None else "".join(traceback.format_exception_only(error)).strip()
+            raise HookFailed(hook, failed, self.collectives.gather_text(text, long=long)) from error
+        return result
+
+
+def _runs_on(ranks: Ranks, env: DistEnv) -> bool:
+    if ranks is Ranks.GLOBAL_ZERO:
+        return env.rank == 0
+    if ranks is Ranks.LOCAL_ZERO:
+        return env.local_rank == 0
+    return True
+
+
+_CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+
+def _state_of(module: object) -> dict[str, int]:
+    """Identity of every attribute, parameter, buffer and submodule of ``module``."""
+    state = {k: id(v) for k, v in vars(module).items() if k not in _CONTAINERS}
+    for container in _CONTAINERS:
+        state.update({k: id(v) for k, v in vars(module).get(container, {}).items()})
+    return state
+
+
+def _forbid_new_state(before: dict[str, int], after: dict[str, int]) -> None:
+    changed = sorted(k for k, v in after.items() if before.get(k) != v)
+    if changed:
+        raise RuntimeError(
+            f"assigned module state ({', '.join('self.' + k for k in changed)}). "
+            "This hook runs on some ranks only, so the other ranks would not have it: "
+            "assign state in setup(stage) instead."
+        )

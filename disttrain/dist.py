@@ -1,0 +1,187 @@
+"""Everything disttrain does with ``torch.distributed``: this is the only module that imports it.
+
+``DistEnv`` is torchrun's environment read once into a frozen value. ``connect`` turns it into
+a ``Collectives`` object: the real process group under torchrun, or a null object in a single
+process whose collectives cost nothing. The rest of the code never asks "am I distributed?".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+_TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job, as torchrun described it."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 0
+    restart_count: int = 0
+    launched: bool = False  # True under torchrun, even at world size 1
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> DistEnv:
+        env = os.environ if environ is None else environ
+        present = [k for k in _TORCHRUN_KEYS if k in env]
+        if not present:
+            return cls()
+        missing = [k for k in _TORCHRUN_KEYS if k not in env]
+        if missing:
+            raise RuntimeError(
+                f"torchrun's environment is incomplete: {', '.join(present)} set but "
+                f"{', '.join(missing)} missing. Start the script with torchrun, or unset "
+                "these variables to run a single debug process."
+            )
+        world_size = int(env["WORLD_SIZE"])
+        return cls(
+            rank=int(env["RANK"]),
+            local_rank=int(env["LOCAL_RANK"]),
+            world_size=world_size,
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world_size)),
+            node_rank=int(env.get("GROUP_RANK", 0)),
+            master_addr=env["MASTER_ADDR"],
+            master_port=int(env["MASTER_PORT"]),
+            restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            launched=True,
+        )
+
+
+def select_device(accelerator: str, env: DistEnv) -> torch.device:
+    """``cuda:LOCAL_RANK`` or ``cpu``, from the ``accelerator`` option."""
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("accelerator='cuda' but CUDA is not available on this machine")
+    if env.local_rank >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"rank {env.rank}: LOCAL_RANK={env.local_rank} but only "
+            f"{torch.cuda.device_count()} CUDA devices are visible"
+        )
+    device = torch.device("cuda", env.local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+class Collectives:
+    """The collectives disttrain needs, for one process: every one is a no-op."""
+
+    world_size = 1
+    backend = "none"
+
+    def verdict(self, failed: bool, *, long: bool = False) -> list[int]:
+        """Barrier that also tells every rank which ranks failed."""
+        return [0] if failed else []
+
+    def gather_text(self, text: str, *, long: bool = False) -> list[str]:
+        return [text]
+
+    def any_true(self, flag: bool) -> bool:
+        """Agreement: true on every rank if it is true on any rank."""
+        return flag
+
+    def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
+        return module
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessGroupCollectives(Collectives):
+    """The collectives of a real process group; control traffic always goes over gloo/CPU."""
+
+    def __init__(self, env: DistEnv, backend: str, control, long_control) -> None:
+        self.env = env
+        self.world_size = env.world_size
+        self.backend = backend
+        self._control = control
+        self._long_control = long_control
+
+    def verdict(self, failed: bool, *, long: bool = False) -> list[int]:
+        flags = torch.zeros(self.world_size, dtype=torch.int32)
+        flags[self.env.rank] = int(failed)
+        dist.all_reduce(flags, group=self._long_control if long else self._control)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def gather_text(self, text: str, *, long: bool = False) -> list[str]:
+        out: list[str] = [""] * self.world_size
+        dist.all_gather_object(out, text, group=self._long_control if long else self._control)
+        return out
+
+    def any_true(self, flag: bool) -> bool:
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(value.item())
+
+    def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
+        return DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused,
+        )
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_raw_store = None
+_sessions = 0
+
+
+def connect(env: DistEnv, device: torch.device, timeout: float, long_timeout: float) -> Collectives:
+    """Join the job's process group (NCCL on CUDA, gloo on CPU), or return the null object.
+
+    Each call is one session (fit, validate, test) and gets its own key prefix in the store,
+    as does each elastic restart attempt, so nothing a dead attempt or an earlier session left
+    in the store can be read by this one.
+    """
+    global _raw_store, _sessions
+    if not env.launched:
+        return Collectives()
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed process group already exists in this process")
+    if _raw_store is None:
+        agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        _raw_store = dist.TCPStore(
+            env.master_addr,
+            env.master_port,
+            env.world_size,
+            is_master=env.rank == 0 and not agent_hosts_store,
+            timeout=timedelta(seconds=long_timeout),
+        )
+    _sessions += 1
+    store = dist.PrefixStore(
+        f"disttrain/attempt{env.restart_count}/session{_sessions}/", _raw_store
+    )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout),
+        device_id=device if device.type == "cuda" else None,
+    )
+    control = (
+        dist.group.WORLD
+        if backend == "gloo"
+        else dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    )
+    long_control = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout))
+    return ProcessGroupCollectives(env, backend, control, long_control)

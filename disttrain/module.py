@@ -1,0 +1,110 @@
+"""``disttrain.Module``: the model hooks plus the step methods a trainer drives."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from disttrain.hooks import ModelHooks
+
+if TYPE_CHECKING:
+    from disttrain.trainer import Trainer
+
+
+class Module(ModelHooks, torch.nn.Module):
+    """A ``torch.nn.Module`` with Lightning 0.8's hooks and step methods.
+
+    Implement ``training_step`` and ``configure_optimizers`` and the dataloaders you use; add
+    ``validation_step``/``test_step`` to evaluate. Every step method runs on every rank, on
+    that rank's shard of the data; under DDP ``training_step`` runs inside DDP's forward, so
+    the gradient all-reduce happens in ``backward``. Evaluation steps run on the unwrapped
+    module (no DDP collective), each sample exactly once across ranks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trainer: Trainer | None = None
+
+    # -- what the trainer calls -------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int, *optimizer_idx: int) -> Any:
+        """Return the loss (a scalar tensor) or a dict with a ``"loss"`` entry.
+
+        With several optimizers it receives a third argument, ``optimizer_idx``, and runs once
+        per optimizer. Runs on every rank under autocast when ``precision`` asks for it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        """Evaluate one validation batch on this rank's shard; the return value is collected
+        into ``validation_epoch_end``'s ``outputs``. Runs under ``torch.no_grad``."""
+        raise NotImplementedError
+
+    def validation_epoch_end(self, outputs: list[Any]) -> None:
+        """Receives this rank's ``validation_step`` outputs at the end of a validation loop."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
+        """As ``validation_step``, for ``Trainer.test`` and ``test_dataloader``."""
+        raise NotImplementedError
+
+    def test_epoch_end(self, outputs: list[Any]) -> None:
+        """Receives this rank's ``test_step`` outputs at the end of ``Trainer.test``."""
+
+    def training_epoch_end(self, outputs: list[Any]) -> None:
+        """Receives this rank's ``training_step`` outputs (detached) at the end of an epoch;
+        with several optimizers each entry is a list with one output per optimizer."""
+
+    def configure_optimizers(self) -> Any:
+        """Return an optimizer, a list of them, or ``(optimizers, schedulers)``.
+
+        A scheduler is an ``LRScheduler`` (stepped every epoch) or a dict
+        ``{"scheduler": s, "interval": "epoch" | "step", "frequency": n}``. Called on every
+        rank after ``on_fit_start``, before the DDP wrap.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement configure_optimizers")
+
+    def train_dataloader(self) -> Any:
+        """The training ``DataLoader``; its sampler is replaced by a ``DistributedSampler``
+        (shuffling if the loader shuffled), so return the loader you would use on one process."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_dataloader")
+
+    def val_dataloader(self) -> Any:
+        """The validation ``DataLoader`` (optional); it is sharded without padding."""
+        return None
+
+    def test_dataloader(self) -> Any:
+        """The test ``DataLoader`` (optional); it is sharded without padding."""
+        return None
+
+    # -- what the module may read -----------------------------------------------------------
+    @property
+    def trainer(self) -> Trainer | None:
+        """The trainer running this module, or None outside fit/validate/test."""
+        return self._trainer
+
+    @property
+    def device(self) -> torch.device:
+        if self._trainer is not None:
+            return self._trainer.device
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def global_rank(self) -> int:
+        return self._trainer.global_rank if self._trainer else 0
+
+    @property
+    def local_rank(self) -> int:
+        return self._trainer.local_rank if self._trainer else 0
+
+    @property
+    def world_size(self) -> int:
+        return self._trainer.world_size if self._trainer else 1
+
+    @property
+    def current_epoch(self) -> int:
+        return self._trainer.current_epoch if self._trainer else 0
+
+    @property
+    def global_step(self) -> int:
+        return self._trainer.global_step if self._trainer else 0

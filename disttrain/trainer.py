@@ -1,0 +1,286 @@
+"""``Trainer``: fit, validate and test a :class:`disttrain.Module`, one loop for every backend.
+
+``fit`` below is the whole training loop in the order it happens; every hook is one
+``call(Hook.X, ...)`` line, and the dispatcher decides on which ranks it runs and what sync
+follows (see ``disttrain.hooks`` for the table and the picture of the loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from disttrain import data, optim
+from disttrain.config import TrainerConfig
+from disttrain.dispatch import Dispatcher
+from disttrain.dist import Collectives, DistEnv, connect, select_device
+from disttrain.hooks import Hook, hook_schedule, overridden
+from disttrain.module import Module
+from disttrain.precision import autocast_factory, grad_scaler
+
+
+class Trainer:
+    """Runs a module's hooks and steps on every rank of a torchrun job, or in one process.
+
+    Options are those of :class:`disttrain.TrainerConfig`, as keyword arguments or as a config
+    object (``Trainer(config)``). Ranks, backend and device come from torchrun's environment,
+    read once here; without it the trainer runs a single debug process with the same hooks.
+    """
+
+    def __init__(self, config: TrainerConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise TypeError("give Trainer either a TrainerConfig or keyword options, not both")
+        self.config = config if config is not None else TrainerConfig.from_mapping(options)
+        self.env = DistEnv.from_environ()
+        self.device = select_device(self.config.accelerator, self.env)
+        self.current_epoch = 0
+        self.global_step = 0
+        self.sanity_checking = False
+        self.module: Module | None = None
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.schedulers: list[optim.SchedulerEntry] = []
+        self._autocast = autocast_factory(self.config.precision, self.device)
+        self._collectives: Collectives = Collectives()
+
+    @property
+    def global_rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def local_rank(self) -> int:
+        return self.env.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self.env.node_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def fit(self, module: Module) -> None:
+        """Train ``module``: the lifecycle of ``spec/lifecycle.md`` on every rank."""
+        cfg = self.config
+        with self._session(module) as call:
+            call(Hook.PREPARE_DATA)
+            call(Hook.SETUP, "fit")
+            module.to(self.device)
+            call(Hook.ON_FIT_START)
+            optimizers, schedulers = optim.normalise(module.configure_optimizers())
+            self.optimizers, self.schedulers = optimizers, schedulers
+            find_unused = cfg.find_unused_parameters
+            model = self._collectives.wrap(
+                _TrainingStep(module),
+                self.device,
+                find_unused=len(optimizers) > 1 if find_unused is None else find_unused,
+            )
+            train_data = self._train_loader(module)
+            val_data = self._eval_loader(module, "val_dataloader", "validation_step")
+            n_train = data.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
+            n_val = data.limit_batches(val_data, cfg.limit_val_batches, "limit_val_batches")
+            call(Hook.ON_TRAIN_START)
+            call(Hook.ON_SANITY_CHECK_START)
+            if val_data is not None and cfg.num_sanity_val_steps > 0:
+                self.sanity_checking = True
+                self._evaluate(call, val_data, min(n_val, cfg.num_sanity_val_steps), "validation")
+                self.sanity_checking = False
+
+            device, autocast = self.device, self._autocast
+            scaler = grad_scaler(cfg.precision, device)
+            accumulate, clip = cfg.accumulate_grad_batches, cfg.gradient_clip_val
+            max_steps = cfg.max_steps if cfg.max_steps is not None else float("inf")
+            params = [[p for g in o.param_groups for p in g["params"]] for o in optimizers]
+            step_args = [(i,) for i in range(len(optimizers))] if len(optimizers) > 1 else [()]
+            keep_outputs = overridden(module, "training_epoch_end", Module)
+            set_epoch = getattr(getattr(train_data, "sampler", None), "set_epoch", None)
+            module.train()
+            for epoch in range(self.current_epoch, cfg.max_epochs):
+                self.current_epoch = epoch
+                if set_epoch is not None:
+                    set_epoch(epoch)
+                call(Hook.ON_EPOCH_START)
+                outputs: list[Any] = []
+                pending = False  # gradients accumulated but not yet stepped
+                for batch_idx, batch in zip(range(n_train), train_data):
+                    if call(Hook.ON_BATCH_START, batch) == -1:
+                        break
+                    batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, device)
+                    boundary = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == n_train
+                    with contextlib.nullcontext() if boundary else model.no_sync():
+                        for i, optimizer in enumerate(optimizers):
+                            with autocast():
+                                out = model(batch, batch_idx, *step_args[i])
+                            loss = _loss_of(out)
+                            if accumulate > 1:
+                                loss = loss / accumulate
+                            call(Hook.BACKWARD, self, scaler.scale(loss), optimizer, i)
+                            call(Hook.ON_AFTER_BACKWARD)
+                            if keep_outputs:
+                                outputs.append(_detached(out))
+                    pending = not boundary
+                    if boundary:
+                        for optimizer, group in zip(optimizers, params):
+                            if clip:
+                                scaler.unscale_(optimizer)
+                                torch.nn.utils.clip_grad_norm_(group, clip)
+                            scaler.step(optimizer)
+                            call(Hook.ON_BEFORE_ZERO_GRAD, optimizer)
+                            optimizer.zero_grad()
+                        scaler.update()
+                        self.global_step += 1
+                        optim.step_schedulers(schedulers, "step", self.global_step)
+                    call(Hook.ON_BATCH_END)
+                    if self.global_step >= max_steps:
+                        break
+                if pending:  # the epoch ended inside an accumulation window: drop its gradients
+                    for optimizer in optimizers:
+                        optimizer.zero_grad()
+                if val_data is not None and (epoch + 1) % cfg.check_val_every_n_epoch == 0:
+                    self._evaluate(call, val_data, n_val, "validation")
+                module.training_epoch_end(_per_batch(outputs, len(optimizers)))
+                call(Hook.ON_EPOCH_END)
+                optim.step_schedulers(schedulers, "epoch", epoch + 1)
+                if self.global_step >= max_steps:
+                    break
+            call(Hook.ON_TRAIN_END)
+            call(Hook.ON_FIT_END)
+            call(Hook.TEARDOWN, "fit")
+
+    def validate(self, module: Module) -> Any:
+        """Run the validation loop once over all of ``val_dataloader`` on every rank.
+
+        Returns what ``validation_epoch_end`` returned on this rank.
+        """
+        return self._run_evaluation(module, "validate", "val_dataloader", "validation")
+
+    def test(self, module: Module) -> Any:
+        """Run the test loop once over all of ``test_dataloader`` on every rank (Lightning 0.8
+        tested on rank 0 only; here every rank takes its shard). Returns what
+        ``test_epoch_end`` returned on this rank."""
+        return self._run_evaluation(module, "test", "test_dataloader", "test")
+
+    # -- the pieces fit and the evaluations share ------------------------------------------
+    def _run_evaluation(self, module: Module, stage: str, loader_name: str, kind: str) -> Any:
+        limit = self.config.limit_test_batches if kind == "test" else self.config.limit_val_batches
+        with self._session(module) as call:
+            call(Hook.PREPARE_DATA)
+            call(Hook.SETUP, stage)
+            module.to(self.device)
+            loader = self._eval_loader(module, loader_name, f"{kind}_step")
+            if loader is None:
+                raise ValueError(
+                    f"Trainer.{stage}: {type(module).__name__} needs {loader_name}() returning a "
+                    f"DataLoader and a {kind}_step"
+                )
+            option = "limit_test_batches" if kind == "test" else "limit_val_batches"
+            result = self._evaluate(call, loader, data.limit_batches(loader, limit, option), kind)
+            call(Hook.TEARDOWN, stage)
+        return result
+
+    def _evaluate(self, call: Callable[..., Any], loader: Any, limit: int, kind: str) -> Any:
+        """One pass of the validation/test loop on the unwrapped module (no DDP collective)."""
+        module = self.module
+        step = getattr(module, f"{kind}_step")
+        call(Hook.ON_PRE_PERFORMANCE_CHECK)
+        was_training = module.training
+        module.eval()
+        outputs = []
+        with torch.no_grad(), self._autocast():
+            for batch_idx, batch in zip(range(limit), loader):
+                batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, self.device)
+                outputs.append(step(batch, batch_idx))
+        result = getattr(module, f"{kind}_epoch_end")(outputs)
+        module.train(was_training)
+        call(Hook.ON_POST_PERFORMANCE_CHECK)
+        return result
+
+    def _train_loader(self, module: Module) -> Any:
+        where = f"{type(module).__name__}.train_dataloader()"
+        loader = module.train_dataloader()
+        seed = self.config.seed if self.config.seed is not None else 0
+        return data.train_loader(
+            loader, self.env.rank, self.env.world_size, seed, self.device, where
+        )
+
+    def _eval_loader(self, module: Module, loader_name: str, step_name: str) -> Any:
+        if not overridden(module, step_name, Module):
+            return None
+        where = f"{type(module).__name__}.{loader_name}()"
+        loader = getattr(module, loader_name)()
+        return data.eval_loader(loader, self.env.rank, self.env.world_size, self.device, where)
+
+    @contextlib.contextmanager
+    def _session(self, module: Module) -> Iterator[Callable[..., Any]]:
+        """Seed, join the process group, attach the module; always leave the group."""
+        cfg = self.config
+        if cfg.seed is not None:
+            seed_everything(cfg.seed)
+        self._collectives = connect(self.env, self.device, cfg.timeout, cfg.prepare_data_timeout)
+        try:
+            module._trainer = self
+            self.module = module
+            dispatcher = Dispatcher(
+                hook_schedule(cfg.prepare_data_per_node),
+                module,
+                cfg.callbacks,
+                self,
+                self.env,
+                self._collectives,
+            )
+            yield dispatcher.call
+        finally:
+            self._collectives.close()
+            self._collectives = Collectives()
+
+
+class _TrainingStep(torch.nn.Module):
+    """Routes DDP's forward to ``training_step``, so DDP sees the step and syncs its gradients."""
+
+    def __init__(self, module: Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any) -> Any:
+        return self.module.training_step(*args)
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # one process: there is no gradient sync to skip
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, torch's (every device) and, if it is loaded, numpy's generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "loss" in output:
+        return output["loss"]
+    raise TypeError(
+        "training_step must return a loss tensor or a dict with 'loss'; "
+        f"got {type(output).__name__}"
+    )
+
+
+def _detached(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, dict):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+    return output
+
+
+def _per_batch(outputs: list[Any], n_optimizers: int) -> list[Any]:
+    if n_optimizers == 1:
+        return outputs
+    return [outputs[i : i + n_optimizers] for i in range(0, len(outputs), n_optimizers)]

@@ -1,0 +1,150 @@
+"""Models, data and recorders shared by the in-process tests and the torchrun workers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import disttrain
+from disttrain import Callback, Hook
+
+NOTIFY_HOOKS = [h.value for h, rule in disttrain.HOOK_TABLE.items() if rule.callbacks]
+
+
+class IndexedData(Dataset):
+    """Sample i is (features, target, i): deterministic, so any rank can name what it saw."""
+
+    def __init__(self, n: int, dim: int = 4) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = self.x @ torch.linspace(-1.0, 1.0, dim) + 0.1 * torch.randn(n, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i], i
+
+
+class Regressor(disttrain.Module):
+    """A small linear regression module with configurable data and optimiser."""
+
+    def __init__(self, n_train=16, n_val=7, batch_size=2, shuffle=False, lr=0.1, dim=4):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.n_train, self.n_val, self.batch_size, self.shuffle, self.lr = (
+            n_train, n_val, batch_size, shuffle, lr
+        )
+        self.seen: list[int] = []
+        self.val_seen: list[int] = []
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        self.seen.extend(idx.tolist())
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y, idx = batch
+        self.val_seen.extend(idx.tolist())
+        return torch.nn.functional.mse_loss(self(x), y, reduction="sum")
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(IndexedData(self.n_train), batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self):
+        return DataLoader(IndexedData(self.n_val), batch_size=self.batch_size)
+
+    test_dataloader = val_dataloader
+
+
+def _recording(name):
+    def hook(self, *args):
+        self.calls.append(_describe(name, args))
+        if name == "transfer_batch_to_device":
+            return disttrain.ModelHooks.transfer_batch_to_device(self, *args)
+        if name == "backward":
+            return disttrain.ModelHooks.backward(self, *args)
+        return None
+
+    hook.__name__ = name
+    return hook
+
+
+def _describe(name, args):
+    if name in ("setup", "teardown"):
+        return f"{name}({args[0]})"
+    if name == "backward":
+        return f"backward({args[3]})"
+    return name
+
+
+class Recorder(Regressor):
+    """Records every hook and step method it runs, in order, into ``self.calls``."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls: list[str] = []
+
+    def training_step(self, batch, batch_idx, *opt):
+        self.calls.append("training_step")
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.calls.append("validation_step")
+        return super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self.calls.append("test_step")
+        return super().validation_step(batch, batch_idx)
+
+    def validation_epoch_end(self, outputs):
+        self.calls.append("validation_epoch_end")
+
+    def test_epoch_end(self, outputs):
+        self.calls.append("test_epoch_end")
+
+    def training_epoch_end(self, outputs):
+        self.calls.append("training_epoch_end")
+
+
+for _hook in Hook:
+    setattr(Recorder, _hook.value, _recording(_hook.value))
+
+
+class RecordingCallback(Callback):
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+
+def _cb_recording(name):
+    def hook(self, trainer, module, *args):
+        assert module is trainer.module
+        self.calls.append("cb:" + _describe(name, args))
+
+    hook.__name__ = name
+    return hook
+
+
+for _name in NOTIFY_HOOKS:
+    setattr(RecordingCallback, _name, _cb_recording(_name))
+
+
+def write_result(outdir: str | os.PathLike, rank: int, payload: dict) -> None:
+    path = Path(outdir) / f"rank{rank}.json"
+    path.write_text(json.dumps(payload))
+
+
+def read_results(outdir: str | os.PathLike, world_size: int) -> list[dict]:
+    return [json.loads((Path(outdir) / f"rank{r}.json").read_text()) for r in range(world_size)]
