@@ -95,6 +95,10 @@ class Collectives:
         """Agreement: true on every rank if it is true on any rank."""
         return flag
 
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` in place over all ranks (``sum``, ``max`` or ``min``)."""
+        return tensor
+
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return module
 
@@ -105,12 +109,13 @@ class Collectives:
 class ProcessGroupCollectives(Collectives):
     """The collectives of a real process group; control traffic always goes over gloo/CPU."""
 
-    def __init__(self, env: DistEnv, backend: str, control, long_control) -> None:
+    def __init__(self, env: DistEnv, backend: str, control, long_control, owns_world: bool) -> None:
         self.env = env
         self.world_size = env.world_size
         self.backend = backend
         self._control = control
         self._long_control = long_control
+        self._owns_world = owns_world
 
     def verdict(self, failed: bool, *, long: bool = False) -> list[int]:
         flags = torch.zeros(self.world_size, dtype=torch.int32)
@@ -128,6 +133,10 @@ class ProcessGroupCollectives(Collectives):
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._control)
         return bool(value.item())
 
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        dist.all_reduce(tensor, op=_REDUCE_OPS[op])
+        return tensor
+
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return DistributedDataParallel(
             module,
@@ -136,10 +145,16 @@ class ProcessGroupCollectives(Collectives):
         )
 
     def close(self) -> None:
-        if dist.is_initialized():
+        if not dist.is_initialized():
+            return
+        if self._owns_world:
             dist.destroy_process_group()
+            return
+        for group in {self._control, self._long_control} - {dist.group.WORLD}:
+            dist.destroy_process_group(group)
 
 
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 _raw_store = None
 _sessions = 0
 
@@ -149,13 +164,14 @@ def connect(env: DistEnv, device: torch.device, timeout: float, long_timeout: fl
 
     Each call is one session (fit, validate, test) and gets its own key prefix in the store,
     as does each elastic restart attempt, so nothing a dead attempt or an earlier session left
-    in the store can be read by this one.
+    in the store can be read by this one. A process group the user created already is used
+    as it is (and left open at the end).
     """
     global _raw_store, _sessions
     if not env.launched:
         return Collectives()
     if dist.is_initialized():
-        raise RuntimeError("a torch.distributed process group already exists in this process")
+        return _collectives_over_world(env, dist.get_backend(), timeout, long_timeout, False)
     if _raw_store is None:
         agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         _raw_store = dist.TCPStore(
@@ -178,10 +194,16 @@ def connect(env: DistEnv, device: torch.device, timeout: float, long_timeout: fl
         timeout=timedelta(seconds=timeout),
         device_id=device if device.type == "cuda" else None,
     )
+    return _collectives_over_world(env, backend, timeout, long_timeout, True)
+
+
+def _collectives_over_world(
+    env: DistEnv, backend: str, timeout: float, long_timeout: float, owns_world: bool
+) -> ProcessGroupCollectives:
     control = (
         dist.group.WORLD
         if backend == "gloo"
         else dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     )
     long_control = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout))
-    return ProcessGroupCollectives(env, backend, control, long_control)
+    return ProcessGroupCollectives(env, backend, control, long_control, owns_world)

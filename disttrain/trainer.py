@@ -20,6 +20,7 @@ from disttrain.config import TrainerConfig
 from disttrain.dispatch import Dispatcher
 from disttrain.dist import Collectives, DistEnv, connect, select_device
 from disttrain.hooks import Hook, hook_schedule, overridden
+from disttrain.log import configure_logging
 from disttrain.module import Module
 from disttrain.precision import autocast_factory, grad_scaler
 
@@ -37,6 +38,7 @@ class Trainer:
             raise TypeError("give Trainer either a TrainerConfig or keyword options, not both")
         self.config = config if config is not None else TrainerConfig.from_mapping(options)
         self.env = DistEnv.from_environ()
+        configure_logging(self.env.rank)
         self.device = select_device(self.config.accelerator, self.env)
         self.current_epoch = 0
         self.global_step = 0
@@ -62,6 +64,18 @@ class Trainer:
     @property
     def world_size(self) -> int:
         return self.env.world_size
+
+    @property
+    def backend(self) -> str:
+        """``"nccl"``, ``"gloo"``, or ``"none"`` in a single process / outside a run."""
+        return self._collectives.backend
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` in place across ranks and return it (a no-op in one process).
+
+        A collective: call it only from hooks that run on every rank, at the same point.
+        """
+        return self._collectives.all_reduce(tensor, op)
 
     def fit(self, module: Module) -> None:
         """Train ``module``: the lifecycle of ``spec/lifecycle.md`` on every rank."""

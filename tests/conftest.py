@@ -1,0 +1,63 @@
+"""Test helpers: real torchrun launches with their own rendezvous and a hard timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = Path(__file__).resolve().parent / "workers"
+sys.path.insert(0, str(WORKERS))
+
+
+def torchrun(
+    script: str | Path,
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    launcher_args: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
+    """Run ``script`` under ``python -m torch.distributed.run --standalone``.
+
+    ``--standalone`` rendezvouses on a free port of localhost, so launches in parallel test
+    workers never clash. The whole process group is killed if it outlives ``timeout``.
+    """
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", *launcher_args, str(script), *args,
+    ]  # fmt: skip
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout}s:\n{out[-5000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+@pytest.fixture
+def scenario(tmp_path):
+    """Run one scenario of ``workers/scenarios.py`` at a world size; returns (proc, outdir)."""
+
+    def run(name: str, nproc: int = 2, timeout: float = 120, expect_ok: bool = True, **env):
+        outdir = tmp_path / name
+        outdir.mkdir()
+        proc = torchrun(WORKERS / "scenarios.py", name, str(outdir), nproc=nproc, timeout=timeout,
+                        env={k: str(v) for k, v in env.items()})  # fmt: skip
+        if expect_ok:
+            assert proc.returncode == 0, proc.stdout[-8000:]
+        return proc, outdir
+
+    return run

@@ -1,0 +1,102 @@
+"""Rank behaviour on real torchrun launches (gloo): agreements, verdicts, sharding, correctness."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from common import IndexedData, read_results
+from scenarios import TwoHeads
+
+import disttrain
+from common import Regressor
+
+
+def test_minus_one_on_rank_one_stops_every_rank_at_the_same_batch(scenario):
+    _, outdir = scenario("stop_on_rank1")
+    for result in read_results(outdir, 2):
+        assert result["steps"]["0"] == [0, 1, 2]  # rank 1 said -1 at batch 3 of epoch 0
+        assert result["steps"]["1"] == [0, 1, 2, 3]  # the next epoch runs in full
+        assert result["val_runs"] == 2 and result["epoch_ends"] == 2
+        assert result["global_step"] == 7
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("prepare_fails", "OSError: disk full while writing the cache"),
+    ("prepare_assigns_state", "self.vocab"),
+])  # fmt: skip
+def test_prepare_data_failure_reaches_every_rank_naming_rank_zero(scenario, name, needle):
+    start = time.monotonic()
+    proc, outdir = scenario(name, expect_ok=False, timeout=90)
+    assert time.monotonic() - start < 60
+    assert proc.returncode != 0
+    for rank, result in enumerate(read_results(outdir, 2)):
+        assert result["ranks"] == [0], rank
+        assert "hook 'prepare_data' failed on rank 0" in result["error"], rank
+        assert needle in result["error"], rank
+
+
+def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(scenario):
+    _, outdir = scenario("data_sharding")
+    results = read_results(outdir, 2)
+    orders = []
+    for epoch in ("0", "1"):
+        shards = [r["train"][epoch] for r in results]
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == list(range(16))
+        orders.append(shards[0])
+    assert orders[0] != orders[1]
+    # validation over 7 samples at world size 2: each sample exactly once
+    assert sorted(results[0]["val"] + results[1]["val"]) == list(range(7))
+
+
+def _hand_written(cls, options, world_size=2, batch_size=2, n=16, epochs=2, seed=3):
+    """The same training as disttrain's at ``world_size``, as one process over global batches."""
+    disttrain.seed_everything(0)
+    model = cls(n_train=n, batch_size=batch_size, shuffle=True)
+    optimizers = model.configure_optimizers()
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+    accumulate = options.get("accumulate_grad_batches", 1)
+    clip = options.get("gradient_clip_val")
+    data = IndexedData(n)
+    per_rank = n // world_size // batch_size
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        shards = [order[r::world_size] for r in range(world_size)]
+        for step in range(per_rank):
+            idx = [i for s in shards for i in s[step * batch_size:(step + 1) * batch_size]]
+            x, y = data.x[idx], data.y[idx]
+            for k, opt in enumerate(optimizers):
+                args = (k,) if len(optimizers) > 1 else ()
+                loss = model.training_step((x, y, torch.tensor(idx)), step, *args)
+                (loss / accumulate).backward()
+            if (step + 1) % accumulate == 0 or step + 1 == per_rank:
+                for opt in optimizers:
+                    if clip:
+                        params = [p for g in opt.param_groups for p in g["params"]]
+                        torch.nn.utils.clip_grad_norm_(params, clip)
+                    opt.step()
+                    opt.zero_grad()
+    return model.state_dict()
+
+
+CASES = {
+    "plain": (Regressor, {}),
+    "accumulate_clip": (Regressor, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}),
+    "two_optimizers": (TwoHeads, {"accumulate_grad_batches": 2}),
+}
+
+
+def test_two_rank_ddp_matches_a_hand_written_single_process_loop(scenario):
+    _, outdir = scenario("correctness")
+    rank0, rank1 = read_results(outdir, 2)
+    for name, (cls, options) in CASES.items():
+        expected = _hand_written(cls, options)
+        for key, value in expected.items():
+            got0, got1 = torch.tensor(rank0[name][key]), torch.tensor(rank1[name][key])
+            assert torch.equal(got0, got1), f"{name}: ranks disagree on {key}"
+            torch.testing.assert_close(got0, value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+        initial = cls(n_train=16)
+        assert not torch.allclose(torch.tensor(rank0[name]["net.0.weight"]),
+                                  initial.state_dict()["net.0.weight"])  # fmt: skip

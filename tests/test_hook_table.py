@@ -1,0 +1,64 @@
+"""The hook table, the ModelHooks methods and the Callback methods name the same hooks."""
+
+from __future__ import annotations
+
+import inspect
+
+import disttrain
+from disttrain import HOOK_TABLE, Callback, Hook, ModelHooks, Ranks, Sync
+from disttrain.hooks import hook_schedule
+
+
+def _public_methods(cls) -> set[str]:
+    return {n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+
+
+def test_table_names_every_model_hook_and_nothing_else():
+    assert {h.value for h in HOOK_TABLE} == _public_methods(ModelHooks)
+    assert set(HOOK_TABLE) == set(Hook)
+
+
+def test_callback_has_exactly_the_notification_hooks():
+    notify = {h.value for h, rule in HOOK_TABLE.items() if rule.callbacks}
+    assert _public_methods(Callback) == notify
+    assert {h.value for h, rule in HOOK_TABLE.items() if not rule.callbacks} == {
+        "prepare_data", "backward", "transfer_batch_to_device"}  # fmt: skip
+
+
+def test_callback_signatures_are_the_module_signatures_plus_trainer_and_module():
+    for name in _public_methods(Callback):
+        module_params = list(inspect.signature(getattr(ModelHooks, name)).parameters)[1:]
+        callback_params = list(inspect.signature(getattr(Callback, name)).parameters)[1:]
+        assert callback_params == ["trainer", "module", *module_params], name
+
+
+def test_seed_signatures():
+    sig = {n: list(inspect.signature(getattr(ModelHooks, n)).parameters)[1:]
+           for n in _public_methods(ModelHooks)}  # fmt: skip
+    assert sig["backward"] == ["trainer", "loss", "optimizer", "optimizer_idx"]
+    assert sig["on_batch_start"] == ["batch"]
+    assert sig["on_before_zero_grad"] == ["optimizer"]
+    assert sig["transfer_batch_to_device"] == ["batch", "device"]
+    assert sig["setup"] == sig["teardown"] == ["stage"]
+
+
+def test_every_hook_docstring_says_ranks():
+    for hook in Hook:
+        doc = getattr(ModelHooks, hook.value).__doc__ or ""
+        assert "rank" in doc, f"{hook.value}'s docstring does not say on which ranks it runs"
+
+
+def test_rank_rules():
+    assert HOOK_TABLE[Hook.PREPARE_DATA].ranks is Ranks.GLOBAL_ZERO
+    assert HOOK_TABLE[Hook.PREPARE_DATA].sync is Sync.VERDICT_LONG
+    assert hook_schedule(prepare_data_per_node=True)[Hook.PREPARE_DATA].ranks is Ranks.LOCAL_ZERO
+    assert HOOK_TABLE[Hook.ON_BATCH_START].sync is Sync.AGREE_STOP
+    assert HOOK_TABLE[Hook.SETUP].sync is HOOK_TABLE[Hook.TEARDOWN].sync is Sync.VERDICT
+    assert all(r.ranks is Ranks.ALL for h, r in HOOK_TABLE.items() if h is not Hook.PREPARE_DATA)
+
+
+def test_module_is_model_hooks_and_nn_module():
+    import torch
+
+    assert issubclass(disttrain.Module, ModelHooks)
+    assert issubclass(disttrain.Module, torch.nn.Module)

@@ -1,0 +1,122 @@
+"""Golden tests: the recorded hook order equals spec/lifecycle.md, in one process and at 2 ranks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from common import NOTIFY_HOOKS, Recorder, RecordingCallback, read_results
+
+import disttrain
+from disttrain import Hook
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "lifecycle.md"
+STEP_METHODS = {"training_step", "validation_step", "test_step", "validation_epoch_end",
+                "test_epoch_end", "training_epoch_end"}  # fmt: skip
+
+
+class Expected:
+    """Builds the call list the spec prescribes; callbacks come before the module."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, name: str, arg: str | None = None) -> None:
+        shown = f"{name}({arg})" if arg is not None else name
+        if name in NOTIFY_HOOKS:
+            self.calls.append("cb:" + shown)
+        self.calls.append(shown)
+
+    def evaluation(self, batches: int, kind: str) -> None:
+        self("on_pre_performance_check")
+        for _ in range(batches):
+            self("transfer_batch_to_device")
+            self(f"{kind}_step")
+        self(f"{kind}_epoch_end")
+        self("on_post_performance_check")
+
+
+def expected_fit(rank: int, epochs: int, train_batches: int, val_batches: int, sanity: int):
+    e = Expected()
+    if rank == 0:  # spec row 1: global zero only
+        e("prepare_data")
+    e("setup", "fit")
+    e("on_fit_start")
+    e("on_train_start")
+    e("on_sanity_check_start")
+    e.evaluation(sanity, "validation")
+    for _ in range(epochs):
+        e("on_epoch_start")
+        for _ in range(train_batches):
+            e("on_batch_start")
+            e("transfer_batch_to_device")
+            e("training_step")
+            e("backward", "0")
+            e("on_after_backward")
+            e("on_before_zero_grad")
+            e("on_batch_end")
+        e.evaluation(val_batches, "validation")
+        e("training_epoch_end")
+        e("on_epoch_end")
+    e("on_train_end")
+    e("on_fit_end")
+    e("teardown", "fit")
+    return e.calls
+
+
+def expected_test(rank: int, batches: int):
+    e = Expected()
+    if rank == 0:
+        e("prepare_data")
+    e("setup", "test")
+    e.evaluation(batches, "test")
+    e("teardown", "test")
+    return e.calls
+
+
+def _bare(call: str) -> str:
+    return call.removeprefix("cb:").split("(")[0]
+
+
+def _first_occurrences(names):
+    seen: list[str] = []
+    for name in names:
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
+@pytest.mark.skipif(not SPEC.exists(), reason="shared/spec/lifecycle.md is not beside the repo")
+def test_golden_builder_follows_the_spec_table():
+    known = {h.value for h in Hook} | STEP_METHODS
+    spec_names = []
+    for line in SPEC.read_text().split("## `trainer.validate")[0].splitlines():
+        if re.match(r"^\| \d+ \|", line):
+            hook_column = line.split("|")[2]
+            spec_names += [n for n in re.findall(r"`(\w+)", hook_column) if n in known]
+    built = [_bare(c) for c in expected_fit(0, 1, 1, 1, 1)]
+    assert _first_occurrences(built) == _first_occurrences(spec_names)
+
+
+def test_golden_order_single_process():
+    module = Recorder(n_train=16, n_val=7)
+    trainer = disttrain.Trainer(
+        max_epochs=2, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=1,
+        callbacks=[RecordingCallback(module.calls)],
+    )  # fmt: skip
+    with pytest.warns(FutureWarning, match="on_sanity_check_start is deprecated"):
+        trainer.fit(module)
+    assert module.calls == expected_fit(0, epochs=2, train_batches=2, val_batches=2, sanity=1)
+    module.calls.clear()
+    trainer.test(module)
+    assert module.calls == expected_test(0, batches=4)  # 7 samples, batch size 2
+
+
+def test_golden_order_two_ranks(scenario):
+    _, outdir = scenario("golden", nproc=2)
+    for rank, result in enumerate(read_results(outdir, 2)):
+        assert result["fit"] == expected_fit(rank, epochs=2, train_batches=2, val_batches=2,
+                                             sanity=1), f"rank {rank}"  # fmt: skip
+        # 7 test samples over 2 ranks, unpadded: rank 0 has 4 (2 batches), rank 1 has 3 (2).
+        assert result["test"] == expected_test(rank, batches=2), f"rank {rank}"

@@ -1,0 +1,173 @@
+"""Worker scenarios, each run on every rank by a test: ``scenarios.py NAME OUTDIR``.
+
+Each writes what its rank saw to ``OUTDIR/rank{r}.json`` for the test to compare.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from common import Recorder, RecordingCallback, Regressor, write_result
+
+import disttrain
+from disttrain import HookFailed, Trainer
+
+
+def golden(outdir):
+    module = Recorder(n_train=16, n_val=7)
+    trainer = Trainer(
+        max_epochs=2, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=1,
+        callbacks=[RecordingCallback(module.calls)],
+    )  # fmt: skip
+    trainer.fit(module)
+    fit_calls = list(module.calls)
+    module.calls.clear()
+    trainer.test(module)
+    write_result(outdir, trainer.global_rank, {"fit": fit_calls, "test": module.calls})
+
+
+class StopsOnRankOne(Regressor):
+    """Rank 1 returns -1 from on_batch_start at batch 3 of epoch 0 only."""
+
+    def __init__(self):
+        super().__init__(n_train=16, batch_size=2)
+        self.steps: dict[int, list[int]] = {}
+        self.val_runs = 0
+        self.epoch_ends = 0
+
+    def on_batch_start(self, batch):
+        batch_idx = len(self.steps.get(self.current_epoch, []))
+        if self.global_rank == 1 and self.current_epoch == 0 and batch_idx == 3:
+            return -1
+        return None
+
+    def training_step(self, batch, batch_idx):
+        self.steps.setdefault(self.current_epoch, []).append(batch_idx)
+        return super().training_step(batch, batch_idx)
+
+    def on_post_performance_check(self):
+        self.val_runs += 1
+
+    def on_epoch_end(self):
+        self.epoch_ends += 1
+
+
+def stop_on_rank1(outdir):
+    module = StopsOnRankOne()
+    trainer = Trainer(max_epochs=2, num_sanity_val_steps=0)
+    trainer.fit(module)
+    write_result(outdir, trainer.global_rank, {
+        "steps": module.steps, "val_runs": module.val_runs, "epoch_ends": module.epoch_ends,
+        "global_step": trainer.global_step,
+    })  # fmt: skip
+
+
+class FailingPrepare(Regressor):
+    def prepare_data(self):
+        raise OSError("disk full while writing the cache")
+
+
+class StatefulPrepare(Regressor):
+    def prepare_data(self):
+        self.vocab = {"a": 1}
+
+
+def _expect_hook_failure(outdir, module):
+    trainer = Trainer(max_epochs=1, prepare_data_timeout=60)
+    try:
+        trainer.fit(module)
+    except HookFailed as err:
+        write_result(outdir, trainer.global_rank, {"error": str(err), "ranks": err.failed_ranks})
+        raise
+    write_result(outdir, trainer.global_rank, {"error": None})
+
+
+def prepare_fails(outdir):
+    _expect_hook_failure(outdir, FailingPrepare())
+
+
+def prepare_assigns_state(outdir):
+    _expect_hook_failure(outdir, StatefulPrepare())
+
+
+def data_sharding(outdir):
+    """Shuffled training shards per epoch, and an exact evaluation of an odd-sized set."""
+    module = Regressor(n_train=16, n_val=7, batch_size=2, shuffle=True)
+    per_epoch = {}
+
+    class Track(disttrain.Callback):
+        def on_epoch_end(self, trainer, m):
+            per_epoch[trainer.current_epoch] = list(m.seen)
+            m.seen.clear()
+
+    trainer = Trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[Track()], seed=7)
+    trainer.fit(module)
+    module.val_seen.clear()
+    trainer.validate(module)
+    write_result(outdir, trainer.global_rank, {"train": per_epoch, "val": module.val_seen})
+
+
+class TwoHeads(Regressor):
+    """Two optimizers, each over its own head: exercises optimizer_idx and unused parameters."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.other = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx, optimizer_idx):
+        x, y, _ = batch
+        head = self.net if optimizer_idx == 0 else self.other
+        return torch.nn.functional.mse_loss(head(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net.parameters(), lr=0.1),
+                torch.optim.SGD(self.other.parameters(), lr=0.05, momentum=0.9)]  # fmt: skip
+
+
+def correctness(outdir):
+    """Three trainings whose final weights the test compares with a hand-written loop."""
+    results = {}
+    runs = {
+        "plain": (Regressor, {}),
+        "accumulate_clip": (Regressor, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}),
+        "two_optimizers": (TwoHeads, {"accumulate_grad_batches": 2}),
+    }
+    for name, (cls, options) in runs.items():
+        disttrain.seed_everything(0)
+        module = cls(n_train=16, batch_size=2, shuffle=True)
+        trainer = Trainer(max_epochs=2, num_sanity_val_steps=0, seed=3, **options)
+        trainer.fit(module)
+        results[name] = {k: v.tolist() for k, v in module.state_dict().items()}
+    write_result(outdir, trainer.global_rank, results)
+
+
+def gpu(outdir):
+    """NCCL at world size 1: batches on cuda:LOCAL_RANK, bf16 autocast, pinned transfers."""
+    seen = {}
+
+    class OnGpu(Regressor):
+        def on_batch_start(self, batch):
+            seen["pinned"] = batch[0].is_pinned()
+
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            out = self(x)
+            seen.update(device=str(x.device), dtype=str(out.dtype))
+            return torch.nn.functional.mse_loss(out.float(), y)
+
+    backend = {}
+
+    class Backend(disttrain.Callback):
+        def on_train_start(self, trainer, module):
+            backend["name"] = trainer.backend
+
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, precision="bf16-mixed",
+                      accelerator="cuda", num_sanity_val_steps=0, callbacks=[Backend()])  # fmt: skip
+    trainer.fit(OnGpu())
+    write_result(outdir, trainer.global_rank, {**seen, "backend": backend["name"]})
+
+
+if __name__ == "__main__":
+    name, outdir = sys.argv[1], sys.argv[2]
+    globals()[name](outdir)
