@@ -111,8 +111,10 @@ def measure(rounds: int, steps: int) -> dict:
         "hand_ms": round(med["hand"], 4),
         "disttrain_ms": round(med["disttrain"], 4),
         "ratio": round(med["disttrain"] / med["hand"], 3),
-        "disttrain_min_max_ms": [round(min(times["disttrain"]) * 1e3, 4),
-                                 round(max(times["disttrain"]) * 1e3, 4)],  # fmt: skip
+        "disttrain_min_max_ms": [
+            round(min(times["disttrain"]) * 1e3, 4),
+            round(max(times["disttrain"]) * 1e3, 4),
+        ],
     }
 
 
@@ -128,10 +130,26 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
     rows = [measure(args.rounds, args.steps)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           __file__, "--rounds", str(args.rounds), "--steps", str(args.steps)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True).stdout  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        __file__,
+        "--rounds",
+        str(args.rounds),
+        "--steps",
+        str(args.steps),
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+    ).stdout
     rows += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
     print(f"{'setting':<22}{'hand ms/step':>14}{'disttrain ms/step':>19}{'ratio':>8}")
     for row in rows:

@@ -29,15 +29,30 @@ def torchrun(
     workers never clash. The whole process group is killed if it outlives ``timeout``.
     """
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", *launcher_args, str(script), *args,
-    ]  # fmt: skip
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
-                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *launcher_args,
+        str(script),
+        *args,
+    ]
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     proc = subprocess.Popen(
-        cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -54,8 +69,14 @@ def scenario(tmp_path):
     def run(name: str, nproc: int = 2, timeout: float = 120, expect_ok: bool = True, **env):
         outdir = tmp_path / name
         outdir.mkdir()
-        proc = torchrun(WORKERS / "scenarios.py", name, str(outdir), nproc=nproc, timeout=timeout,
-                        env={k: str(v) for k, v in env.items()})  # fmt: skip
+        proc = torchrun(
+            WORKERS / "scenarios.py",
+            name,
+            str(outdir),
+            nproc=nproc,
+            timeout=timeout,
+            env={k: str(v) for k, v in env.items()},
+        )
         if expect_ok:
             assert proc.returncode == 0, proc.stdout[-8000:]
         return proc, outdir

@@ -6,11 +6,10 @@ import time
 
 import pytest
 import torch
-from common import IndexedData, read_results
+from common import IndexedData, Regressor, read_results
 from scenarios import TwoHeads
 
 import disttrain
-from common import Regressor
 
 
 def test_minus_one_on_rank_one_stops_every_rank_at_the_same_batch(scenario):
@@ -22,10 +21,13 @@ def test_minus_one_on_rank_one_stops_every_rank_at_the_same_batch(scenario):
         assert result["global_step"] == 7
 
 
-@pytest.mark.parametrize("name, needle", [
-    ("prepare_fails", "OSError: disk full while writing the cache"),
-    ("prepare_assigns_state", "self.vocab"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("prepare_fails", "OSError: disk full while writing the cache"),
+        ("prepare_assigns_state", "self.vocab"),
+    ],
+)
 def test_prepare_data_failure_reaches_every_rank_naming_rank_zero(scenario, name, needle):
     start = time.monotonic()
     proc, outdir = scenario(name, expect_ok=False, timeout=90)
@@ -65,9 +67,9 @@ def _hand_written(cls, options, world_size=2, batch_size=2, n=16, epochs=2, seed
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         shards = [order[r::world_size] for r in range(world_size)]
         for step in range(per_rank):
-            idx = [i for s in shards for i in s[step * batch_size:(step + 1) * batch_size]]
+            idx = [i for s in shards for i in s[step * batch_size : (step + 1) * batch_size]]
             x, y = data.x[idx], data.y[idx]
-            for k, opt in enumerate(optimizers):
+            for k in range(len(optimizers)):
                 args = (k,) if len(optimizers) > 1 else ()
                 loss = model.training_step((x, y, torch.tensor(idx)), step, *args)
                 (loss / accumulate).backward()
@@ -98,5 +100,6 @@ def test_two_rank_ddp_matches_a_hand_written_single_process_loop(scenario):
             assert torch.equal(got0, got1), f"{name}: ranks disagree on {key}"
             torch.testing.assert_close(got0, value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
         initial = cls(n_train=16)
-        assert not torch.allclose(torch.tensor(rank0[name]["net.0.weight"]),
-                                  initial.state_dict()["net.0.weight"])  # fmt: skip
+        assert not torch.allclose(
+            torch.tensor(rank0[name]["net.0.weight"]), initial.state_dict()["net.0.weight"]
+        )

@@ -12,5 +12,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_nccl_world_size_one_bf16_and_pinned_transfer(scenario):
     _, outdir = scenario("gpu", nproc=1)
     (result,) = read_results(outdir, 1)
-    assert result == {"pinned": True, "device": "cuda:0", "dtype": "torch.bfloat16",
-                      "backend": "nccl"}  # fmt: skip
+    assert result == {
+        "pinned": True,
+        "device": "cuda:0",
+        "dtype": "torch.bfloat16",
+        "backend": "nccl",
+    }

@@ -22,7 +22,10 @@ def test_callback_has_exactly_the_notification_hooks():
     notify = {h.value for h, rule in HOOK_TABLE.items() if rule.callbacks}
     assert _public_methods(Callback) == notify
     assert {h.value for h, rule in HOOK_TABLE.items() if not rule.callbacks} == {
-        "prepare_data", "backward", "transfer_batch_to_device"}  # fmt: skip
+        "prepare_data",
+        "backward",
+        "transfer_batch_to_device",
+    }
 
 
 def test_callback_signatures_are_the_module_signatures_plus_trainer_and_module():
@@ -33,8 +36,10 @@ def test_callback_signatures_are_the_module_signatures_plus_trainer_and_module()
 
 
 def test_seed_signatures():
-    sig = {n: list(inspect.signature(getattr(ModelHooks, n)).parameters)[1:]
-           for n in _public_methods(ModelHooks)}  # fmt: skip
+    sig = {
+        n: list(inspect.signature(getattr(ModelHooks, n)).parameters)[1:]
+        for n in _public_methods(ModelHooks)
+    }
     assert sig["backward"] == ["trainer", "loss", "optimizer", "optimizer_idx"]
     assert sig["on_batch_start"] == ["batch"]
     assert sig["on_before_zero_grad"] == ["optimizer"]

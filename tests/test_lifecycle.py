@@ -12,8 +12,14 @@ import disttrain
 from disttrain import Hook
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "lifecycle.md"
-STEP_METHODS = {"training_step", "validation_step", "test_step", "validation_epoch_end",
-                "test_epoch_end", "training_epoch_end"}  # fmt: skip
+STEP_METHODS = {
+    "training_step",
+    "validation_step",
+    "test_step",
+    "validation_epoch_end",
+    "test_epoch_end",
+    "training_epoch_end",
+}
 
 
 class Expected:
@@ -102,9 +108,12 @@ def test_golden_builder_follows_the_spec_table():
 def test_golden_order_single_process():
     module = Recorder(n_train=16, n_val=7)
     trainer = disttrain.Trainer(
-        max_epochs=2, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=1,
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=1,
         callbacks=[RecordingCallback(module.calls)],
-    )  # fmt: skip
+    )
     with pytest.warns(FutureWarning, match="on_sanity_check_start is deprecated"):
         trainer.fit(module)
     assert module.calls == expected_fit(0, epochs=2, train_batches=2, val_batches=2, sanity=1)
@@ -116,7 +125,8 @@ def test_golden_order_single_process():
 def test_golden_order_two_ranks(scenario):
     _, outdir = scenario("golden", nproc=2)
     for rank, result in enumerate(read_results(outdir, 2)):
-        assert result["fit"] == expected_fit(rank, epochs=2, train_batches=2, val_batches=2,
-                                             sanity=1), f"rank {rank}"  # fmt: skip
+        assert result["fit"] == expected_fit(
+            rank, epochs=2, train_batches=2, val_batches=2, sanity=1
+        ), f"rank {rank}"
         # 7 test samples over 2 ranks, unpadded: rank 0 has 4 (2 batches), rank 1 has 3 (2).
         assert result["test"] == expected_test(rank, batches=2), f"rank {rank}"

@@ -61,8 +61,9 @@ def test_transfer_override_receives_batch_and_device():
             seen.append((type(batch).__name__, device))
             return super().transfer_batch_to_device(batch, device)
 
-    Trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0,
-            limit_val_batches=0).fit(Custom())  # fmt: skip
+    Trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0, limit_val_batches=0).fit(
+        Custom()
+    )
     assert seen == [("list", torch.device("cpu"))] * 2
 
 
@@ -88,8 +89,13 @@ def test_bf16_autocast_on_cpu():
             return torch.nn.functional.mse_loss(out.float(), y)
 
     module = Bf16()
-    Trainer(max_epochs=1, limit_train_batches=2, precision="bf16-mixed", num_sanity_val_steps=0,
-            limit_val_batches=0).fit(module)  # fmt: skip
+    Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        precision="bf16-mixed",
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    ).fit(module)
     assert dtypes == [torch.bfloat16] * 2
     assert module.net[0].weight.dtype == torch.float32  # the weights stay in fp32
 
@@ -102,8 +108,14 @@ def test_fp16_mixed_uses_a_grad_scaler():
             scales.append(loss.item())
             loss.backward()
 
-    Trainer(max_epochs=1, limit_train_batches=1, precision="16-mixed", num_sanity_val_steps=0,
-            limit_val_batches=0, accelerator="cpu").fit(Fp16())  # fmt: skip
+    Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        precision="16-mixed",
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+    ).fit(Fp16())
     assert scales and scales[0] > 1000  # scaled by the GradScaler's initial 2**16
 
 
@@ -118,8 +130,13 @@ def test_gradient_clipping_bounds_the_update():
     disttrain.seed_everything(0)
     module = Big()
     before = torch.nn.utils.parameters_to_vector(module.parameters()).clone()
-    Trainer(max_epochs=1, limit_train_batches=1, gradient_clip_val=0.5, num_sanity_val_steps=0,
-            limit_val_batches=0).fit(module)  # fmt: skip
+    Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        gradient_clip_val=0.5,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    ).fit(module)
     after = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
     assert torch.linalg.vector_norm(after - before).item() == pytest.approx(0.5, rel=1e-4)
 
@@ -140,8 +157,13 @@ def test_several_optimizers_call_order_and_optimizer_idx():
         def on_before_zero_grad(self, optimizer):
             calls.append(("zero", self.trainer.optimizers.index(optimizer)))
 
-    Trainer(max_epochs=1, limit_train_batches=2, accumulate_grad_batches=2,
-            num_sanity_val_steps=0, limit_val_batches=0).fit(Order())  # fmt: skip
+    Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        accumulate_grad_batches=2,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    ).fit(Order())
     micro = [("step", 0), ("backward", 0), ("step", 1), ("backward", 1)]
     assert calls == micro + micro + [("zero", 0), ("zero", 1)]
 
@@ -169,16 +191,19 @@ def test_prepare_data_must_not_assign_state_in_debug_mode():
         Trainer(max_epochs=1).fit(StatefulPrepare())
 
 
-@pytest.mark.parametrize("options, key", [
-    ({"max_epoch": 3}, "max_epoch"),
-    ({"max_epochs": "3"}, "max_epochs"),
-    ({"max_epochs": True}, "max_epochs"),
-    ({"precision": "fp8"}, "precision"),
-    ({"limit_train_batches": 1.5}, "limit_train_batches"),
-    ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
-    ({"accelerator": "tpu"}, "accelerator"),
-    ({"timeout": -1}, "timeout"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        ({"max_epoch": 3}, "max_epoch"),
+        ({"max_epochs": "3"}, "max_epochs"),
+        ({"max_epochs": True}, "max_epochs"),
+        ({"precision": "fp8"}, "precision"),
+        ({"limit_train_batches": 1.5}, "limit_train_batches"),
+        ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
+        ({"accelerator": "tpu"}, "accelerator"),
+        ({"timeout": -1}, "timeout"),
+    ],
+)
 def test_bad_options_name_the_option(options, key):
     with pytest.raises(ConfigError) as err:
         Trainer(**options)

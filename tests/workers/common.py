@@ -35,9 +35,15 @@ class Regressor(disttrain.Module):
 
     def __init__(self, n_train=16, n_val=7, batch_size=2, shuffle=False, lr=0.1, dim=4):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(dim, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(dim, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
         self.n_train, self.n_val, self.batch_size, self.shuffle, self.lr = (
-            n_train, n_val, batch_size, shuffle, lr
+            n_train,
+            n_val,
+            batch_size,
+            shuffle,
+            lr,
         )
         self.seen: list[int] = []
         self.val_seen: list[int] = []
@@ -61,7 +67,9 @@ class Regressor(disttrain.Module):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def train_dataloader(self):
-        return DataLoader(IndexedData(self.n_train), batch_size=self.batch_size, shuffle=self.shuffle)
+        return DataLoader(
+            IndexedData(self.n_train), batch_size=self.batch_size, shuffle=self.shuffle
+        )
 
     def val_dataloader(self):
         return DataLoader(IndexedData(self.n_val), batch_size=self.batch_size)

@@ -17,9 +17,12 @@ from disttrain import HookFailed, Trainer
 def golden(outdir):
     module = Recorder(n_train=16, n_val=7)
     trainer = Trainer(
-        max_epochs=2, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=1,
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=1,
         callbacks=[RecordingCallback(module.calls)],
-    )  # fmt: skip
+    )
     trainer.fit(module)
     fit_calls = list(module.calls)
     module.calls.clear()
@@ -57,10 +60,16 @@ def stop_on_rank1(outdir):
     module = StopsOnRankOne()
     trainer = Trainer(max_epochs=2, num_sanity_val_steps=0)
     trainer.fit(module)
-    write_result(outdir, trainer.global_rank, {
-        "steps": module.steps, "val_runs": module.val_runs, "epoch_ends": module.epoch_ends,
-        "global_step": trainer.global_step,
-    })  # fmt: skip
+    write_result(
+        outdir,
+        trainer.global_rank,
+        {
+            "steps": module.steps,
+            "val_runs": module.val_runs,
+            "epoch_ends": module.epoch_ends,
+            "global_step": trainer.global_step,
+        },
+    )
 
 
 class FailingPrepare(Regressor):
@@ -121,8 +130,10 @@ class TwoHeads(Regressor):
         return torch.nn.functional.mse_loss(head(x).squeeze(-1), y)
 
     def configure_optimizers(self):
-        return [torch.optim.SGD(self.net.parameters(), lr=0.1),
-                torch.optim.SGD(self.other.parameters(), lr=0.05, momentum=0.9)]  # fmt: skip
+        return [
+            torch.optim.SGD(self.net.parameters(), lr=0.1),
+            torch.optim.SGD(self.other.parameters(), lr=0.05, momentum=0.9),
+        ]
 
 
 def correctness(outdir):
@@ -162,8 +173,14 @@ def gpu(outdir):
         def on_train_start(self, trainer, module):
             backend["name"] = trainer.backend
 
-    trainer = Trainer(max_epochs=1, limit_train_batches=2, precision="bf16-mixed",
-                      accelerator="cuda", num_sanity_val_steps=0, callbacks=[Backend()])  # fmt: skip
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        precision="bf16-mixed",
+        accelerator="cuda",
+        num_sanity_val_steps=0,
+        callbacks=[Backend()],
+    )
     trainer.fit(OnGpu())
     write_result(outdir, trainer.global_rank, {**seen, "backend": backend["name"]})
 
