@@ -14,8 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from disttrain.callback import Callback
+from disttrain.datamodule import DataModule
 from disttrain.dist import Collectives, DistEnv
 from disttrain.hooks import (
+    ACTION_TABLE,
+    Action,
     Hook,
     ModelHooks,
     Ranks,
@@ -29,12 +32,12 @@ from disttrain.hooks import (
 class HookFailed(RuntimeError):
     """A hook raised on one or more ranks; every rank raises this, naming them."""
 
-    def __init__(self, hook: Hook, failed_ranks: list[int], messages: list[str]) -> None:
+    def __init__(self, hook: Hook | Action, failed_ranks: list[int], messages: list[str]) -> None:
         self.hook, self.failed_ranks = hook, failed_ranks
         detail = "\n".join(f"  rank {r}: {messages[r]}" for r in failed_ranks)
-        super().__init__(
-            f"hook '{hook.value}' failed on rank {', '.join(map(str, failed_ranks))}:\n{detail}"
-        )
+        kind = "hook" if isinstance(hook, Hook) else "step"
+        ranks = ", ".join(map(str, failed_ranks))
+        super().__init__(f"{kind} '{hook.value}' failed on rank {ranks}:\n{detail}")
 
 
 class Dispatcher:
@@ -46,9 +49,11 @@ class Dispatcher:
         trainer: Any,
         env: DistEnv,
         collectives: Collectives,
+        datamodule: DataModule | None = None,
     ) -> None:
         self.collectives = collectives
-        self.module = module
+        self._stateful = [obj for obj in (datamodule, module) if obj is not None]
+        self._actions = {action: _runs_on(rule.ranks, env) for action, rule in ACTION_TABLE.items()}
         self._plan: dict[Hook, tuple[Sync, bool, list[Callable[..., Any]], Callable | None]] = {}
         self._forbids_state = {hook for hook, rule in table.items() if rule.forbids_state}
         warn_deprecated_overrides(module, ModelHooks)
@@ -61,6 +66,8 @@ class Dispatcher:
                 for cb in callbacks
                 if rule.callbacks and overridden(cb, name, Callback)
             ]
+            if datamodule is not None and overridden(datamodule, name, DataModule):
+                observers.append(getattr(datamodule, name))  # data before the model
             # Hooks that do work always run the module's method; notifications only if overridden.
             runs_module = not rule.callbacks or overridden(module, name, ModelHooks)
             target = getattr(module, name) if runs_module else None
@@ -83,17 +90,23 @@ class Dispatcher:
             return -1 if self.collectives.any_true(result == -1) else result
         return self._call_with_verdict(hook, sync, runs_here, observers, target, args)
 
+    def run(self, action: Action, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run trainer work ``fn`` on the ranks ``ACTION_TABLE`` names, then its verdict."""
+        sync = ACTION_TABLE[action].sync
+        return self._call_with_verdict(action, sync, self._actions[action], [], fn, args)
+
     def _call_with_verdict(self, hook, sync, runs_here, observers, target, args) -> Any:
         long = sync is Sync.VERDICT_LONG
         result, error = None, None
         if runs_here:
             try:
-                before = _state_of(self.module) if hook in self._forbids_state else None
+                checked = self._stateful if hook in self._forbids_state else []
+                before = [_state_of(obj) for obj in checked]
                 for observer in observers:
                     observer(*args)
                 result = target(*args) if target is not None else None
-                if before is not None:
-                    _forbid_new_state(before, _state_of(self.module))
+                for obj, state in zip(checked, before):
+                    _forbid_new_state(obj, state, _state_of(obj))
             except Exception as exc:
                 error = exc
         failed = self.collectives.verdict(error is not None, long=long)
@@ -122,11 +135,11 @@ def _state_of(module: object) -> dict[str, int]:
     return state
 
 
-def _forbid_new_state(before: dict[str, int], after: dict[str, int]) -> None:
+def _forbid_new_state(obj: object, before: dict[str, int], after: dict[str, int]) -> None:
     changed = sorted(k for k, v in after.items() if before.get(k) != v)
     if changed:
         raise RuntimeError(
-            f"assigned module state ({', '.join('self.' + k for k in changed)}). "
+            f"assigned {type(obj).__name__} state ({', '.join('self.' + k for k in changed)}). "
             "This hook runs on some ranks only, so the other ranks would not have it: "
             "assign state in setup(stage) instead."
         )

@@ -119,10 +119,21 @@ HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.TEARDOWN:                  Rule(Ranks.ALL, Sync.VERDICT),
 }  # fmt: skip
 
+
+class Action(str, enum.Enum):
+    """Work the trainer itself does under the same rank rules as a hook."""
+
+    WRITE_RUN_FILES = "write_run_files"  # the resolved config in the run directory
+
+
+ACTION_TABLE: Mapping[Action, Rule] = {
+    Action.WRITE_RUN_FILES: Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT, callbacks=False),
+}
+
 # A hook limited to some ranks is safe only if a verdict (the barrier) follows it on every rank.
 assert all(
     rule.sync in (Sync.VERDICT, Sync.VERDICT_LONG)
-    for rule in HOOK_TABLE.values()
+    for rule in [*HOOK_TABLE.values(), *ACTION_TABLE.values()]
     if rule.ranks is not Ranks.ALL
 )
 

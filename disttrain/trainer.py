@@ -10,16 +10,19 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from disttrain import data, optim
 from disttrain.config import TrainerConfig
+from disttrain.datamodule import DataModule
 from disttrain.dispatch import Dispatcher
 from disttrain.dist import Collectives, DistEnv, connect, select_device
-from disttrain.hooks import Hook, hook_schedule, overridden
+from disttrain.files import atomic_write_text
+from disttrain.hooks import Action, Hook, hook_schedule, overridden
 from disttrain.log import configure_logging
 from disttrain.module import Module
 from disttrain.precision import autocast_factory, grad_scaler
@@ -33,10 +36,17 @@ class Trainer:
     read once here; without it the trainer runs a single debug process with the same hooks.
     """
 
-    def __init__(self, config: TrainerConfig | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        config: TrainerConfig | None = None,
+        *,
+        resolved_config: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
         if config is not None and options:
             raise TypeError("give Trainer either a TrainerConfig or keyword options, not both")
         self.config = config if config is not None else TrainerConfig.from_mapping(options)
+        self.resolved_config = resolved_config  # written to the run directory as config.yaml
         self.env = DistEnv.from_environ()
         configure_logging(self.env.rank)
         self.device = select_device(self.config.accelerator, self.env)
@@ -44,6 +54,7 @@ class Trainer:
         self.global_step = 0
         self.sanity_checking = False
         self.module: Module | None = None
+        self.datamodule: DataModule | None = None
         self.optimizers: list[torch.optim.Optimizer] = []
         self.schedulers: list[optim.SchedulerEntry] = []
         self._autocast = autocast_factory(self.config.precision, self.device)
@@ -77,11 +88,16 @@ class Trainer:
         """
         return self._collectives.all_reduce(tensor, op)
 
-    def fit(self, module: Module) -> None:
-        """Train ``module``: the lifecycle of ``spec/lifecycle.md`` on every rank."""
+    def fit(self, module: Module, datamodule: DataModule | None = None) -> None:
+        """Train ``module``: the lifecycle of ``spec/lifecycle.md`` on every rank.
+
+        Dataloaders come from ``datamodule`` where it defines them, else from ``module``.
+        """
         cfg = self.config
-        with self._session(module) as call:
+        with self._session(module, datamodule) as dispatcher:
+            call = dispatcher.call
             call(Hook.PREPARE_DATA)
+            dispatcher.run(Action.WRITE_RUN_FILES, self._write_run_files)
             call(Hook.SETUP, "fit")
             module.to(self.device)
             call(Hook.ON_FIT_START)
@@ -165,24 +181,28 @@ class Trainer:
             call(Hook.ON_FIT_END)
             call(Hook.TEARDOWN, "fit")
 
-    def validate(self, module: Module) -> Any:
+    def validate(self, module: Module, datamodule: DataModule | None = None) -> Any:
         """Run the validation loop once over all of ``val_dataloader`` on every rank.
 
         Returns what ``validation_epoch_end`` returned on this rank.
         """
-        return self._run_evaluation(module, "validate", "val_dataloader", "validation")
+        return self._run_evaluation(module, datamodule, "validate", "val_dataloader", "validation")
 
-    def test(self, module: Module) -> Any:
+    def test(self, module: Module, datamodule: DataModule | None = None) -> Any:
         """Run the test loop once over all of ``test_dataloader`` on every rank (Lightning 0.8
         tested on rank 0 only; here every rank takes its shard). Returns what
         ``test_epoch_end`` returned on this rank."""
-        return self._run_evaluation(module, "test", "test_dataloader", "test")
+        return self._run_evaluation(module, datamodule, "test", "test_dataloader", "test")
 
     # -- the pieces fit and the evaluations share ------------------------------------------
-    def _run_evaluation(self, module: Module, stage: str, loader_name: str, kind: str) -> Any:
+    def _run_evaluation(
+        self, module: Module, datamodule: DataModule | None, stage: str, loader_name: str, kind: str
+    ) -> Any:
         limit = self.config.limit_test_batches if kind == "test" else self.config.limit_val_batches
-        with self._session(module) as call:
+        with self._session(module, datamodule) as dispatcher:
+            call = dispatcher.call
             call(Hook.PREPARE_DATA)
+            dispatcher.run(Action.WRITE_RUN_FILES, self._write_run_files)
             call(Hook.SETUP, stage)
             module.to(self.device)
             loader = self._eval_loader(module, loader_name, f"{kind}_step")
@@ -213,9 +233,14 @@ class Trainer:
         call(Hook.ON_POST_PERFORMANCE_CHECK)
         return result
 
+    def _loader_source(self, module: Module, loader_name: str) -> Any:
+        dm = self.datamodule
+        return dm if dm is not None and overridden(dm, loader_name, DataModule) else module
+
     def _train_loader(self, module: Module) -> Any:
-        where = f"{type(module).__name__}.train_dataloader()"
-        loader = module.train_dataloader()
+        source = self._loader_source(module, "train_dataloader")
+        where = f"{type(source).__name__}.train_dataloader()"
+        loader = source.train_dataloader()
         seed = self.config.seed if self.config.seed is not None else 0
         return data.train_loader(
             loader, self.env.rank, self.env.world_size, seed, self.device, where
@@ -224,12 +249,20 @@ class Trainer:
     def _eval_loader(self, module: Module, loader_name: str, step_name: str) -> Any:
         if not overridden(module, step_name, Module):
             return None
-        where = f"{type(module).__name__}.{loader_name}()"
-        loader = getattr(module, loader_name)()
+        source = self._loader_source(module, loader_name)
+        where = f"{type(source).__name__}.{loader_name}()"
+        loader = getattr(source, loader_name)()
         return data.eval_loader(loader, self.env.rank, self.env.world_size, self.device, where)
 
+    def _write_run_files(self) -> None:
+        if self.resolved_config is not None:
+            import yaml  # only runs driven by a config file need it
+
+            text = yaml.safe_dump(dict(self.resolved_config), sort_keys=False)
+            atomic_write_text(Path(self.config.default_root_dir) / "config.yaml", text)
+
     @contextlib.contextmanager
-    def _session(self, module: Module) -> Iterator[Callable[..., Any]]:
+    def _session(self, module: Module, datamodule: DataModule | None) -> Iterator[Dispatcher]:
         """Seed, join the process group, attach the module; always leave the group."""
         cfg = self.config
         if cfg.seed is not None:
@@ -237,7 +270,7 @@ class Trainer:
         self._collectives = connect(self.env, self.device, cfg.timeout, cfg.prepare_data_timeout)
         try:
             module._trainer = self
-            self.module = module
+            self.module, self.datamodule = module, datamodule
             dispatcher = Dispatcher(
                 hook_schedule(cfg.prepare_data_per_node),
                 module,
@@ -245,8 +278,9 @@ class Trainer:
                 self,
                 self.env,
                 self._collectives,
+                datamodule,
             )
-            yield dispatcher.call
+            yield dispatcher
         finally:
             self._collectives.close()
             self._collectives = Collectives()
