@@ -2,6 +2,7 @@
 
 from disttrain.callback import Callback
 from disttrain.config import ConfigError, TrainerConfig
+from disttrain.datamodule import DataModule
 from disttrain.dispatch import HookFailed
 from disttrain.hooks import HOOK_TABLE, Hook, ModelHooks, Ranks, Sync
 from disttrain.module import Module
@@ -13,6 +14,7 @@ __all__ = [
     "HOOK_TABLE",
     "Callback",
     "ConfigError",
+    "DataModule",
     "Hook",
     "HookFailed",
     "ModelHooks",

@@ -44,9 +44,13 @@ def train_loader(
         return _checked_custom(loader, world_size, where)
     shuffle = isinstance(sampler, RandomSampler)
     new_sampler = DistributedSampler(
-        loader.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+        loader.dataset,
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=shuffle,
+        seed=seed,
         drop_last=loader.drop_last,
-    )  # fmt: skip
+    )
     return _rebuild(loader, new_sampler, device)
 
 

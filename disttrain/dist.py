@@ -207,3 +207,33 @@ def _collectives_over_world(
     )
     long_control = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout))
     return ProcessGroupCollectives(env, backend, control, long_control, owns_world)
+
+
+def record(fn):
+    """torchelastic's ``record``: a worker's exception goes to its error file for the launcher."""
+    from torch.distributed.elastic.multiprocessing.errors import record as _record
+
+    return _record(fn)
+
+
+def launch_workers(torchrun_argv: list[str]) -> int:
+    """Start workers with ``torch.distributed.run`` (the elastic agent); their exit status.
+
+    When a worker fails, the agent stops every worker; the failing rank's error (from its
+    error file) is printed, and its exit code is returned.
+    """
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(torchrun_argv))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        print(err.format_msg(), file=sys.stderr, flush=True)
+        print(
+            f"disttrain: rank {rank} failed first (exit code {failure.exitcode})", file=sys.stderr
+        )
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

@@ -224,8 +224,8 @@ def _class_spec(raw: Any, key: str, base: type, fail) -> ClassSpec:
         fail(f"{key}.init_args", f"must be a mapping, got {type(init_args).__name__}")
     try:
         cls = import_class(class_path)
-    except ImportError as err:
-        fail(f"{key}.class_path", f"cannot import '{class_path}': {err}")
+    except Exception as err:  # importing user code can raise anything
+        fail(f"{key}.class_path", f"cannot import '{class_path}': {type(err).__name__}: {err}")
     if not (isinstance(cls, type) and issubclass(cls, base)):
         fail(
             f"{key}.class_path",
@@ -239,19 +239,17 @@ def _check_init_args(cls: type, init_args: dict, key: str, fail) -> None:
     signature = inspect.signature(cls)
     params = signature.parameters
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     for name in init_args:
         if name not in params and not takes_kwargs:
             fail(
                 f"{key}.{name}",
-                f"{cls.__name__} takes no argument '{name}' (it takes: "
-                f"{', '.join(p for p in params if params[p].kind is not p.VAR_POSITIONAL)})",
+                f"{cls.__name__} takes no argument '{name}' (it takes: {', '.join(named)})",
             )
-    for name, param in params.items():
-        if (
-            param.default is param.empty
-            and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-            and name not in init_args
-        ):
+    for name in named:
+        param = params[name]
+        required = param.default is param.empty and param.kind is not param.POSITIONAL_ONLY
+        if required and name not in init_args:
             fail(f"{key}.{name}", f"missing: {cls.__name__} needs '{name}'")
     try:
         hints = typing.get_type_hints(cls.__init__)

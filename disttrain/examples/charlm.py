@@ -108,9 +108,13 @@ class CharLM(disttrain.Module):
         self.tok = nn.Embedding(vocab_size, self.n_embd)
         self.pos = nn.Embedding(self.block_size, self.n_embd)
         layer = nn.TransformerEncoderLayer(
-            self.n_embd, self.n_head, 4 * self.n_embd, self.dropout, batch_first=True,
+            self.n_embd,
+            self.n_head,
+            4 * self.n_embd,
+            self.dropout,
+            batch_first=True,
             norm_first=True,
-        )  # fmt: skip
+        )
         self.blocks = nn.TransformerEncoder(layer, self.n_layer, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(self.n_embd)
         self.head = nn.Linear(self.n_embd, vocab_size)
@@ -151,8 +155,11 @@ class CharLM(disttrain.Module):
         self.val_history.append(val_loss)
         log.info(
             "epoch %d  step %d  val_loss %.4f nats/char  (unigram baseline %.4f)",
-            self.current_epoch, self.global_step, val_loss, self.baseline,
-        )  # fmt: skip
+            self.current_epoch,
+            self.global_step,
+            val_loss,
+            self.baseline,
+        )
         return {"val_loss": val_loss}
 
     def configure_optimizers(self):

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import disttrain
+import disttrain.examples.regression
 from disttrain import Callback, Hook
 
 NOTIFY_HOOKS = [h.value for h, rule in disttrain.HOOK_TABLE.items() if rule.callbacks]
@@ -156,3 +157,33 @@ def write_result(outdir: str | os.PathLike, rank: int, payload: dict) -> None:
 
 def read_results(outdir: str | os.PathLike, world_size: int) -> list[dict]:
     return [json.loads((Path(outdir) / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+class RankReport(disttrain.examples.regression.Regression):
+    """Writes where each rank stands and who ran prepare_data, into ``report_dir``."""
+
+    def __init__(self, report_dir: str, **kw) -> None:
+        super().__init__(**kw)
+        self.report_dir = report_dir
+
+    def prepare_data(self) -> None:
+        env = self.trainer.env
+        Path(self.report_dir, f"prepared-rank{env.rank}-node{env.node_rank}").touch()
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        env = self.trainer.env
+        report = {
+            "rank": env.rank,
+            "local_rank": env.local_rank,
+            "node_rank": env.node_rank,
+            "world_size": env.world_size,
+            "local_world_size": env.local_world_size,
+        }
+        write_result(self.report_dir, env.rank, report)
+
+
+class FailsOnRankOne(disttrain.examples.regression.Regression):
+    def on_fit_start(self) -> None:
+        if self.global_rank == 1:
+            raise RuntimeError("on_fit_start exploded on rank 1")

@@ -1,0 +1,152 @@
+"""The ``disttrain`` command: run a config in this process, launch it on ranks, or inspect it.
+
+    disttrain fit --config configs/default.yaml trainer.max_epochs=3
+    torchrun --nproc-per-node 2 -m disttrain fit --config configs/default.yaml
+    disttrain launch --nproc-per-node 2 fit --config configs/default.yaml
+    disttrain print-config --config configs/default.yaml --set trainer.max_epochs=3
+
+Configuration errors exit with code 2 before anything is written or spawned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from disttrain.config import ConfigError
+
+STAGES = ("fit", "validate", "test")
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may follow the options (``--config F a.b=1``), which plain argparse cannot mix
+    # with a trailing positional list; what it leaves over must be KEY=VALUE items.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        args.overrides += extra
+    try:
+        if args.command in STAGES:
+            return _run_stage(args.command, args.config, _overrides(args))
+        if args.command == "launch":
+            return _launch(args)
+        if args.command == "print-config":
+            from disttrain import runconfig
+
+            print(runconfig.dump(runconfig.load(args.config, _overrides(args)).resolved), end="")
+            return 0
+    except ConfigError as err:
+        print(f"disttrain: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    parser.print_help()
+    return EXIT_CONFIG_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="disttrain", description="Distributed-first training driven by YAML configs."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for stage in STAGES:
+        _add_config_args(sub.add_parser(stage, help=f"run {stage} in this process (or rank)"))
+    printer = sub.add_parser("print-config", help="print the resolved config and exit")
+    _add_config_args(printer)
+    launch = sub.add_parser(
+        "launch",
+        help="validate the config, then start the workers with torch.distributed.run",
+        description="Options default to the config's launch: section.",
+    )
+    launch.add_argument("--nproc-per-node", type=int, help="workers on this node")
+    launch.add_argument("--nnodes", type=int, help="number of nodes")
+    launch.add_argument("--node-rank", type=int, help="this node's rank (static rendezvous)")
+    launch.add_argument("--rdzv-endpoint", help="host:port of the c10d rendezvous (multi-node)")
+    launch.add_argument("--rdzv-id", help="job id shared by all nodes (default: from the config)")
+    launch.add_argument("--max-restarts", type=int, help="elastic restarts of the worker group")
+    launch.add_argument("stage", choices=STAGES, help="what every worker runs")
+    _add_config_args(launch)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the run's YAML file")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key, e.g. trainer.max_epochs=3 (repeatable)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="more overrides, same as --set"
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.sets, *args.overrides]
+
+
+def _run_stage(stage: str, config: str, overrides: list[str]) -> int:
+    from disttrain import runconfig
+    from disttrain.dist import record
+
+    run = runconfig.load(config, overrides)  # every rank validates before touching anything
+
+    @record
+    def worker() -> None:
+        from disttrain.trainer import Trainer, seed_everything
+
+        if run.seed is not None:
+            seed_everything(run.seed)  # before the model is built: same initial weights
+        trainer = Trainer(runconfig.build_callbacks(run), resolved_config=run.resolved)
+        module = run.model.build()
+        datamodule = run.data.build() if run.data else None
+        getattr(trainer, stage)(module, datamodule=datamodule)
+
+    worker()
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from disttrain import runconfig
+    from disttrain.dist import launch_workers
+
+    overrides = _overrides(args)
+    run = runconfig.load(args.config, overrides)
+    launch = run.launch
+
+    def pick(flag, value):
+        return value if flag is None else flag
+
+    nproc = pick(args.nproc_per_node, launch.nproc_per_node)
+    nnodes = pick(args.nnodes, launch.nnodes)
+    endpoint = pick(args.rdzv_endpoint, launch.rdzv_endpoint)
+    for name, value in (("--nproc-per-node", nproc), ("--nnodes", nnodes)):
+        if value < 1:
+            raise ConfigError(name, f"must be at least 1, got {value}")
+    if nnodes > 1 and not endpoint:
+        raise ConfigError("--rdzv-endpoint", "needed with more than one node", run.source)
+    argv = [
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={pick(args.max_restarts, launch.max_restarts)}",
+    ]
+    if endpoint:
+        rdzv_id = args.rdzv_id or f"disttrain-{Path(args.config).stem}"
+        argv += [
+            f"--nnodes={nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={rdzv_id}",
+        ]
+        if args.node_rank is not None or launch.node_rank:
+            argv.append(f"--node-rank={pick(args.node_rank, launch.node_rank)}")
+    else:
+        argv.append("--standalone")
+    argv += ["-m", "disttrain", args.stage, "--config", args.config]
+    argv += [f"--set={item}" for item in overrides]
+    return launch_workers(argv)

@@ -1,0 +1,194 @@
+"""The disttrain command: strict configs (exit 2, key named, nothing written), overrides, help."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from disttrain import cli, runconfig
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = """\
+model:
+  class_path: disttrain.examples.regression.Regression
+  init_args: {n_samples: 64, batch_size: 16}
+trainer:
+  max_epochs: 1
+launch:
+  nproc_per_node: 2
+seed: 0
+"""
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    run_dir = tmp_path / "run"
+    path.write_text(text + f"run_dir: {run_dir}\n")
+    return path
+
+
+BAD = [
+    # (what is wrong, the text replaced in GOOD, the replacement, the key the error must name)
+    ("unknown top key", "seed: 0", "seed: 0\nsed: 1", "sed"),
+    ("unknown trainer key", "max_epochs: 1", "max_epoch: 1", "trainer.max_epoch"),
+    ("wrong type", "max_epochs: 1", "max_epochs: one", "trainer.max_epochs"),
+    ("bad precision", "max_epochs: 1", "precision: fp8", "trainer.precision"),
+    (
+        "missing model",
+        "model:\n  class_path: disttrain.examples.regression.Regression\n"
+        "  init_args: {n_samples: 64, batch_size: 16}\n",
+        "",
+        "model",
+    ),
+    (
+        "class does not import",
+        "disttrain.examples.regression.Regression",
+        "disttrain.examples.nowhere.Regression",
+        "model.class_path",
+    ),
+    (
+        "class is no Module",
+        "disttrain.examples.regression.Regression",
+        "collections.OrderedDict",
+        "model.class_path",
+    ),
+    ("init arg not in signature", "n_samples: 64", "n_sample: 64", "model.init_args.n_sample"),
+    ("init arg of wrong type", "n_samples: 64", "n_samples: many", "model.init_args.n_samples"),
+    ("unknown launch key", "nproc_per_node: 2", "nprocs: 2", "launch.nprocs"),
+    (
+        "bad callback",
+        "max_epochs: 1",
+        "max_epochs: 1\n  callbacks: [{class_path: collections.OrderedDict}]",
+        "trainer.callbacks.0.class_path",
+    ),
+    ("yaml syntax", "max_epochs: 1", "max_epochs: [1", "(yaml)"),
+]
+
+
+@pytest.mark.parametrize("what, old, new, key", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_exits_2_naming_the_key_and_writes_nothing(
+    tmp_path, capsys, what, old, new, key
+):
+    path = write_config(tmp_path, GOOD.replace(old, new))
+    assert cli.main(["fit", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}:" in err and str(path) in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_errors_carry_the_line(tmp_path, capsys):
+    path = write_config(tmp_path, GOOD.replace("max_epochs: 1", "max_epochs: one"))
+    assert cli.main(["print-config", "--config", str(path)]) == 2
+    assert f"{path}:5: trainer.max_epochs: expected int" in capsys.readouterr().err
+    path = write_config(tmp_path, GOOD.replace("max_epochs: 1", "max_epochs: [1"))
+    assert cli.main(["print-config", "--config", str(path)]) == 2
+    assert f"{path}:6: (yaml): YAML syntax error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.max_epochs=many", "trainer.max_epochs"),
+        ("trainer.nope=1", "trainer.nope"),
+        ("model.init_args.lr=fast", "model.init_args.lr"),
+    ],
+)
+def test_overrides_go_through_the_same_validation(tmp_path, capsys, override, key):
+    path = write_config(tmp_path, GOOD)
+    assert cli.main(["fit", "--config", str(path), override]) == 2
+    assert f"{key}:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_by_set_and_bare_and_print_config(tmp_path, capsys):
+    path = write_config(tmp_path, GOOD)
+    argv = [
+        "print-config",
+        "--config",
+        str(path),
+        "--set",
+        "trainer.max_epochs=3",
+        "model.init_args.lr=0.5",
+        "trainer.precision=bf16-mixed",
+    ]
+    assert cli.main(argv) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 3
+    assert printed["trainer"]["precision"] == "bf16-mixed"
+    assert printed["model"]["init_args"]["lr"] == 0.5
+    assert printed["trainer"]["num_sanity_val_steps"] == 2  # defaults are filled in
+    assert printed["trainer"]["default_root_dir"] == printed["run_dir"]
+
+
+def test_launch_with_a_bad_config_spawns_nothing(tmp_path):
+    path = write_config(tmp_path, GOOD.replace("max_epochs: 1", "max_epochs: -1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "disttrain", "launch", "fit", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "trainer.max_epochs: must be at least 1" in err
+    assert "torch.distributed" not in err and "rank" not in out
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing of its process group is left
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "launch", "print-config"])
+def test_help_lists_every_option(command):
+    out = subprocess.run(
+        [sys.executable, "-m", "disttrain", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "--config" in out.stdout and "--set" in out.stdout
+    if command == "launch":
+        for flag in ("--nproc-per-node", "--nnodes", "--rdzv-endpoint", "--max-restarts"):
+            assert flag in out.stdout
+
+
+def test_console_script_is_installed():
+    import importlib.metadata
+
+    (entry,) = [
+        e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "disttrain"
+    ]
+    assert entry.value == "disttrain.cli:main"
+
+
+def test_every_shipped_config_is_valid():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        run = runconfig.load(path)
+        assert run.launch.nproc_per_node == 2, path
+
+
+def test_resolved_config_repeats_the_run(tmp_path):
+    path = write_config(tmp_path, GOOD)
+    first = runconfig.load(path, ["trainer.max_epochs=2"])
+    again_path = tmp_path / "again.yaml"
+    again_path.write_text(runconfig.dump(first.resolved))
+    assert runconfig.load(again_path).resolved == first.resolved
+
+
+def test_data_module_needs_the_data_base_class(tmp_path, capsys):
+    text = GOOD + textwrap.dedent("""\
+        data:
+          class_path: disttrain.examples.regression.Regression
+        """)
+    assert cli.main(["fit", "--config", str(write_config(tmp_path, text))]) == 2
+    assert (
+        "data.class_path: 'disttrain.examples.regression.Regression' is not a disttrain.DataModule"
+        in capsys.readouterr().err
+    )

@@ -1,0 +1,166 @@
+"""Every shipped config end to end under a real 2-rank launch; the smoke config also alone;
+two torchrun agents as two nodes on this machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+from common import read_results
+from conftest import ROOT, WORKERS
+
+SHORT = {
+    "smoke.yaml": [],
+    "default.yaml": [
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "model.init_args.sample_chars=20",
+    ],
+    "digits.yaml": ["trainer.max_epochs=3"],
+}
+
+
+def disttrain_cmd(*args: str, timeout: float = 240, env: dict | None = None, cwd=None):
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "disttrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
+    )
+
+
+def test_every_config_has_a_test():
+    assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == sorted(SHORT)
+
+
+@pytest.mark.parametrize("name", sorted(SHORT))
+def test_config_runs_end_to_end_on_two_ranks(tmp_path, name):
+    run_dir = tmp_path / "run"
+    proc = disttrain_cmd(
+        "launch",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / name),
+        f"run_dir={run_dir}",
+        *SHORT[name],
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["run_dir"] == str(run_dir)
+    assert resolved["trainer"]["default_root_dir"] == str(run_dir)
+    assert "[rank 1]" not in proc.stderr  # only rank 0 prints
+    if name == "default.yaml":
+        assert (run_dir / "data" / "charlm-pydoc-topics.pt").exists()
+        assert "val_loss" in proc.stderr and "sample:" in proc.stderr
+    if name == "digits.yaml":
+        assert "val_acc" in proc.stderr
+
+
+def test_smoke_config_in_the_debug_mode_and_repeated_from_its_resolved_config(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = disttrain_cmd(
+        "fit", "--config", str(ROOT / "configs" / "smoke.yaml"), f"run_dir={run_dir}"
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = run_dir / "config.yaml"
+    again = disttrain_cmd("print-config", "--config", str(saved))
+    assert again.returncode == 0 and yaml.safe_load(again.stdout) == yaml.safe_load(
+        saved.read_text()
+    )
+
+
+def test_failing_worker_stops_the_job_and_its_error_is_shown(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        (ROOT / "configs" / "smoke.yaml")
+        .read_text()
+        .replace("disttrain.examples.regression.Regression", "common.FailsOnRankOne")
+    )
+    proc = disttrain_cmd("launch", "fit", "--config", str(config), f"run_dir={tmp_path / 'r'}")
+    assert proc.returncode != 0
+    assert "rank 1 failed first" in proc.stderr
+    assert "on_fit_start exploded on rank 1" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("per_node", [False, True])
+def test_two_nodes_on_one_machine(tmp_path, per_node):
+    report = tmp_path / "report"
+    report.mkdir()
+    config = tmp_path / "nodes.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "class_path": "common.RankReport",
+                    "init_args": {"report_dir": str(report), "n_samples": 64},
+                },
+                "trainer": {"max_epochs": 1, "prepare_data_per_node": per_node},
+                "run_dir": str(tmp_path / "run"),
+            }
+        )
+    )
+    endpoint = f"127.0.0.1:{_free_port()}"
+    args = [
+        "launch",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-endpoint",
+        endpoint,
+        "--rdzv-id",
+        f"nodes-{per_node}",
+        "fit",
+        "--config",
+        str(config),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "disttrain", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode == 0 for node in nodes), "\n".join(outputs)[-6000:]
+    ranks = read_results(report, 2)
+    assert sorted(r["node_rank"] for r in ranks) == [0, 1]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["local_rank"] == 0 and r["world_size"] == 2 for r in ranks)
+    assert all(r["local_world_size"] == 1 for r in ranks)
+    prepared = sorted(p.name for p in report.glob("prepared-*"))
+    if per_node:
+        assert prepared == sorted(f"prepared-rank{r['rank']}-node{r['node_rank']}" for r in ranks)
+    else:
+        assert prepared == [f"prepared-rank0-node{ranks[0]['node_rank']}"]
