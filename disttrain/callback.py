@@ -59,3 +59,16 @@ class Callback:
 
     def on_batch_end(self, trainer: Any, module: Any) -> None:
         """All ranks, at the end of a training batch."""
+
+    def on_save_checkpoint(self, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> None:
+        """All ranks, while a checkpoint is assembled; add entries to ``checkpoint``."""
+
+    def on_load_checkpoint(self, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> None:
+        """All ranks, when a run resumes from ``checkpoint``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This callback's state, saved in every checkpoint (under its class name)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned, when a run resumes."""

@@ -45,6 +45,8 @@ class TrainerConfig:
     timeout: float = 1800.0  # seconds a collective may wait before the job fails
     prepare_data_timeout: float = 7200.0  # seconds other ranks wait for prepare_data
     find_unused_parameters: bool | None = None  # None: only with several optimizers
+    enable_checkpointing: bool = True  # adds a ModelCheckpoint (every epoch) if none is given
+    resume: str | None = None  # "auto" (newest complete checkpoint), a path, or None
 
     def __post_init__(self) -> None:
         if self.precision == 32 and not isinstance(self.precision, bool):  # YAML reads 32 as int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +36,37 @@ class UnpaddedDistributedSampler(Sampler[int]):
         return len(range(self.rank, self.dataset_len, self.world_size))
 
 
+class ResumableDistributedSampler(DistributedSampler):
+    """A ``DistributedSampler`` that can start an epoch part-way, after a resume."""
+
+    skip = 0  # samples of this epoch's shard already trained
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
+    """Start ``epoch`` of ``loader`` at batch ``first_batch``: the same order, nothing repeated.
+
+    Samplers disttrain built skip without loading anything; other loaders load and drop the
+    batches already trained.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if first_batch and isinstance(sampler, ResumableDistributedSampler):
+        sampler.skip = first_batch * loader.batch_size
+        return iter(loader)
+    return itertools.islice(iter(loader), first_batch, None)
+
+
 def train_loader(
     loader: Any, rank: int, world_size: int, seed: int, device: torch.device, where: str
 ) -> Any:
@@ -43,7 +75,7 @@ def train_loader(
     if not _is_plain_loader(loader) or isinstance(sampler, DistributedSampler):
         return _checked_custom(loader, world_size, where)
     shuffle = isinstance(sampler, RandomSampler)
-    new_sampler = DistributedSampler(
+    new_sampler = ResumableDistributedSampler(
         loader.dataset,
         num_replicas=world_size,
         rank=rank,

@@ -40,6 +40,14 @@ class HookFailed(RuntimeError):
         super().__init__(f"{kind} '{hook.value}' failed on rank {ranks}:\n{detail}")
 
 
+class HookRaised(RuntimeError):
+    """A hook without a verdict raised on this rank; the launcher shows this message."""
+
+    def __init__(self, hook: Hook, rank: int, error: BaseException) -> None:
+        self.hook, self.rank = hook, rank
+        super().__init__(f"rank {rank}: hook '{hook.value}' raised {type(error).__name__}: {error}")
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -52,6 +60,7 @@ class Dispatcher:
         datamodule: DataModule | None = None,
     ) -> None:
         self.collectives = collectives
+        self.rank = env.rank
         self._stateful = [obj for obj in (datamodule, module) if obj is not None]
         self._actions = {action: _runs_on(rule.ranks, env) for action, rule in ACTION_TABLE.items()}
         self._plan: dict[Hook, tuple[Sync, bool, list[Callable[..., Any]], Callable | None]] = {}
@@ -79,15 +88,18 @@ class Dispatcher:
     def call(self, hook: Hook, *args: Any) -> Any:
         """Run ``hook`` where the table says, then its sync; return the module's result."""
         sync, runs_here, observers, target = self._plan[hook]
-        if sync is Sync.NONE:
-            for observer in observers:
-                observer(*args)
-            return target(*args) if target is not None else None
-        if sync is Sync.AGREE_STOP:
-            for observer in observers:
-                observer(*args)
-            result = target(*args)
-            return -1 if self.collectives.any_true(result == -1) else result
+        if sync is Sync.NONE or sync is Sync.AGREE_STOP:
+            try:  # costs nothing unless a hook raises
+                for observer in observers:
+                    observer(*args)
+                result = target(*args) if target is not None else None
+            except (HookFailed, HookRaised):
+                raise
+            except Exception as exc:
+                raise HookRaised(hook, self.rank, exc) from exc
+            if sync is Sync.AGREE_STOP:
+                return -1 if self.collectives.any_true(result == -1) else result
+            return result
         return self._call_with_verdict(hook, sync, runs_here, observers, target, args)
 
     def run(self, action: Action, fn: Callable[..., Any], *args: Any) -> Any:
@@ -113,6 +125,8 @@ class Dispatcher:
         if failed:
             text = "" if error is None else "".join(traceback.format_exception_only(error)).strip()
             raise HookFailed(hook, failed, self.collectives.gather_text(text, long=long)) from error
+        if sync is Sync.DECISION:
+            return self.collectives.broadcast_object(result)
         return result
 
 

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,6 +100,21 @@ class Collectives:
         """Reduce ``tensor`` in place over all ranks (``sum``, ``max`` or ``min``)."""
         return tensor
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Global zero's ``obj`` on every rank."""
+        return obj
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        return [obj]
+
+    def attach_stop_vote(self, model: torch.nn.Module) -> None:
+        """Carry stop votes in ``model``'s gradient all-reduce (no collective of their own)."""
+
+    def stop_agreed(self, local_vote: bool) -> bool:
+        """Whether any rank voted to stop in the last synchronised step (one process: its vote)."""
+        return local_vote
+
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return module
 
@@ -137,6 +153,27 @@ class ProcessGroupCollectives(Collectives):
         dist.all_reduce(tensor, op=_REDUCE_OPS[op])
         return tensor
 
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._long_control)
+        return box[0]
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._long_control)
+        return out
+
+    def attach_stop_vote(self, model: torch.nn.Module) -> None:
+        self._vote = _StopVote(self.world_size)
+        model.register_comm_hook(self._vote, _allreduce_with_stop_vote)
+
+    def stop_agreed(self, local_vote: bool) -> bool:
+        vote = getattr(self, "_vote", None)
+        if vote is None:  # no DDP model to carry it: nothing else has synchronised this step
+            return self.any_true(local_vote)
+        vote.local = local_vote  # read by the next step's last gradient bucket
+        return vote.agreed
+
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return DistributedDataParallel(
             module,
@@ -152,6 +189,39 @@ class ProcessGroupCollectives(Collectives):
             return
         for group in {self._control, self._long_control} - {dist.group.WORLD}:
             dist.destroy_process_group(group)
+
+
+class _StopVote:
+    """State of the DDP comm hook that carries one extra element: any rank's stop vote."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.local = False
+        self.agreed = False
+
+
+def _allreduce_with_stop_vote(vote, bucket):  # unannotated: DDP checks real annotation objects
+    """DDP's averaging all-reduce; the last bucket also carries this rank's stop vote.
+
+    The vote costs one element of a collective DDP runs anyway, so an agreed stop (SIGTERM,
+    early stopping, a time limit) adds no collective to a training step.
+    """
+    grads = bucket.buffer()
+    last = bucket.is_last()
+    if last:
+        flag = torch.tensor([float(vote.local)], dtype=grads.dtype, device=grads.device)
+        grads = torch.cat([grads, flag])
+    grads.div_(vote.world_size)
+    fut = dist.all_reduce(grads, async_op=True).get_future()
+
+    def unpack(fut):
+        reduced = fut.value()[0]
+        if not last:
+            return reduced
+        vote.agreed = bool(reduced[-1].item() > 0)
+        return reduced[:-1]
+
+    return fut.then(unpack)
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}

@@ -1,32 +1,56 @@
-"""Files a run writes: always whole, never half (temporary file, fsync, rename)."""
+"""Files a run writes: always whole, never half (temporary file, fsync, rename).
+
+A temporary file is named ``.NAME.XXXX.tmp`` in the target's directory, so a reader that
+looks for ``NAME`` (or ``*.ckpt``) never sees it, and a crash leaves only such a leftover.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new, never a part."""
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], None]) -> None:
+    """Call ``writer(f)`` on a temporary file, fsync it, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            writer(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    atomic_write_with(path, lambda f: f.write(text.encode()))
+
+
+def atomic_link(target: str | os.PathLike, link: str | os.PathLike) -> None:
+    """Make ``link`` name the same file as ``target`` (a hard link, or a copy), atomically."""
+    target, link = Path(target), Path(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:  # a filesystem without hard links: copy instead
+        atomic_write_with(link, lambda f: f.write(target.read_bytes()))
+        return
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a crash
+    finally:
+        os.close(fd)

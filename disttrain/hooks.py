@@ -65,6 +65,7 @@ class Sync(enum.Enum):
     NONE = "none"
     VERDICT = "verdict"
     VERDICT_LONG = "verdict (long timeout)"
+    DECISION = "verdict, then global zero's result is sent to every rank"
     AGREE_STOP = "agreement (-1 on any rank stops every rank)"
 
 
@@ -87,6 +88,8 @@ class Hook(str, enum.Enum):
     ON_TRAIN_END = "on_train_end"
     ON_FIT_END = "on_fit_end"
     TEARDOWN = "teardown"
+    ON_SAVE_CHECKPOINT = "on_save_checkpoint"
+    ON_LOAD_CHECKPOINT = "on_load_checkpoint"
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class Rule:
 # hook                              ranks            sync that follows
 HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.PREPARE_DATA:              Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT_LONG, callbacks=False, forbids_state=True),  # noqa: E501
-    Hook.SETUP:                     Rule(Ranks.ALL, Sync.VERDICT),
+    Hook.SETUP:                     Rule(Ranks.ALL, Sync.VERDICT_LONG),
     Hook.ON_FIT_START:              Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_TRAIN_START:            Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_SANITY_CHECK_START:     Rule(Ranks.ALL, Sync.NONE),
@@ -117,6 +120,8 @@ HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.ON_TRAIN_END:              Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_FIT_END:                Rule(Ranks.ALL, Sync.NONE),
     Hook.TEARDOWN:                  Rule(Ranks.ALL, Sync.VERDICT),
+    Hook.ON_SAVE_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_LOAD_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
 }  # fmt: skip
 
 
@@ -124,15 +129,21 @@ class Action(str, enum.Enum):
     """Work the trainer itself does under the same rank rules as a hook."""
 
     WRITE_RUN_FILES = "write_run_files"  # the resolved config in the run directory
+    WRITE_CHECKPOINT = "write_checkpoint"  # one file, atomically, from the gathered state
+    MANAGE_FILES = "manage_files"  # choose, clean up or delete files in the run directory
+    LOAD_CHECKPOINT = "load_checkpoint"  # every rank reads the file global zero chose
 
 
 ACTION_TABLE: Mapping[Action, Rule] = {
-    Action.WRITE_RUN_FILES: Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT, callbacks=False),
-}
+    Action.WRITE_RUN_FILES:  Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT, callbacks=False),
+    Action.WRITE_CHECKPOINT: Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT, callbacks=False),
+    Action.MANAGE_FILES:     Rule(Ranks.GLOBAL_ZERO, Sync.DECISION, callbacks=False),
+    Action.LOAD_CHECKPOINT:  Rule(Ranks.ALL, Sync.VERDICT_LONG, callbacks=False),
+}  # fmt: skip
 
 # A hook limited to some ranks is safe only if a verdict (the barrier) follows it on every rank.
 assert all(
-    rule.sync in (Sync.VERDICT, Sync.VERDICT_LONG)
+    rule.sync in (Sync.VERDICT, Sync.VERDICT_LONG, Sync.DECISION)
     for rule in [*HOOK_TABLE.values(), *ACTION_TABLE.values()]
     if rule.ranks is not Ranks.ALL
 )
@@ -268,6 +279,22 @@ class ModelHooks:
     def on_batch_end(self) -> None:
         """Runs on every rank at the end of a training batch, after the optimizer step (if
         any). May use collectives."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add your own entries to ``checkpoint`` (a dict) before it is written.
+
+        Runs on every rank whenever a checkpoint is saved (saving is collective); only global
+        rank 0's dict is written, so put there what is the same on every rank (or what rank 0
+        alone needs). Values must be tensors, numbers, strings, lists, tuples or dicts: files
+        are loaded with ``weights_only=True``. Must not call collectives.
+        """
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Read back what ``on_save_checkpoint`` added, when a run resumes.
+
+        Runs on every rank after the module's weights are restored and before training goes
+        on. Must not call collectives.
+        """
 
 
 def overridden(obj: object, name: str, base: type) -> bool:

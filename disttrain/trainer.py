@@ -8,15 +8,18 @@ follows (see ``disttrain.hooks`` for the table and the picture of the loop).
 from __future__ import annotations
 
 import contextlib
-import random
-import sys
+import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from disttrain import data, optim
+from disttrain import checkpoint, data, optim
+from disttrain.callback import Callback
+from disttrain.callbacks import ModelCheckpoint
+from disttrain.checkpoint import set_rng_state
 from disttrain.config import TrainerConfig
 from disttrain.datamodule import DataModule
 from disttrain.dispatch import Dispatcher
@@ -26,6 +29,17 @@ from disttrain.hooks import Action, Hook, hook_schedule, overridden
 from disttrain.log import configure_logging
 from disttrain.module import Module
 from disttrain.precision import autocast_factory, grad_scaler
+from disttrain.preemption import Preempted, PreemptionWatcher
+from disttrain.steps import (
+    TrainingStep,
+    detached,
+    loss_of,
+    per_batch,
+    scalar_metrics,
+    seed_everything,
+)
+
+log = logging.getLogger("disttrain.trainer")
 
 
 class Trainer:
@@ -50,15 +64,26 @@ class Trainer:
         self.env = DistEnv.from_environ()
         configure_logging(self.env.rank)
         self.device = select_device(self.config.accelerator, self.env)
+        self.callbacks: list[Callback] = list(self.config.callbacks)
+        if self.config.enable_checkpointing and not any(
+            isinstance(cb, ModelCheckpoint) for cb in self.callbacks
+        ):
+            self.callbacks.append(ModelCheckpoint())
         self.current_epoch = 0
         self.global_step = 0
         self.sanity_checking = False
+        self.should_stop = False  # set it (on any rank) to stop every rank after an agreed step
+        self.at_step_boundary = False  # during on_batch_end: did the optimizers just step?
+        self.callback_metrics: dict[str, float] = {}
         self.module: Module | None = None
         self.datamodule: DataModule | None = None
         self.optimizers: list[torch.optim.Optimizer] = []
         self.schedulers: list[optim.SchedulerEntry] = []
+        self.scaler: torch.amp.GradScaler | None = None
         self._autocast = autocast_factory(self.config.precision, self.device)
         self._collectives: Collectives = Collectives()
+        self._dispatcher: Dispatcher | None = None
+        self._next_batch, self._epoch_finished = 0, False
 
     @property
     def global_rank(self) -> int:
@@ -81,6 +106,18 @@ class Trainer:
         """``"nccl"``, ``"gloo"``, or ``"none"`` in a single process / outside a run."""
         return self._collectives.backend
 
+    @property
+    def checkpoint_callback(self) -> ModelCheckpoint | None:
+        return next((cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)), None)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go and where ``resume="auto"`` looks for them."""
+        callback = self.checkpoint_callback
+        if callback is not None:
+            return callback.directory(self)
+        return Path(self.config.default_root_dir) / "checkpoints"
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` in place across ranks and return it (a no-op in one process).
 
@@ -88,13 +125,76 @@ class Trainer:
         """
         return self._collectives.all_reduce(tensor, op)
 
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Write a checkpoint of the run as it stands (at an optimizer step) to ``path``.
+
+        Collective: call it on every rank at the same point (from a hook that runs on all
+        ranks); global rank 0 writes the file atomically, and the call returns on every rank
+        once the file is complete.
+        """
+        dispatcher = self._running("save_checkpoint")
+        progress = checkpoint.Progress(
+            self.current_epoch, self.global_step, self._next_batch, self._epoch_finished
+        )
+        state = checkpoint.gather_state(self, dispatcher.call, progress)
+        dispatcher.run(Action.WRITE_CHECKPOINT, checkpoint.write, path, state)
+        return Path(path)
+
+    def manage_files(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on global rank 0 only, the one rank that creates and deletes
+        files in the run directory; every rank returns its result. Collective."""
+        return self._running("manage_files").run(Action.MANAGE_FILES, fn, *args)
+
+    def _running(self, what: str) -> Dispatcher:
+        if self._dispatcher is None:
+            raise RuntimeError(f"Trainer.{what} can only be called while fit/validate/test runs")
+        return self._dispatcher
+
+    def _resume(self, dispatcher: Dispatcher) -> tuple[checkpoint.Progress | None, dict | None]:
+        """Restore the checkpoint ``resume`` names (``auto`` after an elastic restart)."""
+        source = self.config.resume
+        if source is None and self.env.restart_count > 0:
+            source = "auto"  # torchelastic restarted the group: go on from the last checkpoint
+        if source is None:
+            return None, None
+        if source == "auto":
+            source = dispatcher.run(
+                Action.MANAGE_FILES, checkpoint.newest_loadable, self.checkpoint_dir
+            )
+            if source is None:
+                log.info("resume=auto: no checkpoint in %s, starting fresh", self.checkpoint_dir)
+                return None, None
+        state = dispatcher.run(Action.LOAD_CHECKPOINT, checkpoint.load, source)
+        progress = checkpoint.restore(self, state, dispatcher.call)
+        log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
+        return progress, checkpoint.rng_for_rank(state, self.global_rank, self.world_size)
+
+    def _stop(self, preemption: PreemptionWatcher) -> None:
+        """An agreed stop: if any rank got SIGTERM, every rank checkpoints and raises."""
+        self.should_stop = True
+        if not self._collectives.any_true(preemption.requested):
+            return
+        callback = self.checkpoint_callback
+        if callback is not None:
+            path = callback.save(self)
+        else:
+            name = f"epoch={self.current_epoch}-step={self.global_step}{checkpoint.SUFFIX}"
+            path = self.save_checkpoint(self.checkpoint_dir / name)
+        raise Preempted(
+            f"stopped on SIGTERM after step {self.global_step}; checkpoint written to {path}. "
+            "Run the same command again to resume."
+        )
+
     def fit(self, module: Module, datamodule: DataModule | None = None) -> None:
         """Train ``module``: the lifecycle of ``spec/lifecycle.md`` on every rank.
 
-        Dataloaders come from ``datamodule`` where it defines them, else from ``module``.
+        Dataloaders come from ``datamodule`` where it defines them, else from ``module``. With
+        ``resume`` (or after an elastic restart) training goes on from a checkpoint exactly
+        where it stopped. On SIGTERM every rank stops after the same optimizer step, a
+        checkpoint is written and ``Preempted`` is raised.
         """
         cfg = self.config
-        with self._session(module, datamodule) as dispatcher:
+        with self._session(module, datamodule) as dispatcher, PreemptionWatcher() as preemption:
             call = dispatcher.call
             call(Hook.PREPARE_DATA)
             dispatcher.run(Action.WRITE_RUN_FILES, self._write_run_files)
@@ -103,12 +203,15 @@ class Trainer:
             call(Hook.ON_FIT_START)
             optimizers, schedulers = optim.normalise(module.configure_optimizers())
             self.optimizers, self.schedulers = optimizers, schedulers
+            self.scaler = scaler = grad_scaler(cfg.precision, self.device)
+            progress, saved_rng = self._resume(dispatcher)
             find_unused = cfg.find_unused_parameters
             model = self._collectives.wrap(
-                _TrainingStep(module),
+                TrainingStep(module),
                 self.device,
                 find_unused=len(optimizers) > 1 if find_unused is None else find_unused,
             )
+            self._collectives.attach_stop_vote(model)
             train_data = self._train_loader(module)
             val_data = self._eval_loader(module, "val_dataloader", "validation_step")
             n_train = data.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
@@ -120,23 +223,31 @@ class Trainer:
                 self._evaluate(call, val_data, min(n_val, cfg.num_sanity_val_steps), "validation")
                 self.sanity_checking = False
 
-            device, autocast = self.device, self._autocast
-            scaler = grad_scaler(cfg.precision, device)
+            device, autocast, collectives = self.device, self._autocast, self._collectives
             accumulate, clip = cfg.accumulate_grad_batches, cfg.gradient_clip_val
             max_steps = cfg.max_steps if cfg.max_steps is not None else float("inf")
             params = [[p for g in o.param_groups for p in g["params"]] for o in optimizers]
             step_args = [(i,) for i in range(len(optimizers))] if len(optimizers) > 1 else [()]
             keep_outputs = overridden(module, "training_epoch_end", Module)
-            set_epoch = getattr(getattr(train_data, "sampler", None), "set_epoch", None)
+            start_epoch, start_batch = progress.resume_point() if progress else (0, 0)
+            if progress and progress.epoch_finished:  # saved before that epoch's scheduler step
+                optim.step_schedulers(schedulers, "epoch", progress.epoch + 1)
             module.train()
-            for epoch in range(self.current_epoch, cfg.max_epochs):
+            for epoch in range(start_epoch, cfg.max_epochs):
                 self.current_epoch = epoch
-                if set_epoch is not None:
-                    set_epoch(epoch)
+                first = start_batch if epoch == start_epoch else 0
+                self._next_batch, self._epoch_finished = first, False
+                if saved_rng is not None and first == 0:
+                    set_rng_state(saved_rng)  # where the checkpoint was taken: after the epoch
+                    saved_rng = None
                 call(Hook.ON_EPOCH_START)
+                batches = data.epoch_batches(train_data, epoch, first)
+                if saved_rng is not None:
+                    set_rng_state(saved_rng)  # mid-epoch: after the loader drew its seed
+                    saved_rng = None
                 outputs: list[Any] = []
-                pending = False  # gradients accumulated but not yet stepped
-                for batch_idx, batch in zip(range(n_train), train_data):
+                pending = stopped = False  # gradients not yet stepped / an agreed stop
+                for batch_idx, batch in zip(range(first, n_train), batches):
                     if call(Hook.ON_BATCH_START, batch) == -1:
                         break
                     batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, device)
@@ -145,13 +256,13 @@ class Trainer:
                         for i, optimizer in enumerate(optimizers):
                             with autocast():
                                 out = model(batch, batch_idx, *step_args[i])
-                            loss = _loss_of(out)
+                            loss = loss_of(out)
                             if accumulate > 1:
                                 loss = loss / accumulate
                             call(Hook.BACKWARD, self, scaler.scale(loss), optimizer, i)
                             call(Hook.ON_AFTER_BACKWARD)
                             if keep_outputs:
-                                outputs.append(_detached(out))
+                                outputs.append(detached(out))
                     pending = not boundary
                     if boundary:
                         for optimizer, group in zip(optimizers, params):
@@ -164,18 +275,32 @@ class Trainer:
                         scaler.update()
                         self.global_step += 1
                         optim.step_schedulers(schedulers, "step", self.global_step)
+                    self.at_step_boundary, self._next_batch = boundary, batch_idx + 1
                     call(Hook.ON_BATCH_END)
-                    if self.global_step >= max_steps:
+                    if boundary and self.global_step >= max_steps:
+                        break
+                    # the vote rides on the next step's gradient all-reduce: no collective here
+                    if boundary and collectives.stop_agreed(
+                        self.should_stop or preemption.requested
+                    ):
+                        stopped = True
                         break
                 if pending:  # the epoch ended inside an accumulation window: drop its gradients
                     for optimizer in optimizers:
                         optimizer.zero_grad()
+                if stopped:
+                    self._stop(preemption)
+                    break
                 if val_data is not None and (epoch + 1) % cfg.check_val_every_n_epoch == 0:
                     self._evaluate(call, val_data, n_val, "validation")
-                module.training_epoch_end(_per_batch(outputs, len(optimizers)))
+                module.training_epoch_end(per_batch(outputs, len(optimizers)))
+                self._epoch_finished = True
                 call(Hook.ON_EPOCH_END)
+                stopped = collectives.any_true(self.should_stop or preemption.requested)
+                if stopped:  # one small collective per epoch: agreed epoch-level stops
+                    self._stop(preemption)
                 optim.step_schedulers(schedulers, "epoch", epoch + 1)
-                if self.global_step >= max_steps:
+                if stopped or self.global_step >= max_steps:
                     break
             call(Hook.ON_TRAIN_END)
             call(Hook.ON_FIT_END)
@@ -229,6 +354,7 @@ class Trainer:
                 batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, self.device)
                 outputs.append(step(batch, batch_idx))
         result = getattr(module, f"{kind}_epoch_end")(outputs)
+        self.callback_metrics.update(scalar_metrics(result))
         module.train(was_training)
         call(Hook.ON_POST_PERFORMANCE_CHECK)
         return result
@@ -271,10 +397,11 @@ class Trainer:
         try:
             module._trainer = self
             self.module, self.datamodule = module, datamodule
-            dispatcher = Dispatcher(
+            self.should_stop = False
+            self._dispatcher = dispatcher = Dispatcher(
                 hook_schedule(cfg.prepare_data_per_node),
                 module,
-                cfg.callbacks,
+                self.callbacks,
                 self,
                 self.env,
                 self._collectives,
@@ -282,53 +409,6 @@ class Trainer:
             )
             yield dispatcher
         finally:
+            self._dispatcher = None
             self._collectives.close()
             self._collectives = Collectives()
-
-
-class _TrainingStep(torch.nn.Module):
-    """Routes DDP's forward to ``training_step``, so DDP sees the step and syncs its gradients."""
-
-    def __init__(self, module: Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: Any) -> Any:
-        return self.module.training_step(*args)
-
-    def no_sync(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # one process: there is no gradient sync to skip
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, torch's (every device) and, if it is loaded, numpy's generators."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed(seed % 2**32)
-
-
-def _loss_of(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict) and "loss" in output:
-        return output["loss"]
-    raise TypeError(
-        "training_step must return a loss tensor or a dict with 'loss'; "
-        f"got {type(output).__name__}"
-    )
-
-
-def _detached(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output.detach()
-    if isinstance(output, dict):
-        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
-    return output
-
-
-def _per_batch(outputs: list[Any], n_optimizers: int) -> list[Any]:
-    if n_optimizers == 1:
-        return outputs
-    return [outputs[i : i + n_optimizers] for i in range(0, len(outputs), n_optimizers)]

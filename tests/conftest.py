@@ -62,6 +62,12 @@ def torchrun(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own directory, so default run directories never collide."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def scenario(tmp_path):
     """Run one scenario of ``workers/scenarios.py`` at a world size; returns (proc, outdir)."""

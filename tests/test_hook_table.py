@@ -18,9 +18,12 @@ def test_table_names_every_model_hook_and_nothing_else():
     assert set(HOOK_TABLE) == set(Hook)
 
 
+CALLBACK_STATE = {"state_dict", "load_state_dict"}  # what checkpoints keep; not hooks
+
+
 def test_callback_has_exactly_the_notification_hooks():
     notify = {h.value for h, rule in HOOK_TABLE.items() if rule.callbacks}
-    assert _public_methods(Callback) == notify
+    assert _public_methods(Callback) - CALLBACK_STATE == notify
     assert {h.value for h, rule in HOOK_TABLE.items() if not rule.callbacks} == {
         "prepare_data",
         "backward",
@@ -29,7 +32,7 @@ def test_callback_has_exactly_the_notification_hooks():
 
 
 def test_callback_signatures_are_the_module_signatures_plus_trainer_and_module():
-    for name in _public_methods(Callback):
+    for name in _public_methods(Callback) - CALLBACK_STATE:
         module_params = list(inspect.signature(getattr(ModelHooks, name)).parameters)[1:]
         callback_params = list(inspect.signature(getattr(Callback, name)).parameters)[1:]
         assert callback_params == ["trainer", "module", *module_params], name
@@ -58,7 +61,8 @@ def test_rank_rules():
     assert HOOK_TABLE[Hook.PREPARE_DATA].sync is Sync.VERDICT_LONG
     assert hook_schedule(prepare_data_per_node=True)[Hook.PREPARE_DATA].ranks is Ranks.LOCAL_ZERO
     assert HOOK_TABLE[Hook.ON_BATCH_START].sync is Sync.AGREE_STOP
-    assert HOOK_TABLE[Hook.SETUP].sync is HOOK_TABLE[Hook.TEARDOWN].sync is Sync.VERDICT
+    assert HOOK_TABLE[Hook.SETUP].sync is Sync.VERDICT_LONG  # start-up: a generous timeout
+    assert HOOK_TABLE[Hook.TEARDOWN].sync is Sync.VERDICT
     assert all(r.ranks is Ranks.ALL for h, r in HOOK_TABLE.items() if h is not Hook.PREPARE_DATA)
 
 

@@ -1,0 +1,229 @@
+"""Checkpoints that resume exactly: what goes in, how it is written, read and put back.
+
+A checkpoint is one file written by global rank 0 (temporary file, fsync, rename: complete
+only once its final name exists). It holds the module, optimizers, schedulers, GradScaler,
+loop progress, the RNG states of **every** rank, callback states, the resolved config and the
+versions. It is read with ``torch.load(weights_only=True)``: a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import random
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disttrain.files import atomic_write_with
+from disttrain.hooks import Hook
+
+FORMAT = "disttrain-checkpoint/1"
+SUFFIX = ".ckpt"
+log = logging.getLogger("disttrain.checkpoint")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where the loop stands when a checkpoint is taken (always at an optimizer step)."""
+
+    epoch: int
+    global_step: int
+    next_batch: int  # the first batch of ``epoch`` not yet trained
+    epoch_finished: bool  # validation and the epoch-end hooks of ``epoch`` have run
+    accumulation_position: int = 0  # micro-steps into the window: 0, saves are at boundaries
+
+    def resume_point(self) -> tuple[int, int]:
+        """(epoch, first batch) at which training goes on."""
+        return (self.epoch + 1, 0) if self.epoch_finished else (self.epoch, self.next_batch)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = sys.modules.get("numpy")
+    if "numpy" in state and numpy is not None:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+def gather_state(trainer: Any, call: Callable[..., Any], progress: Progress) -> dict[str, Any]:
+    """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state)."""
+    from disttrain import __version__
+
+    rngs = trainer._collectives.gather_object(rng_state())
+    checkpoint = {
+        "format": FORMAT,
+        "versions": {"disttrain": __version__, "torch": torch.__version__},
+        "module": trainer.module.state_dict(),
+        "optimizers": [o.state_dict() for o in trainer.optimizers],
+        "schedulers": [entry.scheduler.state_dict() for entry in trainer.schedulers],
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
+        "progress": dataclasses.asdict(progress),
+        "world_size": trainer.world_size,
+        "rng": rngs,
+        "sampler": {
+            "seed": trainer.config.seed,
+            "epoch": progress.epoch,
+            "next_batch": progress.next_batch,
+        },
+        "callbacks": {key: cb.state_dict() for key, cb in callback_keys(trainer).items()},
+        "config": _plain(trainer.resolved_config or _trainer_options(trainer)),
+    }
+    call(Hook.ON_SAVE_CHECKPOINT, checkpoint)
+    return checkpoint
+
+
+def write(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    atomic_write_with(path, lambda f: torch.save(checkpoint, f))
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a checkpoint; ``CheckpointError`` names the file and what is wrong."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain data ({reason}). "
+            "disttrain loads checkpoints with weights_only=True, so a file can never run code."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupted?): {reason}"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
+        raise CheckpointError(
+            f"{path}: not a disttrain checkpoint (format {found!r}, expected {FORMAT!r})"
+        )
+    missing = [k for k in ("module", "optimizers", "progress", "rng") if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete disttrain checkpoint: no {', '.join(missing)}")
+    return checkpoint
+
+
+def restore(trainer: Any, checkpoint: dict[str, Any], call: Callable[..., Any]) -> Progress:
+    """Put a loaded checkpoint back into the trainer, module, optimizers and callbacks."""
+    trainer.module.load_state_dict(checkpoint["module"])
+    if len(checkpoint["optimizers"]) != len(trainer.optimizers):
+        raise CheckpointError(
+            f"the checkpoint has {len(checkpoint['optimizers'])} optimizer states but "
+            f"configure_optimizers returned {len(trainer.optimizers)}"
+        )
+    for optimizer, state in zip(trainer.optimizers, checkpoint["optimizers"]):
+        optimizer.load_state_dict(state)
+    for entry, state in zip(trainer.schedulers, checkpoint.get("schedulers", [])):
+        entry.scheduler.load_state_dict(state)
+    if trainer.scaler is not None and checkpoint.get("scaler"):
+        trainer.scaler.load_state_dict(checkpoint["scaler"])
+    states = checkpoint.get("callbacks", {})
+    for key, callback in callback_keys(trainer).items():
+        if key in states:
+            callback.load_state_dict(states[key])
+    progress = Progress(**checkpoint["progress"])
+    trainer.global_step = progress.global_step
+    trainer.current_epoch = progress.epoch
+    call(Hook.ON_LOAD_CHECKPOINT, checkpoint)
+    return progress
+
+
+def rng_for_rank(checkpoint: dict[str, Any], rank: int, world_size: int) -> dict | None:
+    """This rank's saved RNG state, or None (with a warning) at another world size."""
+    if checkpoint.get("world_size") != world_size:
+        log.warning(
+            "resuming a checkpoint from world size %s at world size %s: random streams and the "
+            "data order go on differently than in an uninterrupted run",
+            checkpoint.get("world_size"),
+            world_size,
+        )
+        return None
+    return checkpoint["rng"][rank]
+
+
+def newest_loadable(directory: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint in ``directory`` that loads; leftovers are removed.
+
+    Files that fail to load are skipped with a warning naming them; temporary files of
+    interrupted writes (never complete: they were not renamed) are deleted.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    for leftover in directory.glob(".*.tmp"):
+        log.warning(
+            "removing %s: the leftover of a checkpoint write that never completed", leftover
+        )
+        leftover.unlink(missing_ok=True)
+    candidates = sorted(
+        directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime_ns, reverse=True
+    )
+    for path in candidates:
+        try:
+            load(path)
+        except CheckpointError as err:
+            log.warning("skipping %s", err)
+            continue
+        return str(path)
+    return None
+
+
+def callback_keys(trainer: Any) -> dict[str, Any]:
+    """Each callback under a stable key: its class name, numbered if it repeats."""
+    keys: dict[str, Any] = {}
+    for callback in trainer.config.callbacks:
+        name = type(callback).__qualname__
+        key, n = name, 1
+        while key in keys:
+            n += 1
+            key = f"{name}#{n}"
+        keys[key] = callback
+    return keys
+
+
+def _trainer_options(trainer: Any) -> dict[str, Any]:
+    options = dataclasses.asdict(dataclasses.replace(trainer.config, callbacks=[]))
+    options["callbacks"] = [type(cb).__qualname__ for cb in trainer.config.callbacks]
+    return {"trainer": options}
+
+
+def _plain(value: Any) -> Any:
+    """The config as plain data that ``weights_only`` loading accepts."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
