@@ -54,7 +54,7 @@ class ModelCheckpoint(Callback):
         self.monitor, self.mode, self.save_top_k = monitor, mode, save_top_k
         self.saved: list[str] = []  # file names, oldest first
         self.best: list[tuple[float, str]] = []  # (score, file name), best first
-        self._last_step = -1
+        self.last_saved_step = -1
 
     def directory(self, trainer: Any) -> Path:
         return Path(self.dirpath or Path(trainer.config.default_root_dir) / "checkpoints")
@@ -62,7 +62,7 @@ class ModelCheckpoint(Callback):
     def on_batch_end(self, trainer: Any, module: Any) -> None:
         n = self.every_n_steps
         step = trainer.global_step
-        if n and step % n == 0 and step != self._last_step and trainer.at_step_boundary:
+        if n and step % n == 0 and step != self.last_saved_step and trainer.at_step_boundary:
             self.save(trainer)
 
     def on_epoch_end(self, trainer: Any, module: Any) -> None:
@@ -73,7 +73,7 @@ class ModelCheckpoint(Callback):
     def save(self, trainer: Any) -> Path:
         """Save now (collective: call it on every rank at the same point)."""
         score = self._monitored(trainer) if self.monitor else None
-        self._last_step = trainer.global_step
+        self.last_saved_step = trainer.global_step
         name = f"epoch={trainer.current_epoch}-step={trainer.global_step}{SUFFIX}"
         path = self.directory(trainer) / name
         trainer.save_checkpoint(path)

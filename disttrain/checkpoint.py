@@ -77,7 +77,7 @@ def gather_state(trainer: Any, call: Callable[..., Any], progress: Progress) -> 
     rngs = trainer._collectives.gather_object(rng_state())
     checkpoint = {
         "format": FORMAT,
-        "versions": {"disttrain": __version__, "torch": torch.__version__},
+        "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
         "module": trainer.module.state_dict(),
         "optimizers": [o.state_dict() for o in trainer.optimizers],
         "schedulers": [entry.scheduler.state_dict() for entry in trainer.schedulers],
@@ -109,7 +109,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        found = [line for line in lines if "Unsupported" in line or "GLOBAL" in line]
+        reason = (found or lines or ["unpickling refused"])[0]
+        reason = reason.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
         raise CheckpointError(
             f"{path}: refused: it holds objects other than tensors and plain data ({reason}). "
             "disttrain loads checkpoints with weights_only=True, so a file can never run code."

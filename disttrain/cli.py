@@ -98,18 +98,24 @@ def _run_stage(stage: str, config: str, overrides: list[str]) -> int:
     run = runconfig.load(config, overrides)  # every rank validates before touching anything
 
     @record
-    def worker() -> None:
-        from disttrain.trainer import Trainer, seed_everything
+    def worker() -> int:
+        from disttrain.preemption import Preempted
+        from disttrain.steps import seed_everything
+        from disttrain.trainer import Trainer
 
         if run.seed is not None:
             seed_everything(run.seed)  # before the model is built: same initial weights
         trainer = Trainer(runconfig.build_callbacks(run), resolved_config=run.resolved)
         module = run.model.build()
         datamodule = run.data.build() if run.data else None
-        getattr(trainer, stage)(module, datamodule=datamodule)
+        try:
+            getattr(trainer, stage)(module, datamodule=datamodule)
+        except Preempted as stop:
+            print(f"disttrain: rank {trainer.global_rank}: {stop}", file=sys.stderr, flush=True)
+            return stop.exit_code
+        return 0
 
-    worker()
-    return 0
+    return worker()
 
 
 def _launch(args: argparse.Namespace) -> int:

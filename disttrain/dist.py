@@ -294,16 +294,25 @@ def launch_workers(torchrun_argv: list[str]) -> int:
     """
     import sys
 
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from disttrain.preemption import EXIT_PREEMPTED
+
     try:
         run(parse_args(torchrun_argv))
+    except SignalException as err:  # the agent passed the signal on and waited for the workers
+        print(
+            f"disttrain: launcher got {err.sigval.name}; workers checkpointed and stopped",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         print(err.format_msg(), file=sys.stderr, flush=True)
         print(
             f"disttrain: rank {rank} failed first (exit code {failure.exitcode})", file=sys.stderr
         )
-        return failure.exitcode if failure.exitcode > 0 else 1
+        return failure.exitcode if failure.exitcode > 0 else 1  # killed by a signal: 1
     return 0

@@ -169,6 +169,12 @@ class Trainer:
         log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
         return progress, checkpoint.rng_for_rank(state, self.global_rank, self.world_size)
 
+    def _save_last(self) -> None:
+        """The automatic last checkpoint: the state fit ends with, unless just saved."""
+        callback = self.checkpoint_callback
+        if callback is not None and callback.last_saved_step != self.global_step:
+            callback.save(self)
+
     def _stop(self, preemption: PreemptionWatcher) -> None:
         """An agreed stop: if any rank got SIGTERM, every rank checkpoints and raises."""
         self.should_stop = True
@@ -246,7 +252,7 @@ class Trainer:
                     set_rng_state(saved_rng)  # mid-epoch: after the loader drew its seed
                     saved_rng = None
                 outputs: list[Any] = []
-                pending = stopped = False  # gradients not yet stepped / an agreed stop
+                pending, leave = False, None  # gradients not yet stepped; why we leave early
                 for batch_idx, batch in zip(range(first, n_train), batches):
                     if call(Hook.ON_BATCH_START, batch) == -1:
                         break
@@ -277,31 +283,34 @@ class Trainer:
                         optim.step_schedulers(schedulers, "step", self.global_step)
                     self.at_step_boundary, self._next_batch = boundary, batch_idx + 1
                     call(Hook.ON_BATCH_END)
-                    if boundary and self.global_step >= max_steps:
+                    if not boundary:
+                        continue
+                    if self.global_step >= max_steps and batch_idx + 1 < n_train:
+                        leave = "max_steps"  # mid-epoch: the epoch is not finished
                         break
                     # the vote rides on the next step's gradient all-reduce: no collective here
-                    if boundary and collectives.stop_agreed(
-                        self.should_stop or preemption.requested
-                    ):
-                        stopped = True
+                    if collectives.stop_agreed(self.should_stop or preemption.requested):
+                        leave = "agreed stop"
                         break
                 if pending:  # the epoch ended inside an accumulation window: drop its gradients
                     for optimizer in optimizers:
                         optimizer.zero_grad()
-                if stopped:
+                if leave == "agreed stop":
                     self._stop(preemption)
+                if leave:
                     break
                 if val_data is not None and (epoch + 1) % cfg.check_val_every_n_epoch == 0:
                     self._evaluate(call, val_data, n_val, "validation")
                 module.training_epoch_end(per_batch(outputs, len(optimizers)))
                 self._epoch_finished = True
                 call(Hook.ON_EPOCH_END)
-                stopped = collectives.any_true(self.should_stop or preemption.requested)
-                if stopped:  # one small collective per epoch: agreed epoch-level stops
+                stop = collectives.any_true(self.should_stop or preemption.requested)
+                if stop:  # one small collective per epoch: agreed epoch-level stops
                     self._stop(preemption)
                 optim.step_schedulers(schedulers, "epoch", epoch + 1)
-                if stopped or self.global_step >= max_steps:
+                if stop or self.global_step >= max_steps:
                     break
+            self._save_last()
             call(Hook.ON_TRAIN_END)
             call(Hook.ON_FIT_END)
             call(Hook.TEARDOWN, "fit")

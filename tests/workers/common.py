@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import torch
@@ -187,3 +189,49 @@ class FailsOnRankOne(disttrain.examples.regression.Regression):
     def on_fit_start(self) -> None:
         if self.global_rank == 1:
             raise RuntimeError("on_fit_start exploded on rank 1")
+
+
+class Resumable(Regressor):
+    """Uses every piece of state a resume must restore: dropout (RNG), shuffling (sampler),
+    momentum (optimizer state) and a step-wise LR schedule (scheduler state)."""
+
+    def __init__(self, **kw):
+        kw.setdefault("n_train", 24)
+        kw.setdefault("shuffle", True)
+        super().__init__(**kw)
+        self.net.insert(1, torch.nn.Dropout(0.3))
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+class FaultyJob(Resumable):
+    """A job for the fault tests, driven by init args: where to write what it did, when to
+    kill or SIGTERM itself (once, on one rank), when to raise."""
+
+    def __init__(self, report_dir: str, signal_at: int = -1, signal_rank: int = 1,
+                 signal_name: str = "", raise_at: int = -1, n_train: int = 24) -> None:
+        super().__init__(n_train=n_train)
+        self.report_dir, self.signal_at, self.signal_rank = report_dir, signal_at, signal_rank
+        self.signal_name, self.raise_at = signal_name, raise_at
+
+    def on_train_start(self) -> None:
+        env = self.trainer.env
+        marker = Path(self.report_dir, f"start-rank{env.rank}-attempt{env.restart_count}")
+        marker.write_text(repr(time.time()))
+
+    def on_batch_end(self) -> None:
+        rank, step = self.global_rank, self.global_step
+        if step == self.raise_at and rank == 1:
+            raise ValueError(f"broken batch at step {step}")
+        once = Path(self.report_dir, "signalled")
+        if step == self.signal_at and rank == self.signal_rank and not once.exists():
+            once.write_text(repr(time.time()))
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+    def on_fit_end(self) -> None:
+        if self.global_rank == 0:
+            torch.save({k: v.clone() for k, v in self.state_dict().items()},
+                       Path(self.report_dir, "final.pt"))

@@ -5,13 +5,15 @@ Each writes what its rank saw to ``OUTDIR/rank{r}.json`` for the test to compare
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import torch
-from common import Recorder, RecordingCallback, Regressor, write_result
+from common import Recorder, RecordingCallback, Regressor, Resumable, write_result
 
 import disttrain
-from disttrain import HookFailed, Trainer
+from disttrain import HookFailed, Trainer, checkpoint
 
 
 def golden(outdir):
@@ -183,6 +185,38 @@ def gpu(outdir):
     )
     trainer.fit(OnGpu())
     write_result(outdir, trainer.global_rank, {**seen, "backend": backend["name"]})
+
+
+def _train(run_dir, **options):
+    disttrain.seed_everything(0)
+    module = Resumable()
+    trainer = Trainer(default_root_dir=str(run_dir), num_sanity_val_steps=1, seed=5, **options)
+    trainer.fit(module)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def resume_runs(root, world_size):
+    """Stop after step k, resume with resume="auto", compare with an uninterrupted run."""
+    root = Path(root)
+    per_epoch = 24 // (2 * world_size)
+    full = _train(root / "full", max_epochs=3)
+    results = {}
+    for name, stop_after in {"mid_epoch": per_epoch + 2, "epoch_boundary": per_epoch}.items():
+        run_dir = root / name
+        _train(run_dir, max_epochs=3, max_steps=stop_after)
+        newest = checkpoint.newest_loadable(run_dir / "checkpoints")
+        progress = checkpoint.load(newest)["progress"]
+        resumed = _train(run_dir, max_epochs=3, resume="auto")
+        results[name] = {
+            "bitwise": all(torch.equal(full[k], resumed[k]) for k in full),
+            "progress": progress,
+        }
+    return results
+
+
+def resume_bitwise(outdir):
+    results = resume_runs(Path(outdir) / "runs", int(os.environ["WORLD_SIZE"]))
+    write_result(outdir, int(os.environ["RANK"]), results)
 
 
 if __name__ == "__main__":
