@@ -110,9 +110,13 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        found = [line for line in lines if "Unsupported" in line or "GLOBAL" in line]
-        reason = (found or lines or ["unpickling refused"])[0]
-        reason = reason.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
+        found = [line for line in lines if "GLOBAL" in line]  # a class or function it refused
+        if not found:  # not an object it refused: bytes that are no pickle at all
+            reason = lines[-1] if lines else "unpickling failed"
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (truncated or corrupted?): {reason}"
+            ) from None
+        reason = found[0].removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
         raise CheckpointError(
             f"{path}: refused: it holds objects other than tensors and plain data ({reason}). "
             "disttrain loads checkpoints with weights_only=True, so a file can never run code."

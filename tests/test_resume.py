@@ -1,4 +1,4 @@
-"""Exact resume: a run stopped after step k and resumed ends bitwise equal to an uninterrupted one."""
+"""Exact resume: a run stopped after step k and resumed ends bitwise equal to an unbroken run."""
 
 from __future__ import annotations
 

@@ -211,8 +211,15 @@ class FaultyJob(Resumable):
     """A job for the fault tests, driven by init args: where to write what it did, when to
     kill or SIGTERM itself (once, on one rank), when to raise."""
 
-    def __init__(self, report_dir: str, signal_at: int = -1, signal_rank: int = 1,
-                 signal_name: str = "", raise_at: int = -1, n_train: int = 24) -> None:
+    def __init__(
+        self,
+        report_dir: str,
+        signal_at: int = -1,
+        signal_rank: int = 1,
+        signal_name: str = "",
+        raise_at: int = -1,
+        n_train: int = 24,
+    ) -> None:
         super().__init__(n_train=n_train)
         self.report_dir, self.signal_at, self.signal_rank = report_dir, signal_at, signal_rank
         self.signal_name, self.raise_at = signal_name, raise_at
@@ -233,5 +240,43 @@ class FaultyJob(Resumable):
 
     def on_fit_end(self) -> None:
         if self.global_rank == 0:
-            torch.save({k: v.clone() for k, v in self.state_dict().items()},
-                       Path(self.report_dir, "final.pt"))
+            torch.save(
+                {k: v.clone() for k, v in self.state_dict().items()},
+                Path(self.report_dir, "final.pt"),
+            )
+
+
+class TornWrite(FaultyJob):
+    """Global rank 0 dies (SIGKILL) half-way through writing its second checkpoint."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.global_rank != 0:
+            return
+        import io
+
+        real_save, saves = torch.save, []
+
+        def torn(obj, f, *args, **kwargs):
+            if not isinstance(f, io.BufferedWriter):  # torch.save also pickles into buffers
+                return real_save(obj, f, *args, **kwargs)
+            saves.append(1)
+            if len(saves) == 2:
+                buffer = io.BytesIO()
+                real_save(obj, buffer)
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = torn
+
+
+class SplitOpinion(Regressor):
+    """Validation loss improves on rank 0 but worsens on rank 1 from the second epoch."""
+
+    def validation_epoch_end(self, outputs):
+        epoch = self.current_epoch
+        value = 1.0 / (epoch + 1) if self.global_rank == 0 else (1.0 if epoch == 0 else 2.0)
+        return {"val_loss": value}

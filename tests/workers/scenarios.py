@@ -219,6 +219,26 @@ def resume_bitwise(outdir):
     write_result(outdir, int(os.environ["RANK"]), results)
 
 
+def early_stop_one_rank(outdir):
+    from common import SplitOpinion
+
+    module = SplitOpinion(n_train=16)
+    stopper = disttrain.EarlyStopping(monitor="val_loss", patience=1)
+    trainer = Trainer(
+        max_epochs=6, num_sanity_val_steps=0, callbacks=[stopper], enable_checkpointing=False
+    )
+    trainer.fit(module)
+    write_result(
+        outdir,
+        trainer.global_rank,
+        {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "stopped_epoch": stopper.stopped_epoch,
+        },
+    )
+
+
 if __name__ == "__main__":
     name, outdir = sys.argv[1], sys.argv[2]
     globals()[name](outdir)
