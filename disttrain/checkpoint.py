@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from disttrain.files import atomic_write_with
-from disttrain.hooks import Hook
+from disttrain.hooks import Action, Hook
 
 FORMAT = "disttrain-checkpoint/1"
 SUFFIX = ".ckpt"
@@ -160,6 +160,25 @@ def restore(trainer: Any, checkpoint: dict[str, Any], call: Callable[..., Any]) 
     trainer.current_epoch = progress.epoch
     call(Hook.ON_LOAD_CHECKPOINT, checkpoint)
     return progress
+
+
+def resume(trainer: Any, dispatcher: Any) -> tuple[Progress | None, dict | None]:
+    """Restore the checkpoint ``trainer.config.resume`` names; ``auto`` after an elastic
+    restart. Returns the progress to go on from and this rank's RNG state to put back."""
+    source = trainer.config.resume
+    if source is None and trainer.env.restart_count > 0:
+        source = "auto"  # torchelastic restarted the group: go on from the last checkpoint
+    if source is None:
+        return None, None
+    if source == "auto":
+        source = dispatcher.run(Action.MANAGE_FILES, newest_loadable, trainer.checkpoint_dir)
+        if source is None:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", trainer.checkpoint_dir)
+            return None, None
+    state = dispatcher.run(Action.LOAD_CHECKPOINT, load, source)
+    progress = restore(trainer, state, dispatcher.call)
+    log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
+    return progress, rng_for_rank(state, trainer.global_rank, trainer.world_size)
 
 
 def rng_for_rank(checkpoint: dict[str, Any], rank: int, world_size: int) -> dict | None:

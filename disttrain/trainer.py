@@ -150,25 +150,6 @@ class Trainer:
             raise RuntimeError(f"Trainer.{what} can only be called while fit/validate/test runs")
         return self._dispatcher
 
-    def _resume(self, dispatcher: Dispatcher) -> tuple[checkpoint.Progress | None, dict | None]:
-        """Restore the checkpoint ``resume`` names (``auto`` after an elastic restart)."""
-        source = self.config.resume
-        if source is None and self.env.restart_count > 0:
-            source = "auto"  # torchelastic restarted the group: go on from the last checkpoint
-        if source is None:
-            return None, None
-        if source == "auto":
-            source = dispatcher.run(
-                Action.MANAGE_FILES, checkpoint.newest_loadable, self.checkpoint_dir
-            )
-            if source is None:
-                log.info("resume=auto: no checkpoint in %s, starting fresh", self.checkpoint_dir)
-                return None, None
-        state = dispatcher.run(Action.LOAD_CHECKPOINT, checkpoint.load, source)
-        progress = checkpoint.restore(self, state, dispatcher.call)
-        log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
-        return progress, checkpoint.rng_for_rank(state, self.global_rank, self.world_size)
-
     def _save_last(self) -> None:
         """The automatic last checkpoint: the state fit ends with, unless just saved."""
         callback = self.checkpoint_callback
@@ -210,7 +191,7 @@ class Trainer:
             optimizers, schedulers = optim.normalise(module.configure_optimizers())
             self.optimizers, self.schedulers = optimizers, schedulers
             self.scaler = scaler = grad_scaler(cfg.precision, self.device)
-            progress, saved_rng = self._resume(dispatcher)
+            progress, saved_rng = checkpoint.resume(self, dispatcher)
             find_unused = cfg.find_unused_parameters
             model = self._collectives.wrap(
                 TrainingStep(module),
