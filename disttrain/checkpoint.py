@@ -91,7 +91,7 @@ def gather_state(trainer: Any, call: Callable[..., Any], progress: Progress) -> 
             "next_batch": progress.next_batch,
         },
         "callbacks": {key: cb.state_dict() for key, cb in callback_keys(trainer).items()},
-        "config": _plain(trainer.resolved_config or _trainer_options(trainer)),
+        "config": plain_config(trainer),
     }
     call(Hook.ON_SAVE_CHECKPOINT, checkpoint)
     return checkpoint
@@ -224,7 +224,7 @@ def newest_loadable(directory: str | os.PathLike) -> str | None:
 def callback_keys(trainer: Any) -> dict[str, Any]:
     """Each callback under a stable key: its class name, numbered if it repeats."""
     keys: dict[str, Any] = {}
-    for callback in trainer.config.callbacks:
+    for callback in trainer.callbacks:
         name = type(callback).__qualname__
         key, n = name, 1
         while key in keys:
@@ -234,10 +234,13 @@ def callback_keys(trainer: Any) -> dict[str, Any]:
     return keys
 
 
-def _trainer_options(trainer: Any) -> dict[str, Any]:
+def plain_config(trainer: Any) -> dict[str, Any]:
+    """The run's config as plain data: the resolved YAML config, or the trainer's options."""
+    if trainer.resolved_config is not None:
+        return _plain(trainer.resolved_config)
     options = dataclasses.asdict(dataclasses.replace(trainer.config, callbacks=[]))
     options["callbacks"] = [type(cb).__qualname__ for cb in trainer.config.callbacks]
-    return {"trainer": options}
+    return _plain({"trainer": options})
 
 
 def _plain(value: Any) -> Any:

@@ -47,6 +47,10 @@ class TrainerConfig:
     find_unused_parameters: bool | None = None  # None: only with several optimizers
     enable_checkpointing: bool = True  # adds a ModelCheckpoint (every epoch) if none is given
     resume: str | None = None  # "auto" (newest complete checkpoint), a path, or None
+    logger: Literal["csv", "tensorboard"] | None = "csv"  # written by global rank 0 only
+    log_every_n_steps: int = 50  # step metrics to the logger, progress lines
+    sync_step_metrics: bool = False  # reduce step metrics over ranks (one collective/interval)
+    enable_progress_bar: bool = True  # tqdm on a terminal, log lines otherwise; rank 0 only
 
     def __post_init__(self) -> None:
         if self.precision == 32 and not isinstance(self.precision, bool):  # YAML reads 32 as int
@@ -54,7 +58,12 @@ class TrainerConfig:
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             check_type(field.name, getattr(self, field.name), hints[field.name])
-        for name in ("max_epochs", "check_val_every_n_epoch", "accumulate_grad_batches"):
+        for name in (
+            "max_epochs",
+            "check_val_every_n_epoch",
+            "accumulate_grad_batches",
+            "log_every_n_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("num_sanity_val_steps", "max_steps"):

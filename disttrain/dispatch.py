@@ -65,6 +65,8 @@ class Dispatcher:
         self._actions = {action: _runs_on(rule.ranks, env) for action, rule in ACTION_TABLE.items()}
         self._plan: dict[Hook, tuple[Sync, bool, list[Callable[..., Any]], Callable | None]] = {}
         self._forbids_state = {hook for hook, rule in table.items() if rule.forbids_state}
+        self._limited = {hook for hook, rule in table.items() if rule.ranks is not Ranks.ALL}
+        self.trainer = trainer
         warn_deprecated_overrides(module, ModelHooks)
         for callback in callbacks:
             warn_deprecated_overrides(callback, Callback)
@@ -111,6 +113,8 @@ class Dispatcher:
         long = sync is Sync.VERDICT_LONG
         result, error = None, None
         if runs_here:
+            if hook in self._limited:
+                self.trainer.running_limited_hook = hook.value
             try:
                 checked = self._stateful if hook in self._forbids_state else []
                 before = [_state_of(obj) for obj in checked]
@@ -121,6 +125,8 @@ class Dispatcher:
                     _forbid_new_state(obj, state, _state_of(obj))
             except Exception as exc:
                 error = exc
+            finally:
+                self.trainer.running_limited_hook = None
         failed = self.collectives.verdict(error is not None, long=long)
         if failed:
             text = "" if error is None else "".join(traceback.format_exception_only(error)).strip()

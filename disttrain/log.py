@@ -20,7 +20,12 @@ class _RankFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = self.rank
-        return self.all_ranks or self.rank == 0
+        return self.all_ranks or writes_run_output(self.rank)
+
+
+def writes_run_output(rank: int) -> bool:
+    """Whether this rank writes what a person reads: log files, the progress bar."""
+    return rank == 0
 
 
 def configure_logging(rank: int) -> None:

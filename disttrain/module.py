@@ -76,6 +76,60 @@ class Module(ModelHooks, torch.nn.Module):
         """The test ``DataLoader`` (optional); it is sharded without padding."""
         return None
 
+    # -- metrics -------------------------------------------------------------------------------
+    def log(
+        self,
+        name: str,
+        value: Any,
+        *,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        reduce: str = "mean",
+        batch_size: int | None = None,
+        prog_bar: bool = False,
+    ) -> None:
+        """Record a metric; the trainer reduces it across ranks at fixed points.
+
+        Call it from any hook or step method that runs on every rank. ``on_step`` (default in
+        training) sends this step's value (global rank 0's) to the logger every
+        ``log_every_n_steps``; ``on_epoch`` (default in validation/test) accumulates the
+        epoch's value, reduced over all ranks with ``reduce`` (``mean`` weighted by
+        ``batch_size``, by default the batch's length; ``sum``, ``max``, ``min``) in one
+        collective at the end of the loop. Reduced values appear in
+        ``trainer.callback_metrics`` and the logger. Logging is local: it costs no collective.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            raise RuntimeError(f"log('{name}'): the module is not attached to a running Trainer")
+        if trainer.running_limited_hook is not None:
+            raise RuntimeError(
+                f"log('{name}') called in {trainer.running_limited_hook}, which runs on some "
+                "ranks only: the reduction needs every rank, so log from a hook that runs on all "
+                "ranks (e.g. setup) instead"
+            )
+        if trainer.sanity_checking:
+            return
+        trainer.reporter.record(
+            name,
+            value,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            reduce=reduce,
+            batch_size=batch_size,
+            prog_bar=prog_bar,
+        )
+
+    def log_dict(self, metrics: dict[str, Any], **options: Any) -> None:
+        """``log`` each entry of ``metrics`` with the same options."""
+        for name, value in metrics.items():
+            self.log(name, value, **options)
+
+    @property
+    def logger(self) -> Any:
+        """The trainer's logger; ``logger.experiment`` is its writer (the ``SummaryWriter`` for
+        TensorBoard). On ranks other than global 0 it accepts every call and does nothing."""
+        return self._trainer.logger if self._trainer is not None else None
+
     # -- what the module may read -----------------------------------------------------------
     @property
     def trainer(self) -> Trainer | None:

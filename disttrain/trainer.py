@@ -26,10 +26,13 @@ from disttrain.dispatch import Dispatcher
 from disttrain.dist import Collectives, DistEnv, connect, select_device
 from disttrain.files import atomic_write_text
 from disttrain.hooks import Action, Hook, hook_schedule, overridden
-from disttrain.log import configure_logging
+from disttrain.log import configure_logging, writes_run_output
+from disttrain.loggers import Logger, make_logger
+from disttrain.metrics import Reporter
 from disttrain.module import Module
 from disttrain.precision import autocast_factory, grad_scaler
 from disttrain.preemption import Preempted, PreemptionWatcher
+from disttrain.progress import ProgressBar
 from disttrain.steps import (
     TrainingStep,
     detached,
@@ -64,17 +67,23 @@ class Trainer:
         self.env = DistEnv.from_environ()
         configure_logging(self.env.rank)
         self.device = select_device(self.config.accelerator, self.env)
-        self.callbacks: list[Callback] = list(self.config.callbacks)
-        if self.config.enable_checkpointing and not any(
-            isinstance(cb, ModelCheckpoint) for cb in self.callbacks
+        cfg = self.config
+        self.callbacks: list[Callback] = list(cfg.callbacks)
+        if cfg.enable_checkpointing and not any(
+            isinstance(c, ModelCheckpoint) for c in self.callbacks
         ):
             self.callbacks.append(ModelCheckpoint())
+        if cfg.enable_progress_bar and writes_run_output(self.env.rank):
+            self.callbacks.append(ProgressBar(cfg.log_every_n_steps))
+        logger = make_logger(cfg.logger, cfg.default_root_dir, self.env.rank)
+        self.reporter = Reporter(logger, cfg.log_every_n_steps, cfg.sync_step_metrics)
+        self.running_limited_hook: str | None = None  # set by the dispatcher: log() refuses
         self.current_epoch = 0
         self.global_step = 0
         self.sanity_checking = False
         self.should_stop = False  # set it (on any rank) to stop every rank after an agreed step
         self.at_step_boundary = False  # during on_batch_end: did the optimizers just step?
-        self.callback_metrics: dict[str, float] = {}
+        self.num_training_batches: int | float = 0
         self.module: Module | None = None
         self.datamodule: DataModule | None = None
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -105,6 +114,23 @@ class Trainer:
     def backend(self) -> str:
         """``"nccl"``, ``"gloo"``, or ``"none"`` in a single process / outside a run."""
         return self._collectives.backend
+
+    @property
+    def logger(self) -> Logger:
+        """The run's logger (``NullLogger`` on ranks that write nothing)."""
+        return self.reporter.logger
+
+    @property
+    def callback_metrics(self) -> dict[str, float]:
+        """Reduced metrics: what callbacks (checkpoint monitor, early stopping) decide on."""
+        return self.reporter.callback_metrics
+
+    @property
+    def logged_metrics(self) -> dict[str, float]:
+        return self.reporter.logged_metrics
+
+    def progress_bar_metrics(self) -> dict[str, float]:
+        return self.reporter.progress_bar_metrics()
 
     @property
     def checkpoint_callback(self) -> ModelCheckpoint | None:
@@ -185,6 +211,7 @@ class Trainer:
             call = dispatcher.call
             call(Hook.PREPARE_DATA)
             dispatcher.run(Action.WRITE_RUN_FILES, self._write_run_files)
+            self.logger.log_hyperparams(self._hyperparams())
             call(Hook.SETUP, "fit")
             module.to(self.device)
             call(Hook.ON_FIT_START)
@@ -203,6 +230,7 @@ class Trainer:
             val_data = self._eval_loader(module, "val_dataloader", "validation_step")
             n_train = data.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
             n_val = data.limit_batches(val_data, cfg.limit_val_batches, "limit_val_batches")
+            self.num_training_batches = n_train
             call(Hook.ON_TRAIN_START)
             call(Hook.ON_SANITY_CHECK_START)
             if val_data is not None and cfg.num_sanity_val_steps > 0:
@@ -211,6 +239,7 @@ class Trainer:
                 self.sanity_checking = False
 
             device, autocast, collectives = self.device, self._autocast, self._collectives
+            reporter = self.reporter
             accumulate, clip = cfg.accumulate_grad_batches, cfg.gradient_clip_val
             max_steps = cfg.max_steps if cfg.max_steps is not None else float("inf")
             params = [[p for g in o.param_groups for p in g["params"]] for o in optimizers]
@@ -237,7 +266,7 @@ class Trainer:
                 for batch_idx, batch in zip(range(first, n_train), batches):
                     if call(Hook.ON_BATCH_START, batch) == -1:
                         break
-                    batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, device)
+                    batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, device)
                     boundary = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == n_train
                     with contextlib.nullcontext() if boundary else model.no_sync():
                         for i, optimizer in enumerate(optimizers):
@@ -262,6 +291,7 @@ class Trainer:
                         scaler.update()
                         self.global_step += 1
                         optim.step_schedulers(schedulers, "step", self.global_step)
+                        reporter.after_step(collectives, self.global_step)
                     self.at_step_boundary, self._next_batch = boundary, batch_idx + 1
                     call(Hook.ON_BATCH_END)
                     if not boundary:
@@ -285,14 +315,17 @@ class Trainer:
                 module.training_epoch_end(per_batch(outputs, len(optimizers)))
                 self._epoch_finished = True
                 call(Hook.ON_EPOCH_END)
-                stop = collectives.any_true(self.should_stop or preemption.requested)
-                if stop:  # one small collective per epoch: agreed epoch-level stops
+                # one collective per epoch: the epoch's metrics and every rank's stop vote
+                vote = self.should_stop or preemption.requested
+                stop = reporter.end_epoch(collectives, self.global_step, epoch, vote)
+                if stop:
                     self._stop(preemption)
                 optim.step_schedulers(schedulers, "epoch", epoch + 1)
                 if stop or self.global_step >= max_steps:
                     break
             self._save_last()
             call(Hook.ON_TRAIN_END)
+            self.logger.finalize()
             call(Hook.ON_FIT_END)
             call(Hook.TEARDOWN, "fit")
 
@@ -328,6 +361,7 @@ class Trainer:
                 )
             option = "limit_test_batches" if kind == "test" else "limit_val_batches"
             result = self._evaluate(call, loader, data.limit_batches(loader, limit, option), kind)
+            self.logger.finalize()
             call(Hook.TEARDOWN, stage)
         return result
 
@@ -339,12 +373,19 @@ class Trainer:
         was_training = module.training
         module.eval()
         outputs = []
+        reporter = self.reporter
+        reporter.evaluating = True
         with torch.no_grad(), self._autocast():
             for batch_idx, batch in zip(range(limit), loader):
-                batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, self.device)
+                batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, self.device)
                 outputs.append(step(batch, batch_idx))
         result = getattr(module, f"{kind}_epoch_end")(outputs)
-        self.callback_metrics.update(scalar_metrics(result))
+        reporter.evaluating = False
+        if self.sanity_checking:
+            reporter.skip_evaluation()
+        else:  # one collective: every epoch value of this loop, reduced exactly
+            reporter.end_evaluation(self._collectives, self.global_step)
+            self.callback_metrics.update(scalar_metrics(result))
         module.train(was_training)
         call(Hook.ON_POST_PERFORMANCE_CHECK)
         return result
@@ -369,6 +410,11 @@ class Trainer:
         where = f"{type(source).__name__}.{loader_name}()"
         loader = getattr(source, loader_name)()
         return data.eval_loader(loader, self.env.rank, self.env.world_size, self.device, where)
+
+    def _hyperparams(self) -> dict[str, Any]:
+        if self.resolved_config is not None:
+            return dict(self.resolved_config)
+        return checkpoint.plain_config(self)
 
     def _write_run_files(self) -> None:
         if self.resolved_config is not None:

@@ -1,0 +1,208 @@
+"""``Module.log`` records locally; the trainer reduces across ranks at fixed points only.
+
+- Step values are this rank's own (the logger writes global rank 0's), or, with
+  ``Trainer(sync_step_metrics=True)``, reduced in one collective per logging interval.
+- Epoch values are accumulated per rank (means weighted by batch size, so they are exact over
+  an unpadded evaluation shard) and reduced in one collective at the end of each validation
+  loop and one at the end of each training epoch, which also carries the stop votes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+REDUCE_OPS = ("mean", "sum", "max", "min")
+
+
+@dataclass
+class _Accumulator:
+    reduce: str
+    total: Any = 0.0  # a float or a 0-d tensor: no device sync until the reduction
+    weight: float = 0.0
+
+    def add(self, value: Any, weight: float) -> None:
+        if self.reduce in ("mean", "sum"):
+            self.total = self.total + (value * weight if self.reduce == "mean" else value)
+            self.weight += weight
+        elif self.weight == 0.0:
+            self.total, self.weight = value, 1.0
+        else:
+            pick = max if self.reduce == "max" else min
+            self.total = pick(self.total, value)
+
+
+class MetricStore:
+    """What one rank logged: this step's values and the epoch's accumulators."""
+
+    def __init__(self) -> None:
+        self.step: dict[str, Any] = {}
+        self.epoch: dict[str, _Accumulator] = {}
+        self.prog_bar: set[str] = set()
+
+    def log(
+        self,
+        name: str,
+        value: Any,
+        on_step: bool,
+        on_epoch: bool,
+        reduce: str,
+        batch_size: int,
+        prog_bar: bool,
+    ) -> None:
+        if reduce not in REDUCE_OPS:
+            raise ValueError(f"log('{name}'): reduce must be one of {REDUCE_OPS}, got {reduce!r}")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"log('{name}'): a metric is one number, got shape {tuple(value.shape)}"
+                )
+            value = value.detach()
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"log('{name}'): value must be a number or a 1-element tensor")
+        both = on_step and on_epoch
+        if on_step:
+            self.step[f"{name}_step" if both else name] = value
+        if on_epoch:
+            key = f"{name}_epoch" if both else name
+            acc = self.epoch.get(key)
+            if acc is None:
+                acc = self.epoch[key] = _Accumulator(reduce)
+            elif acc.reduce != reduce:
+                raise ValueError(f"log('{name}'): logged with reduce={acc.reduce!r} and {reduce!r}")
+            acc.add(value, float(batch_size))
+        if prog_bar:
+            self.prog_bar.add(f"{name}_step" if both else name)
+
+    def take_epoch(self) -> dict[str, tuple[str, float, float]]:
+        """This rank's epoch accumulators as plain numbers, and a fresh start."""
+        packed = {k: (a.reduce, _number(a.total), a.weight) for k, a in self.epoch.items()}
+        self.epoch = {}
+        return packed
+
+    def step_values(self) -> dict[str, float]:
+        return {k: _number(v) for k, v in self.step.items()}
+
+
+def reduce_epoch(per_rank: list[dict[str, tuple[str, float, float]]]) -> dict[str, float]:
+    """Combine every rank's accumulators: exact weighted means, sums, maxima, minima."""
+    merged: dict[str, _Accumulator] = {}
+    for packed in per_rank:
+        for key, (reduce, total, weight) in packed.items():
+            acc = merged.setdefault(key, _Accumulator(reduce))
+            if weight == 0.0:
+                continue
+            if reduce in ("mean", "sum"):
+                acc.total += total
+                acc.weight += weight
+            else:
+                acc.add(total, 1.0)
+    out = {}
+    for key, acc in merged.items():
+        if acc.reduce == "mean":
+            out[key] = acc.total / acc.weight if acc.weight else math.nan
+        else:
+            out[key] = float(acc.total) if acc.weight else math.nan
+    return out
+
+
+def reduce_steps(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over the ranks that logged each step value."""
+    keys = {k for values in per_rank for k in values}
+    return {k: sum(v[k] for v in per_rank if k in v) / sum(k in v for v in per_rank) for k in keys}
+
+
+def batch_size_of(batch: Any) -> int:
+    """The number of samples in a batch: the length of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            size = batch_size_of(item)
+            if size:
+                return size
+    return 0
+
+
+def _number(value: Any) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class Reporter:
+    """The trainer's metrics and logger: records what ``Module.log`` gets, reduces it at the
+    fixed points, and hands the results to the logger and to ``callback_metrics``."""
+
+    def __init__(self, logger: Any, every_n_steps: int, sync_steps: bool) -> None:
+        self.logger = logger
+        self.every_n_steps, self.sync_steps = every_n_steps, sync_steps
+        self.train, self.eval = MetricStore(), MetricStore()
+        self.evaluating = False
+        self.callback_metrics: dict[str, float] = {}
+        self.logged_metrics: dict[str, float] = {}
+        self.batch: Any = None  # the current batch, for a default batch size
+
+    def record(
+        self,
+        name: str,
+        value: Any,
+        *,
+        on_step: bool | None,
+        on_epoch: bool | None,
+        reduce: str,
+        batch_size: int | None,
+        prog_bar: bool,
+    ) -> None:
+        store = self.eval if self.evaluating else self.train
+        on_step = (not self.evaluating) if on_step is None else on_step
+        on_epoch = self.evaluating if on_epoch is None else on_epoch
+        if batch_size is None:
+            batch_size = batch_size_of(self.batch) or 1
+        store.log(name, value, on_step, on_epoch, reduce, batch_size, prog_bar)
+
+    def after_step(self, collectives: Any, global_step: int) -> None:
+        """Every ``log_every_n_steps`` optimizer steps: the step values to the logger."""
+        if global_step % self.every_n_steps or not (self.train.step or self.sync_steps):
+            return
+        values = self.train.step_values()
+        if self.sync_steps:  # one collective per logging interval, on every rank
+            values = reduce_steps(collectives.gather_object(values))
+        self._publish(values, global_step)
+
+    def end_evaluation(self, collectives: Any, global_step: int) -> dict[str, float]:
+        """The end of a validation/test loop: one collective reduces its epoch values."""
+        reduced = reduce_epoch(collectives.gather_object(self.eval.take_epoch()))
+        self.eval.step.clear()
+        self._publish(reduced, global_step)
+        return reduced
+
+    def end_epoch(self, collectives: Any, global_step: int, epoch: int, stop_vote: bool) -> bool:
+        """The end of a training epoch: one collective reduces the epoch's values and carries
+        every rank's stop vote; returns whether any rank voted to stop."""
+        gathered = collectives.gather_object((self.train.take_epoch(), bool(stop_vote)))
+        reduced = reduce_epoch([packed for packed, _ in gathered])
+        self._publish({**reduced, "epoch": float(epoch)}, global_step)
+        self.logger.save()
+        return any(vote for _, vote in gathered)
+
+    def progress_bar_metrics(self) -> dict[str, float]:
+        keys = self.train.prog_bar | self.eval.prog_bar
+        values = {k: v for k, v in self.callback_metrics.items() if k in keys}
+        values.update({k: v for k, v in self.train.step_values().items() if k in keys})
+        return values
+
+    def skip_evaluation(self) -> None:
+        """A sanity check's values are not logged."""
+        self.eval.take_epoch()
+        self.eval.step.clear()
+
+    def _publish(self, values: dict[str, float], step: int) -> None:
+        if not values:
+            return
+        self.callback_metrics.update(values)
+        self.logged_metrics.update(values)
+        self.logger.log_metrics(values, step)
