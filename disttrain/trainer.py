@@ -228,6 +228,8 @@ class Trainer:
             self._collectives.attach_stop_vote(model)
             train_data = self._train_loader(module)
             val_data = self._eval_loader(module, "val_dataloader", "validation_step")
+            if cfg.limit_val_batches == 0:  # decided from the config: the same on every rank
+                val_data = None
             n_train = data.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
             n_val = data.limit_batches(val_data, cfg.limit_val_batches, "limit_val_batches")
             self.num_training_batches = n_train

@@ -280,3 +280,66 @@ class SplitOpinion(Regressor):
         epoch = self.current_epoch
         value = 1.0 / (epoch + 1) if self.global_rank == 0 else (1.0 if epoch == 0 else 2.0)
         return {"val_loss": value}
+
+
+class LogsMetrics(Regressor):
+    """Logs validation metrics of every reduction kind; training logs per step and per epoch."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss_epoch_mean", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        err = (self(x) - y) ** 2
+        self.log("val_mse", err.mean())
+        self.log("val_max", err.max(), reduce="max")
+        self.log("val_min", err.min(), reduce="min")
+        self.log("val_n", float(len(y)), reduce="sum")
+
+    def validation_epoch_end(self, outputs):
+        return None
+
+
+def exact_validation(model: torch.nn.Module, n_val: int) -> dict[str, float]:
+    data = IndexedData(n_val)
+    with torch.no_grad():
+        err = (model(data.x) - data.y) ** 2
+    return {
+        "val_mse": err.mean().item(),
+        "val_max": err.max().item(),
+        "val_min": err.min().item(),
+        "val_n": float(n_val),
+    }
+
+
+class ReportsMetrics(LogsMetrics):
+    """Writes the reduced metrics it ends with, for a test to compare with the logger's files."""
+
+    def __init__(self):
+        super().__init__(n_val=7, batch_size=2)
+
+    def on_fit_end(self):
+        if self.global_rank == 0:
+            import yaml
+
+            Path(self.trainer.config.default_root_dir, "report.yaml").write_text(
+                yaml.safe_dump(dict(self.trainer.callback_metrics))
+            )
+
+
+class HistogramsLikeTheSeed(ReportsMetrics):
+    """The seed's own ``on_after_backward`` example, as written."""
+
+    def on_after_backward(self):
+        # example to inspect gradient information in tensorboard
+        if self.trainer.global_step % 25 == 0:  # don't make the tf file huge
+            params = self.state_dict()
+            for k, v in params.items():
+                grads = v
+                name = k
+                self.logger.experiment.add_histogram(
+                    tag=name, values=grads, global_step=self.trainer.global_step
+                )

@@ -239,6 +239,94 @@ def early_stop_one_rank(outdir):
     )
 
 
+def exact_metrics(outdir):
+    from common import LogsMetrics
+
+    disttrain.seed_everything(0)
+    module = LogsMetrics(n_val=7, batch_size=2)
+    trainer = Trainer(enable_checkpointing=False, logger=None)
+    trainer.validate(module)
+    write_result(outdir, trainer.global_rank, dict(trainer.callback_metrics))
+
+
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_object",
+    "barrier",
+    "broadcast_object_list",
+    "gather",
+    "scatter",
+    "reduce",
+    "reduce_scatter",
+    "all_to_all",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "monitored_barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+)
+
+
+def count_collectives(outdir):
+    """Count every torch.distributed call per training step; DDP's gradient all-reduce (our
+    comm hook) is counted apart as "grad"."""
+    import collections
+
+    import torch.distributed as tdist
+    from common import LogsMetrics
+
+    from disttrain import dist as ddist
+
+    current = collections.Counter()
+    in_hook = [False]
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            current["grad" if in_hook[0] and name == "all_reduce" else name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in COLLECTIVES:
+        setattr(tdist, name, counting(name, getattr(tdist, name)))
+    real_hook = ddist._allreduce_with_stop_vote
+
+    def hook(state, bucket):
+        in_hook[0] = True
+        try:
+            return real_hook(state, bucket)
+        finally:
+            in_hook[0] = False
+
+    ddist._allreduce_with_stop_vote = hook
+    windows = []
+
+    class Windows(disttrain.Callback):
+        def on_epoch_start(self, trainer, module):
+            windows.append(("epoch_start", trainer.current_epoch, dict(current)))
+            current.clear()
+
+        def on_batch_start(self, trainer, module, batch):
+            windows.append(("batch_start", trainer.current_epoch, dict(current)))
+            current.clear()
+
+    module = LogsMetrics(n_train=32, batch_size=2)
+    trainer = Trainer(
+        max_epochs=2,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        callbacks=[Windows()],
+    )
+    trainer.fit(module)
+    write_result(outdir, trainer.global_rank, {"windows": windows, "tail": dict(current)})
+
+
 if __name__ == "__main__":
     name, outdir = sys.argv[1], sys.argv[2]
     globals()[name](outdir)
