@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(args, "overrides"):
         args.overrides += extra
     try:
@@ -35,6 +37,18 @@ def main(argv: list[str] | None = None) -> int:
             return _run_stage(args.command, args.config, _overrides(args))
         if args.command == "launch":
             return _launch(args)
+        if args.command == "hooks":
+            from disttrain import runconfig
+            from disttrain.schedule import describe_schedule
+
+            run = runconfig.load(args.config, _overrides(args))
+            print(describe_schedule(run, args.world_size), end="")
+            return 0
+        if args.command == "plot":
+            from disttrain.plot import plot_runs
+
+            print(plot_runs(args.run_dirs, args.output))
+            return 0
         if args.command == "print-config":
             from disttrain import runconfig
 
@@ -56,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         _add_config_args(sub.add_parser(stage, help=f"run {stage} in this process (or rank)"))
     printer = sub.add_parser("print-config", help="print the resolved config and exit")
     _add_config_args(printer)
+    hooks = sub.add_parser("hooks", help="print the hook schedule fit would run, per rank")
+    _add_config_args(hooks)
+    hooks.add_argument("--world-size", type=int, help="ranks (default: from launch:)")
+    plot = sub.add_parser("plot", help="draw loss and metric curves from runs' metrics.csv")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more run dirs")
+    plot.add_argument("-o", "--output", default=None, help="PNG file (default RUN_DIR/curves.png)")
     launch = sub.add_parser(
         "launch",
         help="validate the config, then start the workers with torch.distributed.run",
@@ -155,4 +175,15 @@ def _launch(args: argparse.Namespace) -> int:
         argv.append("--standalone")
     argv += ["-m", "disttrain", args.stage, "--config", args.config]
     argv += [f"--set={item}" for item in overrides]
-    return launch_workers(argv)
+    flight_dir = Path(run.run_dir) / "flight"
+    for stale in flight_dir.glob("rank*.json"):  # traces of an earlier run would mislead
+        stale.unlink()
+
+    def explain() -> None:
+        from disttrain.flight import diagnose
+
+        report = diagnose(run.run_dir)
+        if report:
+            print(report, file=sys.stderr, flush=True)
+
+    return launch_workers(argv, after_failure=explain)

@@ -51,6 +51,7 @@ class TrainerConfig:
     log_every_n_steps: int = 50  # step metrics to the logger, progress lines
     sync_step_metrics: bool = False  # reduce step metrics over ranks (one collective/interval)
     enable_progress_bar: bool = True  # tqdm on a terminal, log lines otherwise; rank 0 only
+    profiler: Literal["simple"] | None = None  # per hook and loop phase, with the slowest rank
 
     def __post_init__(self) -> None:
         if self.precision == 32 and not isinstance(self.precision, bool):  # YAML reads 32 as int

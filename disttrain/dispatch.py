@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disttrain.callback import Callback
 from disttrain.datamodule import DataModule
 from disttrain.dist import Collectives, DistEnv
+from disttrain.flight import ENTER, LEAVE, FlightRecorder
 from disttrain.hooks import (
     ACTION_TABLE,
     Action,
@@ -27,6 +28,9 @@ from disttrain.hooks import (
     overridden,
     warn_deprecated_overrides,
 )
+
+if TYPE_CHECKING:
+    from disttrain.profiler import SimpleProfiler
 
 
 class HookFailed(RuntimeError):
@@ -58,11 +62,13 @@ class Dispatcher:
         env: DistEnv,
         collectives: Collectives,
         datamodule: DataModule | None = None,
+        recorder: FlightRecorder | None = None,
+        profiler: SimpleProfiler | None = None,
     ) -> None:
         self.collectives = collectives
         self.rank = env.rank
         self._stateful = [obj for obj in (datamodule, module) if obj is not None]
-        self._actions = {action: _runs_on(rule.ranks, env) for action, rule in ACTION_TABLE.items()}
+        self._actions = {action: runs_on(rule.ranks, env) for action, rule in ACTION_TABLE.items()}
         self._plan: dict[Hook, tuple[Sync, bool, list[Callable[..., Any]], Callable | None]] = {}
         self._forbids_state = {hook for hook, rule in table.items() if rule.forbids_state}
         self._limited = {hook for hook, rule in table.items() if rule.ranks is not Ranks.ALL}
@@ -85,7 +91,14 @@ class Dispatcher:
             sync = rule.sync
             if sync is Sync.AGREE_STOP and target is None:
                 sync = Sync.NONE  # nothing can return -1, so there is nothing to agree on
-            self._plan[hook] = (sync, _runs_on(rule.ranks, env), observers, target)
+            if profiler is not None:  # timing exists only when asked for: zero cost otherwise
+                observers = [profiler.timed(f"{_owner(o)}.{name}", o) for o in observers]
+                if target is not None:
+                    target = profiler.timed(f"{type(module).__name__}.{name}", target)
+            if recorder is not None:
+                observers = [_recorded(recorder, name, o) for o in observers]
+                target = _recorded(recorder, name, target) if target is not None else None
+            self._plan[hook] = (sync, runs_on(rule.ranks, env), observers, target)
 
     def call(self, hook: Hook, *args: Any) -> Any:
         """Run ``hook`` where the table says, then its sync; return the module's result."""
@@ -136,7 +149,24 @@ class Dispatcher:
         return result
 
 
-def _runs_on(ranks: Ranks, env: DistEnv) -> bool:
+def _recorded(recorder: FlightRecorder, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    record = recorder.record
+
+    def call(*args: Any) -> Any:
+        record(ENTER, name)
+        result = fn(*args)
+        record(LEAVE, name)  # not reached if fn raises or hangs: the trace shows where
+        return result
+
+    return call
+
+
+def _owner(fn: Any) -> str:
+    owner = getattr(fn, "__self__", None) or getattr(getattr(fn, "func", None), "__self__", None)
+    return type(owner).__name__ if owner is not None else "callback"
+
+
+def runs_on(ranks: Ranks, env: DistEnv) -> bool:
     if ranks is Ranks.GLOBAL_ZERO:
         return env.rank == 0
     if ranks is Ranks.LOCAL_ZERO:

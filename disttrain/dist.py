@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+START, FINISH = "start", "finish"  # flight-recorder events (disttrain.flight)
 _TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -84,6 +85,7 @@ class Collectives:
 
     world_size = 1
     backend = "none"
+    recorder = None  # a FlightRecorder: collectives record when they start and finish
 
     def verdict(self, failed: bool, *, long: bool = False) -> list[int]:
         """Barrier that also tells every rank which ranks failed."""
@@ -133,38 +135,48 @@ class ProcessGroupCollectives(Collectives):
         self._long_control = long_control
         self._owns_world = owns_world
 
+    def _run(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.record(START, name)
+        fn(*args, **kwargs)
+        if recorder is not None:
+            recorder.record(FINISH, name)
+
     def verdict(self, failed: bool, *, long: bool = False) -> list[int]:
         flags = torch.zeros(self.world_size, dtype=torch.int32)
         flags[self.env.rank] = int(failed)
-        dist.all_reduce(flags, group=self._long_control if long else self._control)
+        group = self._long_control if long else self._control
+        self._run("verdict", dist.all_reduce, flags, group=group)
         return [r for r, f in enumerate(flags.tolist()) if f]
 
     def gather_text(self, text: str, *, long: bool = False) -> list[str]:
         out: list[str] = [""] * self.world_size
-        dist.all_gather_object(out, text, group=self._long_control if long else self._control)
+        group = self._long_control if long else self._control
+        self._run("error messages", dist.all_gather_object, out, text, group=group)
         return out
 
     def any_true(self, flag: bool) -> bool:
         value = torch.tensor([int(flag)], dtype=torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._control)
+        self._run("agreement", dist.all_reduce, value, op=dist.ReduceOp.MAX, group=self._control)
         return bool(value.item())
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        dist.all_reduce(tensor, op=_REDUCE_OPS[op])
+        self._run("all_reduce", dist.all_reduce, tensor, op=_REDUCE_OPS[op])
         return tensor
 
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self._long_control)
+        self._run("broadcast", dist.broadcast_object_list, box, src=0, group=self._long_control)
         return box[0]
 
     def gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self._long_control)
+        self._run("gather", dist.all_gather_object, out, obj, group=self._long_control)
         return out
 
     def attach_stop_vote(self, model: torch.nn.Module) -> None:
-        self._vote = _StopVote(self.world_size)
+        self._vote = _StopVote(self.world_size, self.recorder)
         model.register_comm_hook(self._vote, _allreduce_with_stop_vote)
 
     def stop_agreed(self, local_vote: bool) -> bool:
@@ -194,8 +206,9 @@ class ProcessGroupCollectives(Collectives):
 class _StopVote:
     """State of the DDP comm hook that carries one extra element: any rank's stop vote."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, recorder: Any = None) -> None:
         self.world_size = world_size
+        self.recorder = recorder
         self.local = False
         self.agreed = False
 
@@ -212,10 +225,14 @@ def _allreduce_with_stop_vote(vote, bucket):  # unannotated: DDP checks real ann
         flag = torch.tensor([float(vote.local)], dtype=grads.dtype, device=grads.device)
         grads = torch.cat([grads, flag])
     grads.div_(vote.world_size)
+    if vote.recorder is not None:
+        vote.recorder.record(START, "gradient all-reduce")
     fut = dist.all_reduce(grads, async_op=True).get_future()
 
     def unpack(fut):
         reduced = fut.value()[0]
+        if vote.recorder is not None:
+            vote.recorder.record(FINISH, "gradient all-reduce")
         if not last:
             return reduced
         vote.agreed = bool(reduced[-1].item() > 0)
@@ -229,7 +246,9 @@ _raw_store = None
 _sessions = 0
 
 
-def connect(env: DistEnv, device: torch.device, timeout: float, long_timeout: float) -> Collectives:
+def connect(
+    env: DistEnv, device: torch.device, timeout: float, long_timeout: float, recorder: Any = None
+) -> Collectives:
     """Join the job's process group (NCCL on CUDA, gloo on CPU), or return the null object.
 
     Each call is one session (fit, validate, test) and gets its own key prefix in the store,
@@ -241,7 +260,9 @@ def connect(env: DistEnv, device: torch.device, timeout: float, long_timeout: fl
     if not env.launched:
         return Collectives()
     if dist.is_initialized():
-        return _collectives_over_world(env, dist.get_backend(), timeout, long_timeout, False)
+        collectives = _collectives_over_world(env, dist.get_backend(), timeout, long_timeout, False)
+        collectives.recorder = recorder
+        return collectives
     if _raw_store is None:
         agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         _raw_store = dist.TCPStore(
@@ -264,7 +285,9 @@ def connect(env: DistEnv, device: torch.device, timeout: float, long_timeout: fl
         timeout=timedelta(seconds=timeout),
         device_id=device if device.type == "cuda" else None,
     )
-    return _collectives_over_world(env, backend, timeout, long_timeout, True)
+    collectives = _collectives_over_world(env, backend, timeout, long_timeout, True)
+    collectives.recorder = recorder
+    return collectives
 
 
 def _collectives_over_world(
@@ -286,7 +309,7 @@ def record(fn):
     return _record(fn)
 
 
-def launch_workers(torchrun_argv: list[str]) -> int:
+def launch_workers(torchrun_argv: list[str], after_failure: Any = None) -> int:
     """Start workers with ``torch.distributed.run`` (the elastic agent); their exit status.
 
     When a worker fails, the agent stops every worker; the failing rank's error (from its

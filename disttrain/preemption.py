@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- rerun the same command to resume
@@ -22,12 +23,15 @@ class PreemptionWatcher:
     so a SIGTERM during start-up still ends the process at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Callable[[], object] | None = None) -> None:
         self.requested = False
+        self._on_signal = on_signal  # e.g. dump the flight recorder: where was this rank?
         self._previous = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
+        if self._on_signal is not None:
+            self._on_signal()
 
     def __enter__(self) -> PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():

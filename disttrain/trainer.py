@@ -8,8 +8,10 @@ follows (see ``disttrain.hooks`` for the table and the picture of the loop).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from disttrain.datamodule import DataModule
 from disttrain.dispatch import Dispatcher
 from disttrain.dist import Collectives, DistEnv, connect, select_device
 from disttrain.files import atomic_write_text
+from disttrain.flight import FlightRecorder
 from disttrain.hooks import Action, Hook, hook_schedule, overridden
 from disttrain.log import configure_logging, writes_run_output
 from disttrain.loggers import Logger, make_logger
@@ -32,6 +35,7 @@ from disttrain.metrics import Reporter
 from disttrain.module import Module
 from disttrain.precision import autocast_factory, grad_scaler
 from disttrain.preemption import Preempted, PreemptionWatcher
+from disttrain.profiler import SimpleProfiler, report
 from disttrain.progress import ProgressBar
 from disttrain.steps import (
     TrainingStep,
@@ -78,6 +82,11 @@ class Trainer:
         logger = make_logger(cfg.logger, cfg.default_root_dir, self.env.rank)
         self.reporter = Reporter(logger, cfg.log_every_n_steps, cfg.sync_step_metrics)
         self.running_limited_hook: str | None = None  # set by the dispatcher: log() refuses
+        self.flight = FlightRecorder(self.env.rank)
+        self.flight.step_of = lambda: self.global_step
+        self.flight.directory = Path(cfg.default_root_dir) / "flight"
+        self.profiler = SimpleProfiler() if cfg.profiler == "simple" else None
+        self.profile_report: str | None = None
         self.current_epoch = 0
         self.global_step = 0
         self.sanity_checking = False
@@ -207,7 +216,11 @@ class Trainer:
         checkpoint is written and ``Preempted`` is raised.
         """
         cfg = self.config
-        with self._session(module, datamodule) as dispatcher, PreemptionWatcher() as preemption:
+        on_sigterm = functools.partial(self.flight.dump, "SIGTERM")
+        with (
+            self._session(module, datamodule) as dispatcher,
+            PreemptionWatcher(on_sigterm) as preemption,
+        ):
             call = dispatcher.call
             call(Hook.PREPARE_DATA)
             dispatcher.run(Action.WRITE_RUN_FILES, self._write_run_files)
@@ -226,6 +239,11 @@ class Trainer:
                 find_unused=len(optimizers) > 1 if find_unused is None else find_unused,
             )
             self._collectives.attach_stop_vote(model)
+            profiler = self.profiler
+            if profiler is not None:
+                profiler.watch_module(model if isinstance(model, TrainingStep) else model.module)
+                for optimizer in optimizers:
+                    profiler.watch_optimizer(optimizer)
             train_data = self._train_loader(module)
             val_data = self._eval_loader(module, "val_dataloader", "validation_step")
             if cfg.limit_val_batches == 0:  # decided from the config: the same on every rank
@@ -260,6 +278,8 @@ class Trainer:
                     saved_rng = None
                 call(Hook.ON_EPOCH_START)
                 batches = data.epoch_batches(train_data, epoch, first)
+                if profiler is not None:
+                    batches = profiler.timed_iter("data loading", batches)
                 if saved_rng is not None:
                     set_rng_state(saved_rng)  # mid-epoch: after the loader drew its seed
                     saved_rng = None
@@ -326,6 +346,9 @@ class Trainer:
                 if stop or self.global_step >= max_steps:
                     break
             self._save_last()
+            if profiler is not None:  # one collective at the very end, only when profiling
+                self.profile_report = report(self._collectives.gather_object(profiler.summary()))
+                log.info("%s", self.profile_report)
             call(Hook.ON_TRAIN_END)
             self.logger.finalize()
             call(Hook.ON_FIT_END)
@@ -431,7 +454,10 @@ class Trainer:
         cfg = self.config
         if cfg.seed is not None:
             seed_everything(cfg.seed)
-        self._collectives = connect(self.env, self.device, cfg.timeout, cfg.prepare_data_timeout)
+        self._collectives = connect(
+            self.env, self.device, cfg.timeout, cfg.prepare_data_timeout, self.flight
+        )
+        previous_usr1 = self.flight.install_signal()
         try:
             module._trainer = self
             self.module, self.datamodule = module, datamodule
@@ -444,9 +470,18 @@ class Trainer:
                 self.env,
                 self._collectives,
                 datamodule,
+                self.flight,
+                self.profiler,
             )
             yield dispatcher
+        except Preempted:
+            raise
+        except BaseException as exc:  # a timeout, a hook that raised: leave a trace
+            self.flight.dump(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            raise
         finally:
+            if previous_usr1 is not None:
+                signal.signal(signal.SIGUSR1, previous_usr1)
             self._dispatcher = None
             self._collectives.close()
             self._collectives = Collectives()

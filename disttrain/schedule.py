@@ -1,0 +1,44 @@
+"""``disttrain hooks``: the hook schedule of fit, per rank, read from the dispatcher's table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from disttrain.dispatch import runs_on
+from disttrain.dist import DistEnv
+from disttrain.hooks import ACTION_TABLE, Sync, hook_schedule
+
+
+def describe_schedule(run: Any, world_size: int | None = None) -> str:
+    """One row per hook (and trainer action): which ranks run it, what sync follows."""
+    per_node = run.launch.nproc_per_node
+    world = world_size or per_node * run.launch.nnodes
+    per_node = min(per_node, world)
+    envs = [
+        DistEnv(
+            rank=r,
+            local_rank=r % per_node,
+            world_size=world,
+            local_world_size=per_node,
+            node_rank=r // per_node,
+        )
+        for r in range(world)
+    ]
+    table = hook_schedule(run.trainer.prepare_data_per_node)
+    shown = envs if world <= 8 else envs[:4] + envs[-4:]
+    head = f"{'hook':<28}" + "".join(f"{'rank ' + str(e.rank):>9}" for e in shown) + "  then"
+    lines = [
+        f"fit schedule at world size {world} ({world // per_node} node(s) x {per_node}), "
+        f"prepare_data_per_node={run.trainer.prepare_data_per_node}",
+        head,
+    ]
+    for kind, rows in (("", table), ("(trainer) ", ACTION_TABLE)):
+        for name, rule in rows.items():
+            marks = "".join(f"{'runs' if runs_on(rule.ranks, e) else '-':>9}" for e in shown)
+            note = "" if rule.sync is Sync.NONE else rule.sync.value
+            if rule.sync is Sync.AGREE_STOP:
+                note += "; free unless the module overrides it"
+            lines.append(f"{kind + name.value:<28}{marks}  {note}")
+    if len(shown) < world:
+        lines.append(f"(ranks 4..{world - 5} as their node's rank of the same local rank)")
+    return "\n".join(lines) + "\n"
