@@ -337,5 +337,7 @@ def launch_workers(torchrun_argv: list[str], after_failure: Any = None) -> int:
         print(
             f"disttrain: rank {rank} failed first (exit code {failure.exitcode})", file=sys.stderr
         )
+        if after_failure is not None:
+            after_failure()
         return failure.exitcode if failure.exitcode > 0 else 1  # killed by a signal: 1
     return 0

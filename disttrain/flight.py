@@ -28,13 +28,16 @@ class FlightRecorder:
         self.events: collections.deque = collections.deque(maxlen=capacity)
         self.step_of = lambda: 0  # set by the trainer: reads its global step when recording
         self.directory: Path | None = None
+        self.failed = False  # the first failure's trace is the one that tells where it began
 
     def record(self, event: str, name: str) -> None:
         self.events.append((time.time(), event, name, self.step_of()))
 
-    def dump(self, reason: str) -> Path | None:
-        if self.directory is None:
+    def dump(self, reason: str, failure: bool = True) -> Path | None:
+        """Write the trace; after a failure's dump, later failure dumps keep the first."""
+        if self.directory is None or (failure and self.failed):
             return None
+        self.failed = self.failed or failure
         path = self.directory / f"rank{self.rank}.json"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +55,7 @@ class FlightRecorder:
         """SIGUSR1 dumps the trace (and the run goes on); returns the previous handler."""
         if threading.current_thread() is not threading.main_thread():
             return None
-        return signal.signal(signal.SIGUSR1, lambda *_: self.dump("SIGUSR1"))
+        return signal.signal(signal.SIGUSR1, lambda *_: self.dump("SIGUSR1", failure=False))
 
 
 def open_span(events: list) -> tuple[str, str, int, float] | None:

@@ -457,6 +457,7 @@ class Trainer:
         self._collectives = connect(
             self.env, self.device, cfg.timeout, cfg.prepare_data_timeout, self.flight
         )
+        self.flight.failed = False
         previous_usr1 = self.flight.install_signal()
         try:
             module._trainer = self

@@ -343,3 +343,15 @@ class HistogramsLikeTheSeed(ReportsMetrics):
                 self.logger.experiment.add_histogram(
                     tag=name, values=grads, global_step=self.trainer.global_step
                 )
+
+
+class SleepsInBatchEnd(Regressor):
+    """Rank 1 sleeps in on_batch_end at step 3, past the collective timeout."""
+
+    def __init__(self, sleep: float = 8.0):
+        super().__init__(n_train=32)
+        self.sleep = sleep
+
+    def on_batch_end(self):
+        if self.global_rank == 1 and self.global_step == 3:
+            time.sleep(self.sleep)
