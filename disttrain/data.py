@@ -159,3 +159,35 @@ def _rebuild(loader: DataLoader, sampler: Sampler, device: torch.device) -> Data
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,
         persistent_workers=workers > 0,
     )
+
+
+def train_loader_for(trainer: Any, module: Any) -> Any:
+    """The training loader of the data module (if it has one) or the module, sharded."""
+    source = _loader_source(trainer, module, "train_dataloader")
+    where = f"{type(source).__name__}.train_dataloader()"
+    seed = trainer.config.seed if trainer.config.seed is not None else 0
+    env = trainer.env
+    return train_loader(
+        source.train_dataloader(), env.rank, env.world_size, seed, trainer.device, where
+    )
+
+
+def eval_loader_for(trainer: Any, module: Any, loader_name: str, step_name: str) -> Any:
+    """An evaluation loader, sharded without padding; None if the module has no such step."""
+    from disttrain.hooks import overridden
+    from disttrain.module import Module
+
+    if not overridden(module, step_name, Module):
+        return None
+    source = _loader_source(trainer, module, loader_name)
+    where = f"{type(source).__name__}.{loader_name}()"
+    loader = getattr(source, loader_name)()
+    return eval_loader(loader, trainer.env.rank, trainer.env.world_size, trainer.device, where)
+
+
+def _loader_source(trainer: Any, module: Any, loader_name: str) -> Any:
+    from disttrain.datamodule import DataModule
+    from disttrain.hooks import overridden
+
+    dm = trainer.datamodule
+    return dm if dm is not None and overridden(dm, loader_name, DataModule) else module

@@ -11,8 +11,7 @@ import contextlib
 import functools
 import logging
 import os
-import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,10 @@ from disttrain.checkpoint import set_rng_state
 from disttrain.config import TrainerConfig
 from disttrain.datamodule import DataModule
 from disttrain.dispatch import Dispatcher
-from disttrain.dist import Collectives, DistEnv, connect, select_device
-from disttrain.files import atomic_write_text
+from disttrain.dist import Collectives, DistEnv, select_device
+from disttrain.evaluation import evaluate
 from disttrain.flight import FlightRecorder
-from disttrain.hooks import Action, Hook, hook_schedule, overridden
+from disttrain.hooks import Action, Hook, overridden
 from disttrain.log import configure_logging, writes_run_output
 from disttrain.loggers import Logger, make_logger
 from disttrain.metrics import Reporter
@@ -37,13 +36,12 @@ from disttrain.precision import autocast_factory, grad_scaler
 from disttrain.preemption import Preempted, PreemptionWatcher
 from disttrain.profiler import SimpleProfiler, report
 from disttrain.progress import ProgressBar
+from disttrain.session import hyperparams, open_session, write_run_files
 from disttrain.steps import (
     TrainingStep,
     detached,
     loss_of,
     per_batch,
-    scalar_metrics,
-    seed_everything,
 )
 
 log = logging.getLogger("disttrain.trainer")
@@ -218,13 +216,13 @@ class Trainer:
         cfg = self.config
         on_sigterm = functools.partial(self.flight.dump, "SIGTERM")
         with (
-            self._session(module, datamodule) as dispatcher,
+            open_session(self, module, datamodule) as dispatcher,
             PreemptionWatcher(on_sigterm) as preemption,
         ):
             call = dispatcher.call
             call(Hook.PREPARE_DATA)
-            dispatcher.run(Action.WRITE_RUN_FILES, self._write_run_files)
-            self.logger.log_hyperparams(self._hyperparams())
+            dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, self)
+            self.logger.log_hyperparams(hyperparams(self))
             call(Hook.SETUP, "fit")
             module.to(self.device)
             call(Hook.ON_FIT_START)
@@ -244,8 +242,8 @@ class Trainer:
                 profiler.watch_module(model if isinstance(model, TrainingStep) else model.module)
                 for optimizer in optimizers:
                     profiler.watch_optimizer(optimizer)
-            train_data = self._train_loader(module)
-            val_data = self._eval_loader(module, "val_dataloader", "validation_step")
+            train_data = data.train_loader_for(self, module)
+            val_data = data.eval_loader_for(self, module, "val_dataloader", "validation_step")
             if cfg.limit_val_batches == 0:  # decided from the config: the same on every rank
                 val_data = None
             n_train = data.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
@@ -255,7 +253,7 @@ class Trainer:
             call(Hook.ON_SANITY_CHECK_START)
             if val_data is not None and cfg.num_sanity_val_steps > 0:
                 self.sanity_checking = True
-                self._evaluate(call, val_data, min(n_val, cfg.num_sanity_val_steps), "validation")
+                evaluate(self, call, val_data, min(n_val, cfg.num_sanity_val_steps), "validation")
                 self.sanity_checking = False
 
             device, autocast, collectives = self.device, self._autocast, self._collectives
@@ -333,7 +331,7 @@ class Trainer:
                 if leave:
                     break
                 if val_data is not None and (epoch + 1) % cfg.check_val_every_n_epoch == 0:
-                    self._evaluate(call, val_data, n_val, "validation")
+                    evaluate(self, call, val_data, n_val, "validation")
                 module.training_epoch_end(per_batch(outputs, len(optimizers)))
                 self._epoch_finished = True
                 call(Hook.ON_EPOCH_END)
@@ -372,117 +370,20 @@ class Trainer:
         self, module: Module, datamodule: DataModule | None, stage: str, loader_name: str, kind: str
     ) -> Any:
         limit = self.config.limit_test_batches if kind == "test" else self.config.limit_val_batches
-        with self._session(module, datamodule) as dispatcher:
+        with open_session(self, module, datamodule) as dispatcher:
             call = dispatcher.call
             call(Hook.PREPARE_DATA)
-            dispatcher.run(Action.WRITE_RUN_FILES, self._write_run_files)
+            dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, self)
             call(Hook.SETUP, stage)
             module.to(self.device)
-            loader = self._eval_loader(module, loader_name, f"{kind}_step")
+            loader = data.eval_loader_for(self, module, loader_name, f"{kind}_step")
             if loader is None:
                 raise ValueError(
                     f"Trainer.{stage}: {type(module).__name__} needs {loader_name}() returning a "
                     f"DataLoader and a {kind}_step"
                 )
             option = "limit_test_batches" if kind == "test" else "limit_val_batches"
-            result = self._evaluate(call, loader, data.limit_batches(loader, limit, option), kind)
+            result = evaluate(self, call, loader, data.limit_batches(loader, limit, option), kind)
             self.logger.finalize()
             call(Hook.TEARDOWN, stage)
         return result
-
-    def _evaluate(self, call: Callable[..., Any], loader: Any, limit: int, kind: str) -> Any:
-        """One pass of the validation/test loop on the unwrapped module (no DDP collective)."""
-        module = self.module
-        step = getattr(module, f"{kind}_step")
-        call(Hook.ON_PRE_PERFORMANCE_CHECK)
-        was_training = module.training
-        module.eval()
-        outputs = []
-        reporter = self.reporter
-        reporter.evaluating = True
-        with torch.no_grad(), self._autocast():
-            for batch_idx, batch in zip(range(limit), loader):
-                batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, self.device)
-                outputs.append(step(batch, batch_idx))
-        result = getattr(module, f"{kind}_epoch_end")(outputs)
-        reporter.evaluating = False
-        if self.sanity_checking:
-            reporter.skip_evaluation()
-        else:  # one collective: every epoch value of this loop, reduced exactly
-            reporter.end_evaluation(self._collectives, self.global_step)
-            self.callback_metrics.update(scalar_metrics(result))
-        module.train(was_training)
-        call(Hook.ON_POST_PERFORMANCE_CHECK)
-        return result
-
-    def _loader_source(self, module: Module, loader_name: str) -> Any:
-        dm = self.datamodule
-        return dm if dm is not None and overridden(dm, loader_name, DataModule) else module
-
-    def _train_loader(self, module: Module) -> Any:
-        source = self._loader_source(module, "train_dataloader")
-        where = f"{type(source).__name__}.train_dataloader()"
-        loader = source.train_dataloader()
-        seed = self.config.seed if self.config.seed is not None else 0
-        return data.train_loader(
-            loader, self.env.rank, self.env.world_size, seed, self.device, where
-        )
-
-    def _eval_loader(self, module: Module, loader_name: str, step_name: str) -> Any:
-        if not overridden(module, step_name, Module):
-            return None
-        source = self._loader_source(module, loader_name)
-        where = f"{type(source).__name__}.{loader_name}()"
-        loader = getattr(source, loader_name)()
-        return data.eval_loader(loader, self.env.rank, self.env.world_size, self.device, where)
-
-    def _hyperparams(self) -> dict[str, Any]:
-        if self.resolved_config is not None:
-            return dict(self.resolved_config)
-        return checkpoint.plain_config(self)
-
-    def _write_run_files(self) -> None:
-        if self.resolved_config is not None:
-            import yaml  # only runs driven by a config file need it
-
-            text = yaml.safe_dump(dict(self.resolved_config), sort_keys=False)
-            atomic_write_text(Path(self.config.default_root_dir) / "config.yaml", text)
-
-    @contextlib.contextmanager
-    def _session(self, module: Module, datamodule: DataModule | None) -> Iterator[Dispatcher]:
-        """Seed, join the process group, attach the module; always leave the group."""
-        cfg = self.config
-        if cfg.seed is not None:
-            seed_everything(cfg.seed)
-        self._collectives = connect(
-            self.env, self.device, cfg.timeout, cfg.prepare_data_timeout, self.flight
-        )
-        self.flight.failed = False
-        previous_usr1 = self.flight.install_signal()
-        try:
-            module._trainer = self
-            self.module, self.datamodule = module, datamodule
-            self.should_stop = False
-            self._dispatcher = dispatcher = Dispatcher(
-                hook_schedule(cfg.prepare_data_per_node),
-                module,
-                self.callbacks,
-                self,
-                self.env,
-                self._collectives,
-                datamodule,
-                self.flight,
-                self.profiler,
-            )
-            yield dispatcher
-        except Preempted:
-            raise
-        except BaseException as exc:  # a timeout, a hook that raised: leave a trace
-            self.flight.dump(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
-            raise
-        finally:
-            if previous_usr1 is not None:
-                signal.signal(signal.SIGUSR1, previous_usr1)
-            self._dispatcher = None
-            self._collectives.close()
-            self._collectives = Collectives()

@@ -1,0 +1,75 @@
+"""A run's session: seed, join the process group, attach the module, leave cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from disttrain import checkpoint
+from disttrain.dispatch import Dispatcher
+from disttrain.dist import Collectives, connect
+from disttrain.files import atomic_write_text
+from disttrain.hooks import hook_schedule
+from disttrain.preemption import Preempted
+from disttrain.steps import seed_everything
+
+
+@contextlib.contextmanager
+def open_session(trainer: Any, module: Any, datamodule: Any) -> Iterator[Dispatcher]:
+    """Everything fit/validate/test share around their hooks; the group is always left, and
+    a failure leaves this rank's flight-recorder trace in the run directory."""
+    cfg = trainer.config
+    if cfg.seed is not None:
+        seed_everything(cfg.seed)
+    flight = trainer.flight
+    trainer._collectives = connect(
+        trainer.env, trainer.device, cfg.timeout, cfg.prepare_data_timeout, flight
+    )
+    flight.failed = False
+    previous_usr1 = flight.install_signal()
+    try:
+        module._trainer = trainer
+        trainer.module, trainer.datamodule = module, datamodule
+        trainer.should_stop = False
+        trainer._dispatcher = dispatcher = Dispatcher(
+            hook_schedule(cfg.prepare_data_per_node),
+            module,
+            trainer.callbacks,
+            trainer,
+            trainer.env,
+            trainer._collectives,
+            datamodule,
+            flight,
+            trainer.profiler,
+        )
+        yield dispatcher
+    except Preempted:
+        raise
+    except BaseException as exc:  # a timeout, a hook that raised: leave a trace
+        flight.dump(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        raise
+    finally:
+        if previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, previous_usr1)
+        trainer._dispatcher = None
+        trainer._collectives.close()
+        trainer._collectives = Collectives()
+
+
+def hyperparams(trainer: Any) -> dict[str, Any]:
+    """What the logger records as the run's hyperparameters."""
+    if trainer.resolved_config is not None:
+        return dict(trainer.resolved_config)
+    return checkpoint.plain_config(trainer)
+
+
+def write_run_files(trainer: Any) -> None:
+    """Global zero's part of starting a run: the resolved config, to repeat the run from."""
+    if trainer.resolved_config is not None:
+        import yaml  # only runs driven by a config file need it
+
+        text = yaml.safe_dump(dict(trainer.resolved_config), sort_keys=False)
+        atomic_write_text(Path(trainer.config.default_root_dir) / "config.yaml", text)
