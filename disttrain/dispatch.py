@@ -69,7 +69,7 @@ class Dispatcher:
         self.rank = env.rank
         self._stateful = [obj for obj in (datamodule, module) if obj is not None]
         self._actions = {action: runs_on(rule.ranks, env) for action, rule in ACTION_TABLE.items()}
-        self._plan: dict[Hook, tuple[Sync, bool, list[Callable[..., Any]], Callable | None]] = {}
+        self._plan: dict[Hook, tuple[Sync, bool, Callable[..., Any] | None]] = {}
         self._forbids_state = {hook for hook, rule in table.items() if rule.forbids_state}
         self._limited = {hook for hook, rule in table.items() if rule.ranks is not Ranks.ALL}
         self.trainer = trainer
@@ -95,19 +95,17 @@ class Dispatcher:
                 observers = [profiler.timed(f"{_owner(o)}.{name}", o) for o in observers]
                 if target is not None:
                     target = profiler.timed(f"{type(module).__name__}.{name}", target)
-            if recorder is not None:
-                observers = [_recorded(recorder, name, o) for o in observers]
-                target = _recorded(recorder, name, target) if target is not None else None
-            self._plan[hook] = (sync, runs_on(rule.ranks, env), observers, target)
+            runner = _runner(name, observers, target, recorder)
+            self._plan[hook] = (sync, runs_on(rule.ranks, env), runner)
 
     def call(self, hook: Hook, *args: Any) -> Any:
         """Run ``hook`` where the table says, then its sync; return the module's result."""
-        sync, runs_here, observers, target = self._plan[hook]
+        sync, runs_here, runner = self._plan[hook]
         if sync is Sync.NONE or sync is Sync.AGREE_STOP:
+            if runner is None:  # nobody implements it: nothing to run, nothing to agree on
+                return None
             try:  # costs nothing unless a hook raises
-                for observer in observers:
-                    observer(*args)
-                result = target(*args) if target is not None else None
+                result = runner(*args)
             except (HookFailed, HookRaised):
                 raise
             except Exception as exc:
@@ -115,14 +113,14 @@ class Dispatcher:
             if sync is Sync.AGREE_STOP:
                 return -1 if self.collectives.any_true(result == -1) else result
             return result
-        return self._call_with_verdict(hook, sync, runs_here, observers, target, args)
+        return self._call_with_verdict(hook, sync, runs_here, runner, args)
 
     def run(self, action: Action, fn: Callable[..., Any], *args: Any) -> Any:
         """Run trainer work ``fn`` on the ranks ``ACTION_TABLE`` names, then its verdict."""
         sync = ACTION_TABLE[action].sync
-        return self._call_with_verdict(action, sync, self._actions[action], [], fn, args)
+        return self._call_with_verdict(action, sync, self._actions[action], fn, args)
 
-    def _call_with_verdict(self, hook, sync, runs_here, observers, target, args) -> Any:
+    def _call_with_verdict(self, hook, sync, runs_here, runner, args) -> Any:
         long = sync is Sync.VERDICT_LONG
         result, error = None, None
         if runs_here:
@@ -131,9 +129,7 @@ class Dispatcher:
             try:
                 checked = self._stateful if hook in self._forbids_state else []
                 before = [_state_of(obj) for obj in checked]
-                for observer in observers:
-                    observer(*args)
-                result = target(*args) if target is not None else None
+                result = runner(*args) if runner is not None else None
                 for obj, state in zip(checked, before):
                     _forbid_new_state(obj, state, _state_of(obj))
             except Exception as exc:
@@ -149,16 +145,39 @@ class Dispatcher:
         return result
 
 
-def _recorded(recorder: FlightRecorder, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    record = recorder.record
+def _runner(
+    name: str,
+    observers: list[Callable[..., Any]],
+    target: Callable[..., Any] | None,
+    recorder: FlightRecorder | None,
+) -> Callable[..., Any] | None:
+    """One callable per hook: the callbacks, then the module (whose result it returns),
+    between the flight recorder's enter and leave. None when nobody implements the hook."""
+    if not observers and target is None:
+        return None
+    if recorder is None and not observers:
+        return target
+    record = recorder.record if recorder is not None else lambda *_: None
 
-    def call(*args: Any) -> Any:
+    if not observers:
+
+        def run_target(*args: Any) -> Any:
+            record(ENTER, name)
+            result = target(*args)
+            record(LEAVE, name)  # not reached if it raises or hangs: the trace shows where
+            return result
+
+        return run_target
+
+    def run_all(*args: Any) -> Any:
         record(ENTER, name)
-        result = fn(*args)
-        record(LEAVE, name)  # not reached if fn raises or hangs: the trace shows where
+        for observer in observers:
+            observer(*args)
+        result = target(*args) if target is not None else None
+        record(LEAVE, name)
         return result
 
-    return call
+    return run_all
 
 
 def _owner(fn: Any) -> str:

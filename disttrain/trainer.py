@@ -231,15 +231,21 @@ class Trainer:
             self.scaler = scaler = grad_scaler(cfg.precision, self.device)
             progress, saved_rng = checkpoint.resume(self, dispatcher)
             find_unused = cfg.find_unused_parameters
+            router = TrainingStep(module)
             model = self._collectives.wrap(
-                TrainingStep(module),
+                router,
                 self.device,
                 find_unused=len(optimizers) > 1 if find_unused is None else find_unused,
             )
             self._collectives.attach_stop_vote(model)
+            # unwrapped (one process), call training_step itself: the router adds nothing there
+            forward = module.training_step if model is router else model
             profiler = self.profiler
             if profiler is not None:
-                profiler.watch_module(model if isinstance(model, TrainingStep) else model.module)
+                if model is router:
+                    forward = profiler.timed("forward", forward)
+                else:
+                    profiler.watch_module(router)
                 for optimizer in optimizers:
                     profiler.watch_optimizer(optimizer)
             train_data = data.train_loader_for(self, module)
@@ -291,7 +297,7 @@ class Trainer:
                     with contextlib.nullcontext() if boundary else model.no_sync():
                         for i, optimizer in enumerate(optimizers):
                             with autocast():
-                                out = model(batch, batch_idx, *step_args[i])
+                                out = forward(batch, batch_idx, *step_args[i])
                             loss = loss_of(out)
                             if accumulate > 1:
                                 loss = loss / accumulate
