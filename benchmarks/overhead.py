@@ -1,22 +1,32 @@
-"""Per-step overhead of disttrain against a hand-written loop, on a tiny MLP (32-64-10, batch 32).
+"""disttrain against a hand-written loop: time per step, collectives per step, cold start, RSS.
 
-The model is so small that the framework's own per-step work dominates. Both loops run in the
-same processes, interleaved (hand, disttrain, hand, ...), over the same DataLoader setup
-(DistributedSampler), with the same optimizer. Each round times every step; the figure is
-the median step time over all rounds after warm-up.
+Workloads: ``tiny`` (MLP 32-64-10, batch 32: the framework's per-step work dominates) and
+``compute`` (MLP 512-2048-2048-10, batch 256: the arithmetic dominates). Both loops run in
+the same processes, interleaved (hand, disttrain, hand, ...), over the same DataLoader setup
+(a DistributedSampler), the same model and optimizer; disttrain runs with its defaults
+(checkpoint callback, CSV logger, progress output, preemption handling, flight recorder).
+The figure is the median step time over all rounds after warm-up, with min and max.
 
-    python benchmarks/overhead.py            # single process, then 2-rank DDP via torchrun
-    python benchmarks/overhead.py --rounds 5 --steps 400
+Collectives per steady-state step are counted by wrapping every ``torch.distributed``
+collective (DDP's own gradient all-reduce in C++ is not a Python call; disttrain's runs in
+its communication hook and is counted as "grad"). Cold start is process start to the end of
+the first step, imports included; peak RSS is the process's maximum resident set.
+
+    python benchmarks/overhead.py                 # everything, ~2 minutes on 2 cores
+    python benchmarks/overhead.py --workloads tiny --rounds 5 --steps 400
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -24,27 +34,51 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import disttrain
-
 WARMUP = 20
+WORKLOADS = {  # name: (layer sizes, batch size)
+    "tiny": ((32, 64, 10), 32),
+    "compute": ((512, 2048, 2048, 10), 256),
+}
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_object",
+    "barrier",
+    "broadcast_object_list",
+    "reduce_scatter",
+    "all_to_all",
+    "gather",
+    "scatter",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "send",
+    "recv",
+)
 
 
-def make_data(steps: int, world_size: int) -> TensorDataset:
+def make_data(workload: str, steps: int, world_size: int) -> TensorDataset:
+    sizes, batch = WORKLOADS[workload]
     g = torch.Generator().manual_seed(0)
-    n = 32 * world_size * (steps + WARMUP)
-    return TensorDataset(torch.randn(n, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    n = batch * world_size * (steps + WARMUP)
+    x = torch.randn(n, sizes[0], generator=g)
+    return TensorDataset(x, torch.randint(0, sizes[-1], (n,), generator=g))
 
 
-def make_net() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+def make_net(workload: str) -> torch.nn.Module:
+    sizes, _ = WORKLOADS[workload]
+    layers: list[torch.nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
 
 
-def hand_written(data: TensorDataset, rank: int, world_size: int) -> list[float]:
-    net = make_net()
+def hand_written(workload: str, data: TensorDataset, rank: int, world: int) -> list[float]:
+    net = make_net(workload)
     model = DistributedDataParallel(net) if dist.is_initialized() else net
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True)
-    loader = DataLoader(data, batch_size=32, sampler=sampler)
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True)
+    loader = DataLoader(data, batch_size=WORKLOADS[workload][1], sampler=sampler)
     stamps = []
     sampler.set_epoch(0)
     for x, y in loader:
@@ -56,35 +90,40 @@ def hand_written(data: TensorDataset, rank: int, world_size: int) -> list[float]
     return stamps
 
 
-class TinyMLP(disttrain.Module):
-    def __init__(self, data: TensorDataset) -> None:
-        super().__init__()
-        self.net = make_net()
-        self.data = data
+def with_disttrain(workload: str, data: TensorDataset, run_dir: str, **options) -> list[float]:
+    import disttrain
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.net(x), y)
+    class MLP(disttrain.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net(workload)
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
 
-    def train_dataloader(self):
-        return DataLoader(self.data, batch_size=32, shuffle=True)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
 
+        def train_dataloader(self):
+            return DataLoader(data, batch_size=WORKLOADS[workload][1], shuffle=True)
 
-class Stamps(disttrain.Callback):
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
+    class Stamps(disttrain.Callback):
+        stamps: list[float] = []
 
-    def on_batch_end(self, trainer, module) -> None:
-        self.stamps.append(time.perf_counter())
+        def on_batch_end(self, trainer, module) -> None:
+            self.stamps.append(time.perf_counter())
 
-
-def with_disttrain(data: TensorDataset) -> list[float]:
     stamps = Stamps()
-    trainer = disttrain.Trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[stamps])
-    trainer.fit(TinyMLP(data))
+    stamps.stamps = []
+    trainer = disttrain.Trainer(
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        callbacks=[stamps],
+        default_root_dir=run_dir,
+        **options,
+    )
+    trainer.fit(MLP())
     return stamps.stamps
 
 
@@ -92,69 +131,195 @@ def step_times(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1 :])]
 
 
-def measure(rounds: int, steps: int) -> dict:
+class CollectiveCounter:
+    """Counts every torch.distributed collective call between ``mark`` calls; the all-reduce
+    of disttrain's gradient communication hook is counted as "grad"."""
+
+    def __init__(self) -> None:
+        from disttrain import dist as ddist
+
+        self.current: collections.Counter = collections.Counter()
+        self.windows: list[dict] = []
+        self.in_grad_hook = False
+        for name in COLLECTIVES:
+            setattr(dist, name, self._counting(name, getattr(dist, name)))
+        real_hook = ddist._allreduce_with_stop_vote
+
+        def hook(state, bucket):
+            self.in_grad_hook = True
+            try:
+                return real_hook(state, bucket)
+            finally:
+                self.in_grad_hook = False
+
+        ddist._allreduce_with_stop_vote = hook
+
+    def _counting(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.current["grad" if self.in_grad_hook and name == "all_reduce" else name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def mark(self) -> None:
+        self.windows.append(dict(self.current))
+        self.current.clear()
+
+
+def measure(workload: str, rounds: int, steps: int) -> dict:
+    """Interleaved rounds in this process (a torchrun worker when WORLD_SIZE > 1)."""
     torch.set_num_threads(1)
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
         dist.init_process_group("gloo")
-    data = make_data(steps, world_size)
+    data = make_data(workload, steps, world)
     times: dict[str, list[float]] = {"hand": [], "disttrain": []}
+    run_dir = tempfile.mkdtemp(prefix="disttrain-bench-")
     for _ in range(rounds):
-        times["hand"] += step_times(hand_written(data, rank, world_size))
-        times["disttrain"] += step_times(with_disttrain(data))
+        times["hand"] += step_times(hand_written(workload, data, rank, world))
+        times["disttrain"] += step_times(with_disttrain(workload, data, run_dir))
+    collectives = count_collectives(workload, data, rank, world, run_dir) if world > 1 else {}
     if dist.is_initialized():
         dist.destroy_process_group()
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {
-        "world_size": world_size,
-        "hand_ms": round(med["hand"], 4),
-        "disttrain_ms": round(med["disttrain"], 4),
-        "ratio": round(med["disttrain"] / med["hand"], 3),
-        "disttrain_min_max_ms": [
-            round(min(times["disttrain"]) * 1e3, 4),
-            round(max(times["disttrain"]) * 1e3, 4),
-        ],
+        "workload": workload,
+        "world_size": world,
+        "hand_ms": med["hand"],
+        "disttrain_ms": med["disttrain"],
+        "ratio": med["disttrain"] / med["hand"],
+        "hand_min_max": [min(times["hand"]) * 1e3, max(times["hand"]) * 1e3],
+        "disttrain_min_max": [min(times["disttrain"]) * 1e3, max(times["disttrain"]) * 1e3],
+        "collectives": collectives,
     }
+
+
+def count_collectives(workload, data, rank, world, run_dir) -> dict:
+    """Python-level collectives per steady-state step: hand-written DDP vs disttrain."""
+    import disttrain
+
+    counter = CollectiveCounter()
+
+    class Mark(disttrain.Callback):
+        def on_batch_start(self, trainer, module, batch):
+            counter.mark()
+
+    small = torch.utils.data.Subset(data, range(WORKLOADS[workload][1] * world * 12))
+    trainer = disttrain.Trainer(
+        max_epochs=1, num_sanity_val_steps=0, callbacks=[Mark()], default_root_dir=run_dir
+    )
+
+    class MLP(disttrain.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net(workload)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return DataLoader(small, batch_size=WORKLOADS[workload][1], shuffle=True)
+
+    trainer.fit(MLP())
+    steady = counter.windows[2:]  # windows between consecutive steps, after two warm-up steps
+    extra = [sum(v for k, v in w.items() if k != "grad") for w in steady]
+    grads = [w.get("grad", 0) for w in steady]
+    return {
+        "disttrain_extra_per_step": max(extra),
+        "gradient_all_reduces_per_step": max(grads),
+        "hand_written_extra_per_step": 0,
+    }
+
+
+def cold_start(kind: str, workload: str) -> tuple[float, float]:
+    """(seconds from process start to the first finished step, peak RSS MB) of a fresh
+    process running one short loop of ``kind`` ("hand" or "disttrain")."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = (
+        f"import sys, time; sys.path.insert(0, {here!r}); import overhead as o\n"
+        f"data = o.make_data({workload!r}, 4, 1)\n"
+        "import tempfile\n"
+        f"stamps = o.hand_written({workload!r}, data, 0, 1) if {kind!r} == 'hand' else "
+        f"o.with_disttrain({workload!r}, data, tempfile.mkdtemp(), enable_progress_bar=False)\n"
+        "import resource\n"
+        "print(stamps[0] - time.perf_counter() + time.time(), "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    start = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    ).stdout
+    first_step, rss = map(float, out.split()[-2:])
+    return first_step - start, rss
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--worker", action="store_true", help="internal: measure in this process")
+    parser.add_argument("--workloads", default="tiny,compute")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    if args.worker or "RANK" in os.environ:
-        result = measure(args.rounds, args.steps)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("RESULT " + json.dumps(result), flush=True)
+    if "RANK" in os.environ:  # a torchrun worker
+        for workload in args.workloads.split(","):
+            result = measure(workload, args.rounds, args.steps)
+            if int(os.environ["RANK"]) == 0:
+                print("RESULT " + json.dumps(result), flush=True)
         return
-    rows = [measure(args.rounds, args.steps)]
+    rows = []
+    for workload in args.workloads.split(","):
+        steps = args.steps if workload == "tiny" else max(30, args.steps // 10)
+        rows.append(measure(workload, args.rounds, steps))
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node=2",
-        __file__,
+        os.path.abspath(__file__),
         "--rounds",
         str(args.rounds),
         "--steps",
         str(args.steps),
+        "--workloads",
+        "tiny",
     ]
     out = subprocess.run(
         cmd,
         capture_output=True,
         text=True,
-        timeout=1800,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=3600,
         check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     ).stdout
     rows += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-    print(f"{'setting':<22}{'hand ms/step':>14}{'disttrain ms/step':>19}{'ratio':>8}")
-    for row in rows:
-        name = "single process" if row["world_size"] == 1 else f"DDP {row['world_size']} ranks"
-        print(f"{name:<22}{row['hand_ms']:>14.3f}{row['disttrain_ms']:>19.3f}{row['ratio']:>8.3f}")
+    print(
+        f"{'workload':<10}{'ranks':>6}{'hand ms':>10}{'disttrain ms':>14}{'ratio':>8}"
+        f"{'  disttrain min-max ms':>24}{'  extra collectives/step':>26}"
+    )
+    for r in rows:
+        extra = r["collectives"].get("disttrain_extra_per_step", "-")
+        lo, hi = r["disttrain_min_max"]
+        print(
+            f"{r['workload']:<10}{r['world_size']:>6}{r['hand_ms']:>10.3f}"
+            f"{r['disttrain_ms']:>14.3f}{r['ratio']:>8.3f}{f'{lo:.3f}-{hi:.3f}':>24}{extra!s:>26}"
+        )
+    starts = {kind: [cold_start(kind, "tiny") for _ in range(3)] for kind in ("hand", "disttrain")}
+    for kind, runs in starts.items():
+        print(
+            f"cold start {kind:<10} median {statistics.median(s for s, _ in runs):.2f} s to the "
+            f"first step; peak RSS {statistics.median(m for _, m in runs):.0f} MB"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "cold_start": starts}, f, indent=1)
 
 
 if __name__ == "__main__":
