@@ -52,6 +52,7 @@ class TrainerConfig:
     sync_step_metrics: bool = False  # reduce step metrics over ranks (one collective/interval)
     enable_progress_bar: bool = True  # tqdm on a terminal, log lines otherwise; rank 0 only
     profiler: Literal["simple"] | None = None  # per hook and loop phase, with the slowest rank
+    compile: bool = False  # torch.compile the training step (after the DDP wrap)
 
     def __post_init__(self) -> None:
         if self.precision == 32 and not isinstance(self.precision, bool):  # YAML reads 32 as int

@@ -240,6 +240,8 @@ class Trainer:
             self._collectives.attach_stop_vote(model)
             # unwrapped (one process), call training_step itself: the router adds nothing there
             forward = module.training_step if model is router else model
+            if cfg.compile:  # after the DDP wrap, as PyTorch recommends; hooks stay outside
+                forward = torch.compile(model)
             profiler = self.profiler
             if profiler is not None:
                 if model is router:

@@ -88,7 +88,9 @@ def test_sigterm_to_one_rank_checkpoints_exits_75_and_the_same_command_resumes(
     config = job_config(tmp_path, signal_at=5, signal_name="SIGTERM")
     proc = launch(config)
     assert proc.returncode == disttrain.EXIT_PREEMPTED == 75, proc.stderr[-6000:]
-    assert "stopped on SIGTERM after step 6" in proc.stderr  # voted at 5, agreed in step 6
+    # voted at step 5 on rank 1, agreed in step 6's gradient all-reduce: both stop after it
+    assert "rank 0: stopped on SIGTERM after step 6" in proc.stderr
+    assert "rank 1: stopped on SIGTERM after step 6" in proc.stderr
     assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=6.ckpt").exists()
     assert not (tmp_path / "report" / "final.pt").exists()
     again = launch(config)

@@ -226,3 +226,19 @@ def test_loader_that_cannot_be_sharded_is_refused_at_world_size_two():
     with pytest.raises(ValueError, match="would give every rank the same data"):
         train_loader(loader, 0, 2, 0, torch.device("cpu"), "M.train_dataloader()")
     assert train_loader(loader, 0, 1, 0, torch.device("cpu"), "M") is loader
+
+
+def test_compile_keeps_every_hook_in_order_and_trains_the_same():
+    from common import Recorder
+
+    runs = {}
+    for compiled in (False, True):
+        disttrain.seed_everything(0)
+        module = Recorder(n_train=8)
+        Trainer(
+            max_epochs=1, num_sanity_val_steps=0, compile=compiled, enable_checkpointing=False
+        ).fit(module)
+        runs[compiled] = (module.calls, {k: v.clone() for k, v in module.state_dict().items()})
+    assert runs[True][0] == runs[False][0]
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, rtol=1e-4, atol=1e-5)
