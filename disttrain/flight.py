@@ -26,12 +26,13 @@ class FlightRecorder:
     def __init__(self, rank: int, capacity: int = 512) -> None:
         self.rank = rank
         self.events: collections.deque = collections.deque(maxlen=capacity)
-        self.step_of = lambda: 0  # set by the trainer: reads its global step when recording
+        self.progress: Any = None  # the trainer: its global_step is read when recording
         self.directory: Path | None = None
         self.failed = False  # the first failure's trace is the one that tells where it began
 
     def record(self, event: str, name: str) -> None:
-        self.events.append((time.time(), event, name, self.step_of()))
+        progress = self.progress
+        self.events.append((time.time(), event, name, progress.global_step if progress else 0))
 
     def dump(self, reason: str, failure: bool = True) -> Path | None:
         """Write the trace; after a failure's dump, later failure dumps keep the first."""

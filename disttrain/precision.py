@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+NULL_CONTEXT = contextlib.nullcontext()  # stateless, so one instance serves every step
 
 
 def autocast_factory(
@@ -16,7 +17,7 @@ def autocast_factory(
     """A zero-argument callable giving the context in which forward passes run."""
     dtype = _AUTOCAST_DTYPES.get(precision)
     if dtype is None:
-        return contextlib.nullcontext
+        return lambda: NULL_CONTEXT
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 

@@ -7,7 +7,6 @@ follows (see ``disttrain.hooks`` for the table and the picture of the loop).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -32,7 +31,7 @@ from disttrain.log import configure_logging, writes_run_output
 from disttrain.loggers import Logger, make_logger
 from disttrain.metrics import Reporter
 from disttrain.module import Module
-from disttrain.precision import autocast_factory, grad_scaler
+from disttrain.precision import NULL_CONTEXT, autocast_factory, grad_scaler
 from disttrain.preemption import Preempted, PreemptionWatcher
 from disttrain.profiler import SimpleProfiler, report
 from disttrain.progress import ProgressBar
@@ -81,7 +80,7 @@ class Trainer:
         self.reporter = Reporter(logger, cfg.log_every_n_steps, cfg.sync_step_metrics)
         self.running_limited_hook: str | None = None  # set by the dispatcher: log() refuses
         self.flight = FlightRecorder(self.env.rank)
-        self.flight.step_of = lambda: self.global_step
+        self.flight.progress = self
         self.flight.directory = Path(cfg.default_root_dir) / "flight"
         self.profiler = SimpleProfiler() if cfg.profiler == "simple" else None
         self.profile_report: str | None = None
@@ -296,7 +295,7 @@ class Trainer:
                         break
                     batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, device)
                     boundary = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == n_train
-                    with contextlib.nullcontext() if boundary else model.no_sync():
+                    with NULL_CONTEXT if boundary else model.no_sync():
                         for i, optimizer in enumerate(optimizers):
                             with autocast():
                                 out = forward(batch, batch_idx, *step_args[i])

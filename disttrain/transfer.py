@@ -26,7 +26,8 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(move_to_device(x, device) for x in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(x, device) for x in batch)
+        moved = [move_to_device(x, device) for x in batch]
+        return moved if type(batch) is list else type(batch)(moved)
     if isinstance(batch, dict):  # copy keeps dict subclasses (OrderedDict, defaultdict) intact
         moved = copy.copy(batch)
         for key, value in batch.items():
