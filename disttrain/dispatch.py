@@ -95,7 +95,14 @@ class Dispatcher:
                 observers = [profiler.timed(f"{_owner(o)}.{name}", o) for o in observers]
                 if target is not None:
                     target = profiler.timed(f"{type(module).__name__}.{name}", target)
-            runner = _runner(name, observers, target, recorder)
+            # the trace follows user code (where hangs come from); the library's own default
+            # transfer/backward are left out, and the gradient all-reduce records itself
+            user_code = overridden(module, name, ModelHooks) or any(
+                not type(cb).__module__.startswith("disttrain.")
+                for cb in callbacks
+                if rule.callbacks and overridden(cb, name, Callback)
+            )
+            runner = _runner(name, observers, target, recorder if user_code else None)
             self._plan[hook] = (sync, runs_on(rule.ranks, env), runner)
 
     def call(self, hook: Hook, *args: Any) -> Any:
