@@ -62,6 +62,43 @@ def torchrun(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment a launched job needs to import the test modules."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def disttrain_cli(*args: str, timeout: float = 180, env: dict | None = None, cwd=None):
+    """Run the ``disttrain`` command (``python -m disttrain ...``) to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "disttrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or worker_env(),
+        cwd=cwd,
+    )
+
+
+def launch_two(config, *overrides: str, timeout: float = 180, env: dict | None = None):
+    """``disttrain launch --nproc-per-node 2 fit --config CONFIG [overrides]``."""
+    return disttrain_cli(
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "fit",
+        "--config",
+        str(config),
+        *overrides,
+        timeout=timeout,
+        env=env,
+    )
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp_path(tmp_path, monkeypatch):
     """Each test runs in its own directory, so default run directories never collide."""

@@ -15,13 +15,12 @@ import pytest
 import torch
 import yaml
 from common import read_results
-from conftest import ROOT, WORKERS
+from conftest import disttrain_cli, worker_env
 
 import disttrain
 from disttrain import CheckpointError, checkpoint
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
-       "OMP_NUM_THREADS": "1"}  # fmt: skip
+ENV = worker_env()
 
 
 def job_config(tmp_path: Path, cls: str = "common.FaultyJob", **init_args) -> Path:
@@ -30,22 +29,26 @@ def job_config(tmp_path: Path, cls: str = "common.FaultyJob", **init_args) -> Pa
     config = {
         "model": {"class_path": cls, "init_args": {"report_dir": str(report), **init_args}},
         "trainer": {
-            "max_epochs": 3, "num_sanity_val_steps": 1,
-            "callbacks": [{"class_path": "disttrain.callbacks.ModelCheckpoint",
-                           "init_args": {"every_n_steps": 2, "keep_last_k": 2}}],
+            "max_epochs": 3,
+            "num_sanity_val_steps": 1,
+            "callbacks": [
+                {
+                    "class_path": "disttrain.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_steps": 2, "keep_last_k": 2},
+                }
+            ],
         },
         "launch": {"nproc_per_node": 2},
         "seed": 5,
         "run_dir": str(tmp_path / "run"),
-    }  # fmt: skip
+    }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def launch(config: Path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "disttrain", "launch", *extra, "fit", "--config", str(config)]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return disttrain_cli("launch", *extra, "fit", "--config", str(config), timeout=timeout)
 
 
 def final_weights(tmp_path: Path) -> dict:
@@ -110,10 +113,11 @@ def test_sigterm_to_the_launcher(tmp_path, uninterrupted):
             for f in path.iterdir():
                 f.unlink()
     cmd = [sys.executable, "-m", "disttrain", "launch", "fit", "--config", str(config)]
-    launcher = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)  # fmt: skip
+    launcher = subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
-    while not list((run_dir / "checkpoints").glob("epoch=0-step=4.ckpt")):
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # training is under way
         assert time.time() < deadline and launcher.poll() is None
         time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import csv
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 from common import LogsMetrics, exact_validation, read_results
-from conftest import ROOT, WORKERS
+from conftest import launch_two
 from scenarios import exact_metrics
 
 import disttrain
-
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
-    "OMP_NUM_THREADS": "1",
-}
 
 
 def expected() -> dict[str, float]:
@@ -76,23 +67,7 @@ def test_csv_and_tensorboard_files_of_a_two_rank_run(tmp_path):
                 }
             )
         )
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "disttrain",
-                "launch",
-                "--nproc-per-node",
-                "2",
-                "fit",
-                "--config",
-                str(config),
-            ],
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        proc = launch_two(config)
         assert proc.returncode == 0, proc.stderr[-5000:]
         report = yaml.safe_load((run_dir / "report.yaml").read_text())
         if logger == "csv":

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 from common import LogsMetrics
-from conftest import ROOT, WORKERS
+from conftest import disttrain_cli, launch_two, worker_env
 
 import disttrain
 from disttrain import cli
-
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
-    "OMP_NUM_THREADS": "1",
-}
 
 
 def test_hang_report_names_the_rank_and_the_hook(tmp_path):
@@ -34,23 +25,7 @@ def test_hang_report_names_the_rank_and_the_hook(tmp_path):
         )
     )
     start = time.monotonic()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "disttrain",
-            "launch",
-            "--nproc-per-node",
-            "2",
-            "fit",
-            "--config",
-            str(config),
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = launch_two(config)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     report = proc.stderr[proc.stderr.index("flight recorder") :]
@@ -130,45 +105,16 @@ def test_progress_lines_when_not_a_terminal(tmp_path):
             }
         )
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "disttrain",
-            "launch",
-            "--nproc-per-node",
-            "2",
-            "fit",
-            "--config",
-            str(config),
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = launch_two(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "steps/s" in line]
     assert len(lines) >= 3 and all(line.startswith("[rank 0]") for line in lines)
     assert "train_loss" in lines[0]  # prog_bar metrics
-    everyone = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "disttrain",
-            "launch",
-            "--nproc-per-node",
-            "2",
-            "fit",
-            "--config",
-            str(config),
-            f"run_dir={tmp_path / 'run2'}",
-            "trainer.resume=auto",
-        ],
-        env={**ENV, "DISTTRAIN_LOG_ALL_RANKS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    everyone = launch_two(
+        config,
+        f"run_dir={tmp_path / 'run2'}",
+        "trainer.resume=auto",
+        env=worker_env(DISTTRAIN_LOG_ALL_RANKS="1"),
     )
     assert "[rank 1] resume=auto: no checkpoint" in everyone.stderr  # each rank logs it
     assert "[rank 1]" not in proc.stderr
@@ -176,10 +122,5 @@ def test_progress_lines_when_not_a_terminal(tmp_path):
 
 @pytest.mark.parametrize("command", ["hooks", "plot"])
 def test_new_commands_have_help(command):
-    out = subprocess.run(
-        [sys.executable, "-m", "disttrain", command, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = disttrain_cli(command, "--help", timeout=60)
     assert out.returncode == 0 and "usage" in out.stdout

@@ -3,7 +3,6 @@ two torchrun agents as two nodes on this machine."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 import yaml
 from common import read_results
-from conftest import ROOT, WORKERS
+from conftest import ROOT, disttrain_cli, worker_env
 
 SHORT = {
     "smoke.yaml": [],
@@ -25,23 +24,6 @@ SHORT = {
 }
 
 
-def disttrain_cmd(*args: str, timeout: float = 240, env: dict | None = None, cwd=None):
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
-        "OMP_NUM_THREADS": "1",
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "disttrain", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=cwd,
-    )
-
-
 def test_every_config_has_a_test():
     assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == sorted(SHORT)
 
@@ -49,7 +31,7 @@ def test_every_config_has_a_test():
 @pytest.mark.parametrize("name", sorted(SHORT))
 def test_config_runs_end_to_end_on_two_ranks(tmp_path, name):
     run_dir = tmp_path / "run"
-    proc = disttrain_cmd(
+    proc = disttrain_cli(
         "launch",
         "fit",
         "--config",
@@ -71,12 +53,12 @@ def test_config_runs_end_to_end_on_two_ranks(tmp_path, name):
 
 def test_smoke_config_in_the_debug_mode_and_repeated_from_its_resolved_config(tmp_path):
     run_dir = tmp_path / "run"
-    proc = disttrain_cmd(
+    proc = disttrain_cli(
         "fit", "--config", str(ROOT / "configs" / "smoke.yaml"), f"run_dir={run_dir}"
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     saved = run_dir / "config.yaml"
-    again = disttrain_cmd("print-config", "--config", str(saved))
+    again = disttrain_cli("print-config", "--config", str(saved))
     assert again.returncode == 0 and yaml.safe_load(again.stdout) == yaml.safe_load(
         saved.read_text()
     )
@@ -89,7 +71,7 @@ def test_failing_worker_stops_the_job_and_its_error_is_shown(tmp_path):
         .read_text()
         .replace("disttrain.examples.regression.Regression", "common.FailsOnRankOne")
     )
-    proc = disttrain_cmd("launch", "fit", "--config", str(config), f"run_dir={tmp_path / 'r'}")
+    proc = disttrain_cli("launch", "fit", "--config", str(config), f"run_dir={tmp_path / 'r'}")
     assert proc.returncode != 0
     assert "rank 1 failed first" in proc.stderr
     assert "on_fit_start exploded on rank 1" in proc.stderr
@@ -133,11 +115,7 @@ def test_two_nodes_on_one_machine(tmp_path, per_node):
         "--config",
         str(config),
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = worker_env()
     nodes = [
         subprocess.Popen(
             [sys.executable, "-m", "disttrain", *args],

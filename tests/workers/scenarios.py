@@ -249,60 +249,15 @@ def exact_metrics(outdir):
     write_result(outdir, trainer.global_rank, dict(trainer.callback_metrics))
 
 
-COLLECTIVES = (
-    "all_reduce",
-    "broadcast",
-    "all_gather",
-    "all_gather_object",
-    "barrier",
-    "broadcast_object_list",
-    "gather",
-    "scatter",
-    "reduce",
-    "reduce_scatter",
-    "all_to_all",
-    "all_gather_into_tensor",
-    "reduce_scatter_tensor",
-    "monitored_barrier",
-    "send",
-    "recv",
-    "isend",
-    "irecv",
-)
-
-
 def count_collectives(outdir):
     """Count every torch.distributed call per training step; DDP's gradient all-reduce (our
-    comm hook) is counted apart as "grad"."""
-    import collections
-
-    import torch.distributed as tdist
+    comm hook) is counted apart as "grad" -- with the benchmark's own counter."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from common import LogsMetrics
+    from overhead import CollectiveCounter
 
-    from disttrain import dist as ddist
-
-    current = collections.Counter()
-    in_hook = [False]
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            current["grad" if in_hook[0] and name == "all_reduce" else name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    for name in COLLECTIVES:
-        setattr(tdist, name, counting(name, getattr(tdist, name)))
-    real_hook = ddist._allreduce_with_stop_vote
-
-    def hook(state, bucket):
-        in_hook[0] = True
-        try:
-            return real_hook(state, bucket)
-        finally:
-            in_hook[0] = False
-
-    ddist._allreduce_with_stop_vote = hook
+    counter = CollectiveCounter()
+    current = counter.current
     windows = []
 
     class Windows(disttrain.Callback):
