@@ -263,14 +263,14 @@ def connect(
         collectives = _collectives_over_world(env, dist.get_backend(), timeout, long_timeout, False)
         collectives.recorder = recorder
         return collectives
-    if _raw_store is None:
-        agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        _raw_store = dist.TCPStore(
-            env.master_addr,
-            env.master_port,
-            env.world_size,
-            is_master=env.rank == 0 and not agent_hosts_store,
-            timeout=timedelta(seconds=long_timeout),
+    if _raw_store is None:  # torch's env:// rendezvous: the agent's store, or rank 0 hosts one
+        _raw_store, _, _ = next(
+            dist.rendezvous(
+                "env://",  # MASTER_ADDR / MASTER_PORT, as read into env
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timedelta(seconds=long_timeout),
+            )
         )
     _sessions += 1
     store = dist.PrefixStore(
