@@ -165,6 +165,24 @@ def restore(trainer: Any, checkpoint: dict[str, Any], call: Callable[..., Any]) 
 def resume(trainer: Any, dispatcher: Any) -> tuple[Progress | None, dict | None]:
     """Restore the checkpoint ``trainer.config.resume`` names; ``auto`` after an elastic
     restart. Returns the progress to go on from and this rank's RNG state to put back."""
+    state, source = _load_requested(trainer, dispatcher)
+    if state is None:
+        return None, None
+    progress = restore(trainer, state, dispatcher.call)
+    log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
+    return progress, rng_for_rank(state, trainer.global_rank, trainer.world_size)
+
+
+def restore_weights(trainer: Any, dispatcher: Any) -> None:
+    """For validate/test: the module's weights (and its on_load_checkpoint) from ``resume``."""
+    state, source = _load_requested(trainer, dispatcher)
+    if state is not None:
+        trainer.module.load_state_dict(state["module"])
+        dispatcher.call(Hook.ON_LOAD_CHECKPOINT, state)
+        log.info("evaluating the weights of %s", source)
+
+
+def _load_requested(trainer: Any, dispatcher: Any) -> tuple[dict | None, str | None]:
     source = trainer.config.resume
     if source is None and trainer.env.restart_count > 0:
         source = "auto"  # torchelastic restarted the group: go on from the last checkpoint
@@ -175,10 +193,7 @@ def resume(trainer: Any, dispatcher: Any) -> tuple[Progress | None, dict | None]
         if source is None:
             log.info("resume=auto: no checkpoint in %s, starting fresh", trainer.checkpoint_dir)
             return None, None
-    state = dispatcher.run(Action.LOAD_CHECKPOINT, load, source)
-    progress = restore(trainer, state, dispatcher.call)
-    log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
-    return progress, rng_for_rank(state, trainer.global_rank, trainer.world_size)
+    return dispatcher.run(Action.LOAD_CHECKPOINT, load, source), source
 
 
 def rng_for_rank(checkpoint: dict[str, Any], rank: int, world_size: int) -> dict | None:

@@ -360,7 +360,8 @@ class Trainer:
             call(Hook.TEARDOWN, "fit")
 
     def validate(self, module: Module, datamodule: DataModule | None = None) -> Any:
-        """Run the validation loop once over all of ``val_dataloader`` on every rank.
+        """Run the validation loop once over all of ``val_dataloader`` on every rank; with
+        ``resume`` (``auto`` or a path) on the weights of that checkpoint.
 
         Returns what ``validation_epoch_end`` returned on this rank.
         """
@@ -383,6 +384,7 @@ class Trainer:
             dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, self)
             call(Hook.SETUP, stage)
             module.to(self.device)
+            checkpoint.restore_weights(self, dispatcher)  # with resume=auto|path
             loader = data.eval_loader_for(self, module, loader_name, f"{kind}_step")
             if loader is None:
                 raise ValueError(

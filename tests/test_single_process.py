@@ -242,3 +242,20 @@ def test_compile_keeps_every_hook_in_order_and_trains_the_same():
     assert runs[True][0] == runs[False][0]
     for key, value in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_validate_and_test_evaluate_a_checkpoint_with_resume(tmp_path):
+    from common import LogsMetrics
+
+    disttrain.seed_everything(0)
+    trained = LogsMetrics(n_val=7)
+    fit = Trainer(max_epochs=2, default_root_dir=str(tmp_path), num_sanity_val_steps=0)
+    fit.fit(trained)
+    after_fit = fit.callback_metrics["val_mse"]
+    fresh = LogsMetrics(n_val=7)  # other weights
+    untrained = Trainer(default_root_dir=str(tmp_path / "other"))
+    untrained.validate(fresh)
+    assert untrained.callback_metrics["val_mse"] != pytest.approx(after_fit)
+    evaluator = Trainer(default_root_dir=str(tmp_path), resume="auto")
+    evaluator.validate(fresh)
+    assert evaluator.callback_metrics["val_mse"] == pytest.approx(after_fit, rel=1e-6)
