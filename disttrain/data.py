@@ -46,7 +46,8 @@ class ResumableDistributedSampler(DistributedSampler):
         self.skip = 0
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
+        indices = super().__iter__()
+        return itertools.islice(indices, self.skip, None) if self.skip else indices
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -64,7 +65,7 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
     if first_batch and isinstance(sampler, ResumableDistributedSampler):
         sampler.skip = first_batch * loader.batch_size
         return iter(loader)
-    return itertools.islice(iter(loader), first_batch, None)
+    return itertools.islice(iter(loader), first_batch, None) if first_batch else iter(loader)
 
 
 def train_loader(
