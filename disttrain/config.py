@@ -53,6 +53,8 @@ class TrainerConfig:
     enable_progress_bar: bool = True  # tqdm on a terminal, log lines otherwise; rank 0 only
     profiler: Literal["simple"] | None = None  # per hook and loop phase, with the slowest rank
     compile: bool = False  # torch.compile the training step (after the DDP wrap)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: ddp
+    activation_checkpointing: bool = False  # fsdp: recompute each block's activations
 
     def __post_init__(self) -> None:
         if self.precision == 32 and not isinstance(self.precision, bool):  # YAML reads 32 as int
@@ -83,6 +85,12 @@ class TrainerConfig:
                 raise ConfigError(
                     name, f"must be a positive number of seconds, got {getattr(self, name)}"
                 )
+        if self.strategy == "fsdp" and (self.enable_checkpointing or self.resume is not None):
+            raise ConfigError(
+                "strategy",
+                "'fsdp' does not write or resume checkpoints yet (sharded DCP checkpoints are "
+                "not implemented); set enable_checkpointing: false and resume: null",
+            )
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ConfigError("gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
 

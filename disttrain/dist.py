@@ -341,3 +341,32 @@ def launch_workers(torchrun_argv: list[str], after_failure: Any = None) -> int:
             after_failure()
         return failure.exitcode if failure.exitcode > 0 else 1  # killed by a signal: 1
     return 0
+
+
+def shard_fsdp(
+    module: torch.nn.Module,
+    blocks: list[torch.nn.Module],
+    precision: str,
+    activation_checkpointing: bool,
+) -> None:
+    """FSDP2: shard each block, then the module as root (parameters stay DTensors in place).
+
+    ``bf16-mixed`` keeps parameters in bf16 for compute and reduces gradients in bf16 while the
+    optimizer updates fp32 shards; activation checkpointing recomputes each block's
+    activations in backward instead of storing them.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16-mixed":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            apply_activation_checkpointing,
+        )
+
+        chosen = set(map(id, blocks))
+        apply_activation_checkpointing(module, check_fn=lambda m: id(m) in chosen)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)

@@ -16,7 +16,8 @@ def evaluate(trainer: Any, call: Callable[..., Any], loader: Any, limit: int, ki
     ``{kind}_epoch_end``; its logged epoch values are reduced over all ranks in one collective
     (not for the sanity check). Returns what ``{kind}_epoch_end`` returned."""
     module = trainer.module
-    step = getattr(module, f"{kind}_step")
+    fit_step = trainer._step  # under FSDP, steps go through the sharded root's __call__
+    step = fit_step.call(f"{kind}_step") if fit_step else getattr(module, f"{kind}_step")
     call(Hook.ON_PRE_PERFORMANCE_CHECK)
     was_training = module.training
     module.eval()

@@ -55,6 +55,7 @@ def open_session(trainer: Any, module: Any, datamodule: Any) -> Iterator[Dispatc
         if previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, previous_usr1)
         trainer._dispatcher = None
+        trainer._step = None
         trainer._collectives.close()
         trainer._collectives = Collectives()
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from disttrain import checkpoint, data, optim
+from disttrain import checkpoint, data, optim, strategy
 from disttrain.callback import Callback
 from disttrain.callbacks import ModelCheckpoint
 from disttrain.checkpoint import set_rng_state
@@ -37,7 +37,6 @@ from disttrain.profiler import SimpleProfiler, report
 from disttrain.progress import ProgressBar
 from disttrain.session import hyperparams, open_session, write_run_files
 from disttrain.steps import (
-    TrainingStep,
     detached,
     loss_of,
     per_batch,
@@ -99,6 +98,7 @@ class Trainer:
         self._collectives: Collectives = Collectives()
         self._dispatcher: Dispatcher | None = None
         self._next_batch, self._epoch_finished = 0, False
+        self._step: strategy.Step | None = None  # how fit reaches the model (set in fit)
 
     @property
     def global_rank(self) -> int:
@@ -225,28 +225,22 @@ class Trainer:
             call(Hook.SETUP, "fit")
             module.to(self.device)
             call(Hook.ON_FIT_START)
-            optimizers, schedulers = optim.normalise(module.configure_optimizers())
+            step, (optimizers, schedulers) = strategy.build(
+                self, module, lambda: optim.normalise(module.configure_optimizers())
+            )
+            self._step = step
             self.optimizers, self.schedulers = optimizers, schedulers
             self.scaler = scaler = grad_scaler(cfg.precision, self.device)
             progress, saved_rng = checkpoint.resume(self, dispatcher)
-            find_unused = cfg.find_unused_parameters
-            router = TrainingStep(module)
-            model = self._collectives.wrap(
-                router,
-                self.device,
-                find_unused=len(optimizers) > 1 if find_unused is None else find_unused,
-            )
-            self._collectives.attach_stop_vote(model)
-            # unwrapped (one process), call training_step itself: the router adds nothing there
-            forward = module.training_step if model is router else model
+            model, forward = step, step.forward
             if cfg.compile:  # after the DDP wrap, as PyTorch recommends; hooks stay outside
-                forward = torch.compile(model)
+                forward = torch.compile(step.model or forward)
             profiler = self.profiler
             if profiler is not None:
-                if model is router:
-                    forward = profiler.timed("forward", forward)
+                if step.model is not None and step.forward is step.model:  # DDP: its router
+                    profiler.watch_module(step.model.module)
                 else:
-                    profiler.watch_module(router)
+                    forward = profiler.timed("forward", forward)
                 for optimizer in optimizers:
                     profiler.watch_optimizer(optimizer)
             train_data = data.train_loader_for(self, module)

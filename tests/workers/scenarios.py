@@ -282,6 +282,68 @@ def count_collectives(outdir):
     write_result(outdir, trainer.global_rank, {"windows": windows, "tail": dict(current)})
 
 
+class Wide(Regressor):
+    """Parameters dominate: two wide layers, so sharding them halves each rank's share."""
+
+    def __init__(self):
+        super().__init__(n_train=32, batch_size=4, shuffle=True)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 512), torch.nn.Tanh(), torch.nn.Linear(512, 1)
+        )
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.item())
+        return loss
+
+
+def fsdp_vs_ddp(outdir):
+    """The same seed and data under DDP and FSDP: loss curves, parameter bytes per rank."""
+    from common import Recorder
+
+    result = {}
+    runs = {
+        "ddp": {"strategy": "ddp"},
+        "fsdp": {"strategy": "fsdp"},
+        "fsdp_bf16_ac": {
+            "strategy": "fsdp",
+            "precision": "bf16-mixed",
+            "activation_checkpointing": True,
+        },
+    }
+    for run, options in runs.items():
+        disttrain.seed_everything(0)
+        module = Wide()
+        trainer = Trainer(
+            max_epochs=2,
+            num_sanity_val_steps=1,
+            enable_checkpointing=False,
+            accumulate_grad_batches=2,
+            gradient_clip_val=1.0,
+            **options,
+        )
+        trainer.fit(module)
+        local = sum(
+            p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+            for p in module.parameters()
+        )
+        result[run] = {"losses": module.losses, "param_elements": local}
+    recorder = Recorder(n_train=16, n_val=7)
+    trainer = Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=1,
+        strategy="fsdp",
+        enable_checkpointing=False,
+        callbacks=[RecordingCallback(recorder.calls)],
+    )
+    trainer.fit(recorder)
+    result["fsdp_calls"] = recorder.calls
+    write_result(outdir, trainer.global_rank, result)
+
+
 if __name__ == "__main__":
     name, outdir = sys.argv[1], sys.argv[2]
     globals()[name](outdir)

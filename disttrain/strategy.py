@@ -1,0 +1,91 @@
+"""How the training step reaches the model: a value chosen once, the same loop for all.
+
+- one process: ``training_step`` is called directly;
+- ``ddp``: through DistributedDataParallel's forward (its hooks all-reduce gradients);
+- ``fsdp``: through the FSDP2 root's ``__call__`` with the step as its forward for that one
+  call (forward redirection), so the root's all-gather and reshard hooks run around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from disttrain.steps import TrainingStep
+
+
+class Step:
+    """What the loop needs: ``forward(*args)`` for the training step, ``no_sync()`` for
+    micro-steps inside an accumulation window, ``call(name)`` for evaluation steps."""
+
+    def __init__(
+        self, forward: Callable[..., Any], model: Any, module: torch.nn.Module, sharded: bool
+    ) -> None:
+        self.forward, self.model, self.module, self.sharded = forward, model, module, sharded
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return _no_gradient_sync(self.module) if self.sharded else self.model.no_sync()
+
+    def call(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.module, name)
+        return _redirected(self.module, method) if self.sharded else method
+
+
+def build(trainer: Any, module: Any, configure: Callable[[], tuple]) -> tuple[Step, tuple]:
+    """Wrap ``module`` as ``trainer.config.strategy`` says and build the optimizers with
+    ``configure()``: after sharding for FSDP (they must see the sharded parameters), before
+    the wrap for DDP (whose ``find_unused_parameters`` depends on how many there are)."""
+    from disttrain.dist import shard_fsdp
+
+    cfg = trainer.config
+    if cfg.strategy == "fsdp" and trainer.env.launched:
+        blocks = module.fsdp_blocks() if hasattr(module, "fsdp_blocks") else _default_blocks(module)
+        shard_fsdp(module, blocks, cfg.precision, cfg.activation_checkpointing)
+        step = Step(_redirected(module, module.training_step), None, module, sharded=True)
+        return step, configure()
+    configured = configure()
+    optimizers = configured[0]
+    router = TrainingStep(module)
+    find_unused = cfg.find_unused_parameters
+    collectives = trainer._collectives
+    model = collectives.wrap(
+        router,
+        trainer.device,
+        find_unused=len(optimizers) > 1 if find_unused is None else find_unused,
+    )
+    collectives.attach_stop_vote(model)
+    # unwrapped (one process), call training_step itself: the router adds nothing there
+    forward = module.training_step if model is router else model
+    return Step(forward, model, module, sharded=False), configured
+
+
+def _default_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every direct child that holds parameters: the usual unit of sharding."""
+    return [child for child in module.children() if any(True for _ in child.parameters())]
+
+
+def _redirected(module: torch.nn.Module, method: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        def forward(*inner: Any) -> Any:
+            del module.forward  # inside the step, self(x) is the module's own forward again
+            return method(*inner)
+
+        module.forward = forward
+        try:
+            return module(*args)
+        finally:
+            module.__dict__.pop("forward", None)
+
+    return call
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(module: Any) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)  # no reduce-scatter on this micro-step
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
