@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from disttrain.callback import Callback
-from disttrain.checkpoint import SUFFIX
+from disttrain.checkpoint import SUFFIX, remove
 from disttrain.files import atomic_link
 
 LAST = f"last{SUFFIX}"
@@ -115,11 +115,12 @@ class ModelCheckpoint(Callback):
 
 
 def _rotate(directory: Path, newest: Path, doomed: list[str], save_last: bool) -> None:
-    """Global zero's file work after a save: point last.ckpt at it, delete what is not kept."""
-    if save_last:
+    """Global zero's file work after a save: point last.ckpt at it, delete what is not kept.
+    (A sharded checkpoint is a directory: it gets no last.ckpt; auto-resume finds it anyway.)"""
+    if save_last and newest.is_file():
         atomic_link(newest, directory / LAST)
     for name in doomed:
-        (directory / name).unlink(missing_ok=True)
+        remove(directory / name)
 
 
 class EarlyStopping(Callback):

@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import sys
 import zipfile
 from collections.abc import Callable
@@ -70,16 +71,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
-def gather_state(trainer: Any, call: Callable[..., Any], progress: Progress) -> dict[str, Any]:
-    """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state)."""
+def gather_state(
+    trainer: Any, call: Callable[..., Any], progress: Progress, weights: bool = True
+) -> dict[str, Any]:
+    """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state).
+    Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead."""
     from disttrain import __version__
 
     rngs = trainer._collectives.gather_object(rng_state())
     checkpoint = {
         "format": FORMAT,
         "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
-        "module": trainer.module.state_dict(),
-        "optimizers": [o.state_dict() for o in trainer.optimizers],
+        "module": trainer.module.state_dict() if weights else {},
+        "optimizers": [o.state_dict() for o in trainer.optimizers] if weights else [],
         "schedulers": [entry.scheduler.state_dict() for entry in trainer.schedulers],
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
         "progress": dataclasses.asdict(progress),
@@ -101,9 +105,75 @@ def write(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     atomic_write_with(path, lambda f: torch.save(checkpoint, f))
 
 
+META = "meta.pt"  # in a sharded checkpoint directory: everything but the weights
+
+
+def sharded_tmp(path: str | os.PathLike) -> Path:
+    """Where every rank writes its shards before global zero completes the checkpoint."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def finish_sharded(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    """Global zero, after every shard and DCP's metadata are written: add the rest, then
+    rename the directory to its final name -- complete only from then on."""
+    path, tmp = Path(path), sharded_tmp(path)
+    if not (tmp / ".metadata").exists():
+        raise CheckpointError(f"{tmp}: DCP wrote no .metadata; the checkpoint is incomplete")
+    write(tmp / META, checkpoint)
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    os.replace(tmp, path)
+
+
+_DCP_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "Path"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP pickles its ``.metadata``; read it only if it names nothing but DCP's own classes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ours = module in (
+            "torch.distributed.checkpoint.metadata",
+            "torch.distributed.checkpoint.filesystem",
+        )
+        if dtype or ours or (module, name) in _DCP_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not DCP metadata")
+
+
+def _check_dcp_metadata(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: refused: {err}. disttrain reads checkpoints so that a file can never "
+            "run code."
+        ) from None
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a checkpoint; ``CheckpointError`` names the file and what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / ".metadata").exists():
+            raise CheckpointError(f"{path}: sharded checkpoint without DCP .metadata (incomplete)")
+        _check_dcp_metadata(path / ".metadata")
+        checkpoint = load(path / META)
+        checkpoint["sharded"] = str(path)
+        return checkpoint
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -139,14 +209,19 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 def restore(trainer: Any, checkpoint: dict[str, Any], call: Callable[..., Any]) -> Progress:
     """Put a loaded checkpoint back into the trainer, module, optimizers and callbacks."""
-    trainer.module.load_state_dict(checkpoint["module"])
-    if len(checkpoint["optimizers"]) != len(trainer.optimizers):
-        raise CheckpointError(
-            f"the checkpoint has {len(checkpoint['optimizers'])} optimizer states but "
-            f"configure_optimizers returned {len(trainer.optimizers)}"
-        )
-    for optimizer, state in zip(trainer.optimizers, checkpoint["optimizers"]):
-        optimizer.load_state_dict(state)
+    if "sharded" in checkpoint:  # DCP reshards to however the module is sharded now
+        from disttrain.dist import dcp_load
+
+        dcp_load(trainer.module, trainer.optimizers, checkpoint["sharded"])
+    else:
+        trainer.module.load_state_dict(checkpoint["module"])
+        if len(checkpoint["optimizers"]) != len(trainer.optimizers):
+            raise CheckpointError(
+                f"the checkpoint has {len(checkpoint['optimizers'])} optimizer states but "
+                f"configure_optimizers returned {len(trainer.optimizers)}"
+            )
+        for optimizer, state in zip(trainer.optimizers, checkpoint["optimizers"]):
+            optimizer.load_state_dict(state)
     for entry, state in zip(trainer.schedulers, checkpoint.get("schedulers", [])):
         entry.scheduler.load_state_dict(state)
     if trainer.scaler is not None and checkpoint.get("scaler"):
@@ -177,7 +252,12 @@ def restore_weights(trainer: Any, dispatcher: Any) -> None:
     """For validate/test: the module's weights (and its on_load_checkpoint) from ``resume``."""
     state, source = _load_requested(trainer, dispatcher)
     if state is not None:
-        trainer.module.load_state_dict(state["module"])
+        if "sharded" in state:
+            from disttrain.dist import dcp_load
+
+            dcp_load(trainer.module, [], state["sharded"])
+        else:
+            trainer.module.load_state_dict(state["module"])
         dispatcher.call(Hook.ON_LOAD_CHECKPOINT, state)
         log.info("evaluating the weights of %s", source)
 
@@ -222,7 +302,7 @@ def newest_loadable(directory: str | os.PathLike) -> str | None:
         log.warning(
             "removing %s: the leftover of a checkpoint write that never completed", leftover
         )
-        leftover.unlink(missing_ok=True)
+        remove(leftover)
     candidates = sorted(
         directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime_ns, reverse=True
     )

@@ -85,12 +85,6 @@ class TrainerConfig:
                 raise ConfigError(
                     name, f"must be a positive number of seconds, got {getattr(self, name)}"
                 )
-        if self.strategy == "fsdp" and (self.enable_checkpointing or self.resume is not None):
-            raise ConfigError(
-                "strategy",
-                "'fsdp' does not write or resume checkpoints yet (sharded DCP checkpoints are "
-                "not implemented); set enable_checkpointing: false and resume: null",
-            )
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ConfigError("gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
 

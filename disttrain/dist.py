@@ -370,3 +370,50 @@ def shard_fsdp(
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(module, mp_policy=policy)
+
+
+def dcp_save(module: torch.nn.Module, optimizers: list, directory: str | os.PathLike) -> None:
+    """Every rank writes its shards of the module and optimizers (DCP); the coordinator
+    writes ``.metadata`` last, once every shard is written. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizers)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+
+
+def dcp_load(module: torch.nn.Module, optimizers: list, directory: str | os.PathLike) -> None:
+    """Load a DCP checkpoint into ``module`` and ``optimizers`` as they are sharded now, at
+    any world size (DCP reshards). Collective under a process group. Non-tensor entries are
+    read with ``weights_only=True`` (DCP's default planner would unpickle them freely); the
+    caller has checked ``.metadata`` (``disttrain.checkpoint``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(
+                    self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded
+                )
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    model_state, optim_state = get_state_dict(module, optimizers)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory), planner=WeightsOnlyPlanner())
+    set_state_dict(
+        module, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The whole, unsharded module state on CPU (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)

@@ -1,12 +1,16 @@
-"""The FSDP2 strategy on CPU/gloo: same losses as DDP, less parameter memory, same hook order."""
+"""The FSDP2 strategy on CPU/gloo: same losses as DDP, less parameter memory, same hook order,
+sharded (DCP) checkpoints that resume exactly and load at another world size."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from common import read_results
 from test_lifecycle import expected_fit
 
-import disttrain
+from disttrain import Trainer, checkpoint
 
 
 def test_fsdp_matches_ddp_shards_parameters_and_keeps_the_hook_order(scenario):
@@ -25,6 +29,60 @@ def test_fsdp_matches_ddp_shards_parameters_and_keeps_the_hook_order(scenario):
         assert calls == golden, rank
 
 
-def test_fsdp_refuses_checkpoints_until_they_are_sharded():
-    with pytest.raises(disttrain.ConfigError, match="strategy"):
-        disttrain.Trainer(strategy="fsdp")
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sharded_checkpoints_resume_exactly_and_reshard(scenario, tmp_path):
+    _, outdir = scenario("fsdp_resume", timeout=240)
+    for steps in read_results(outdir, 2):  # the resumed run trained only what was left
+        assert steps == {"full": 8, "stopped": 6, "resumed": 2}
+    _assert_equal(_weights(outdir / "resumed.pt"), _weights(outdir / "full.pt"))
+    ckpts = outdir / "stopped" / "checkpoints"
+    sharded = ckpts / "epoch=1-step=6.ckpt"
+    assert sharded.is_dir() and (sharded / ".metadata").exists()
+    assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert checkpoint.load(sharded)["progress"]["next_batch"] == 2
+    # 2 -> 1: the debug mode (one process, unsharded) evaluates the 2-rank checkpoint
+    from scenarios import Wide
+
+    module = Wide()
+    Trainer(resume=str(sharded), enable_checkpointing=False).validate(module)
+    _assert_equal({k: v for k, v in module.state_dict().items()}, _weights(outdir / "at_step_6.pt"))
+    # 1 -> 2: written by one FSDP rank, loaded by two
+    _, one = scenario("fsdp_save_one_rank", nproc=1, timeout=180)
+    (written,) = (one / "one_rank" / "checkpoints").glob("epoch=*-step=3.ckpt")
+    _, two = scenario("fsdp_load", nproc=2, timeout=180, CKPT=written)
+    _assert_equal(_weights(two / "loaded.pt"), _weights(one / "one_rank.pt"))
+
+
+def test_an_incomplete_sharded_checkpoint_is_skipped(tmp_path):
+    directory = tmp_path / "checkpoints"
+    (directory / "epoch=0-step=9.ckpt").mkdir(parents=True)  # no .metadata: never completed
+    (directory / ".epoch=0-step=10.ckpt.tmp").mkdir()
+    assert checkpoint.newest_loadable(directory) is None
+    assert not (directory / ".epoch=0-step=10.ckpt.tmp").exists()
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    directory = tmp_path / "epoch=0-step=1.ckpt"
+    directory.mkdir()
+    (directory / ".metadata").write_bytes(pickle.dumps({"x": RunsCode()}))
+    with pytest.raises(checkpoint.CheckpointError, match=r"refused: GLOBAL posix\.system"):
+        checkpoint.load(directory)
+    assert not (tmp_path / "pwned").exists()

@@ -344,6 +344,67 @@ def fsdp_vs_ddp(outdir):
     write_result(outdir, trainer.global_rank, result)
 
 
+class WideExport(Wide):
+    """Wide, exporting its whole weights at the end of fit (a collective under FSDP)."""
+
+    def __init__(self, export):
+        super().__init__()
+        self.export = export
+
+    def on_fit_end(self):
+        self.trainer.export_weights(self.export)
+
+
+def _fsdp_run(root, name, **options):
+    disttrain.seed_everything(0)
+    module = WideExport(str(Path(root) / f"{name}.pt"))
+    Trainer(
+        max_epochs=2,
+        num_sanity_val_steps=0,
+        strategy="fsdp",
+        seed=1,
+        default_root_dir=str(Path(root) / options.pop("run", name)),
+        **options,
+    ).fit(module)
+    return len(module.losses)
+
+
+def fsdp_resume(outdir):
+    """Sharded checkpoints: stop after step 6 (mid-epoch), resume, compare with a full run."""
+    steps = {
+        "full": _fsdp_run(outdir, "full"),
+        "stopped": _fsdp_run(outdir, "at_step_6", run="stopped", max_steps=6),
+        "resumed": _fsdp_run(outdir, "resumed", run="stopped", resume="auto"),
+    }
+    write_result(outdir, int(os.environ["RANK"]), steps)
+
+
+def fsdp_save_one_rank(outdir):
+    """A sharded checkpoint written at world size 1 (the test loads it at 2)."""
+    _fsdp_run(outdir, "one_rank", max_steps=3)
+    write_result(outdir, 0, {"done": True})
+
+
+def fsdp_load(outdir):
+    """Evaluate the checkpoint named by $CKPT at this world size; export what was loaded."""
+    disttrain.seed_everything(123)  # other initial weights: only the checkpoint can match
+    module = Wide()
+    trainer = Trainer(
+        strategy="fsdp",
+        resume=os.environ["CKPT"],
+        enable_checkpointing=False,
+        default_root_dir=str(outdir),
+    )
+
+    class Export(disttrain.Callback):
+        def on_post_performance_check(self, trainer, m):
+            trainer.export_weights(Path(outdir) / "loaded.pt")
+
+    trainer.callbacks.append(Export())
+    trainer.validate(module)
+    write_result(outdir, trainer.global_rank, {"done": True})
+
+
 if __name__ == "__main__":
     name, outdir = sys.argv[1], sys.argv[2]
     globals()[name](outdir)
