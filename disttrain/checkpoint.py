@@ -101,6 +101,32 @@ def gather_state(
     return checkpoint
 
 
+def save(trainer: Any, dispatcher: Any, path: str | os.PathLike, progress: Progress) -> Path:
+    """The collective save behind ``Trainer.save_checkpoint``: one file from global zero, or
+    under FSDP a directory of every rank's shards that global zero completes."""
+    from disttrain.dist import dcp_save
+
+    if trainer._step is not None and trainer._step.sharded:
+        state = gather_state(trainer, dispatcher.call, progress, weights=False)
+        dcp_save(trainer.module, trainer.optimizers, sharded_tmp(path))
+        dispatcher.run(Action.WRITE_CHECKPOINT, finish_sharded, path, state)
+    else:
+        state = gather_state(trainer, dispatcher.call, progress)
+        dispatcher.run(Action.WRITE_CHECKPOINT, write, path, state)
+    return Path(path)
+
+
+def export(trainer: Any, dispatcher: Any, path: str | os.PathLike) -> Path:
+    """The whole module's weights in one file (gathered from the shards under FSDP)."""
+    from disttrain.dist import full_state_dict
+
+    sharded = trainer._step is not None and trainer._step.sharded
+    state = full_state_dict(trainer.module) if sharded else trainer.module.state_dict()
+    weights = {k: v.detach().cpu() for k, v in state.items()}
+    dispatcher.run(Action.WRITE_CHECKPOINT, write, path, weights)
+    return Path(path)
+
+
 def write(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     atomic_write_with(path, lambda f: torch.save(checkpoint, f))
 

@@ -23,7 +23,7 @@ from disttrain.checkpoint import set_rng_state
 from disttrain.config import TrainerConfig
 from disttrain.datamodule import DataModule
 from disttrain.dispatch import Dispatcher
-from disttrain.dist import Collectives, DistEnv, dcp_save, full_state_dict, select_device
+from disttrain.dist import Collectives, DistEnv, select_device
 from disttrain.evaluation import evaluate
 from disttrain.flight import FlightRecorder
 from disttrain.hooks import Action, Hook, overridden
@@ -161,37 +161,19 @@ class Trainer:
         """Write a checkpoint of the run as it stands (at an optimizer step) to ``path``.
 
         Collective: call it on every rank at the same point (from a hook that runs on all
-        ranks); global rank 0 writes the file atomically, and the call returns on every rank
-        once the file is complete.
+        ranks); global rank 0 writes the file atomically (under FSDP every rank writes its
+        shards and rank 0 completes the directory), and the call returns on every rank once
+        the checkpoint is complete.
         """
-        dispatcher = self._running("save_checkpoint")
         progress = checkpoint.Progress(
             self.current_epoch, self.global_step, self._next_batch, self._epoch_finished
         )
-        if self._step is not None and self._step.sharded:  # FSDP: every rank writes its shard
-            state = checkpoint.gather_state(self, dispatcher.call, progress, weights=False)
-            dcp_save(self.module, self.optimizers, checkpoint.sharded_tmp(path))
-            dispatcher.run(Action.WRITE_CHECKPOINT, checkpoint.finish_sharded, path, state)
-            return Path(path)
-        state = checkpoint.gather_state(self, dispatcher.call, progress)
-        dispatcher.run(Action.WRITE_CHECKPOINT, checkpoint.write, path, state)
-        return Path(path)
+        return checkpoint.save(self, self._running("save_checkpoint"), path, progress)
 
     def export_weights(self, path: str | os.PathLike) -> Path:
         """The whole module's weights as one ``torch.save`` file for inference (under FSDP
         gathered from the shards). Collective; global rank 0 writes."""
-        state = (
-            full_state_dict(self.module)
-            if self._step and self._step.sharded
-            else (self.module.state_dict())
-        )
-        self._running("export_weights").run(
-            Action.WRITE_CHECKPOINT,
-            checkpoint.write,
-            path,
-            {k: v.detach().cpu() for k, v in state.items()},
-        )
-        return Path(path)
+        return checkpoint.export(self, self._running("export_weights"), path)
 
     def manage_files(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on global rank 0 only, the one rank that creates and deletes
