@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from disttrain.callback import Callback
-from disttrain.checkpoint import SUFFIX, remove
+from disttrain.checkpoint import SUFFIX, file_name, remove
 from disttrain.files import atomic_link
 
 LAST = f"last{SUFFIX}"
@@ -74,7 +74,7 @@ class ModelCheckpoint(Callback):
         """Save now (collective: call it on every rank at the same point)."""
         score = self._monitored(trainer) if self.monitor else None
         self.last_saved_step = trainer.global_step
-        name = f"epoch={trainer.current_epoch}-step={trainer.global_step}{SUFFIX}"
+        name = file_name(trainer.current_epoch, trainer.global_step)
         path = self.directory(trainer) / name
         trainer.save_checkpoint(path)
         if name not in self.saved:

@@ -131,6 +131,11 @@ def write(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     atomic_write_with(path, lambda f: torch.save(checkpoint, f))
 
 
+def file_name(epoch: int, step: int) -> str:
+    """The name a checkpoint of ``epoch`` after optimizer step ``step`` gets."""
+    return f"epoch={epoch}-step={step}{SUFFIX}"
+
+
 META = "meta.pt"  # in a sharded checkpoint directory: everything but the weights
 
 

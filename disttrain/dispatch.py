@@ -78,13 +78,16 @@ class Dispatcher:
             warn_deprecated_overrides(callback, Callback)
         for hook, rule in table.items():
             name = hook.value
-            observers = [
-                functools.partial(getattr(cb, name), trainer, module)
-                for cb in callbacks
-                if rule.callbacks and overridden(cb, name, Callback)
+            implementers = [
+                cb for cb in callbacks if rule.callbacks and overridden(cb, name, Callback)
             ]
+            observers = [
+                functools.partial(getattr(cb, name), trainer, module) for cb in implementers
+            ]
+            owners = [type(cb).__name__ for cb in implementers]
             if datamodule is not None and overridden(datamodule, name, DataModule):
                 observers.append(getattr(datamodule, name))  # data before the model
+                owners.append(type(datamodule).__name__)
             # Hooks that do work always run the module's method; notifications only if overridden.
             runs_module = not rule.callbacks or overridden(module, name, ModelHooks)
             target = getattr(module, name) if runs_module else None
@@ -92,15 +95,15 @@ class Dispatcher:
             if sync is Sync.AGREE_STOP and target is None:
                 sync = Sync.NONE  # nothing can return -1, so there is nothing to agree on
             if profiler is not None:  # timing exists only when asked for: zero cost otherwise
-                observers = [profiler.timed(f"{_owner(o)}.{name}", o) for o in observers]
+                observers = [
+                    profiler.timed(f"{owner}.{name}", o) for owner, o in zip(owners, observers)
+                ]
                 if target is not None:
                     target = profiler.timed(f"{type(module).__name__}.{name}", target)
             # the trace follows user code (where hangs come from); the library's own default
             # transfer/backward are left out, and the gradient all-reduce records itself
             user_code = overridden(module, name, ModelHooks) or any(
-                not type(cb).__module__.startswith("disttrain.")
-                for cb in callbacks
-                if rule.callbacks and overridden(cb, name, Callback)
+                not type(cb).__module__.startswith("disttrain.") for cb in implementers
             )
             runner = _runner(name, observers, target, recorder if user_code else None)
             self._plan[hook] = (sync, runs_on(rule.ranks, env), runner)
@@ -185,11 +188,6 @@ def _runner(
         return result
 
     return run_all
-
-
-def _owner(fn: Any) -> str:
-    owner = getattr(fn, "__self__", None) or getattr(getattr(fn, "func", None), "__self__", None)
-    return type(owner).__name__ if owner is not None else "callback"
 
 
 def runs_on(ranks: Ranks, env: DistEnv) -> bool:

@@ -30,8 +30,6 @@ class DistEnv:
     world_size: int = 1
     local_world_size: int = 1
     node_rank: int = 0
-    master_addr: str = ""
-    master_port: int = 0
     restart_count: int = 0
     launched: bool = False  # True under torchrun, even at world size 1
 
@@ -55,8 +53,6 @@ class DistEnv:
             world_size=world_size,
             local_world_size=int(env.get("LOCAL_WORLD_SIZE", world_size)),
             node_rank=int(env.get("GROUP_RANK", 0)),
-            master_addr=env["MASTER_ADDR"],
-            master_port=int(env["MASTER_PORT"]),
             restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
             launched=True,
         )
@@ -266,7 +262,7 @@ def connect(
     if _raw_store is None:  # torch's env:// rendezvous: the agent's store, or rank 0 hosts one
         _raw_store, _, _ = next(
             dist.rendezvous(
-                "env://",  # MASTER_ADDR / MASTER_PORT, as read into env
+                "env://",  # reads MASTER_ADDR / MASTER_PORT itself
                 rank=env.rank,
                 world_size=env.world_size,
                 timeout=timedelta(seconds=long_timeout),

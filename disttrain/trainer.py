@@ -200,7 +200,7 @@ class Trainer:
         if callback is not None:
             path = callback.save(self)
         else:
-            name = f"epoch={self.current_epoch}-step={self.global_step}{checkpoint.SUFFIX}"
+            name = checkpoint.file_name(self.current_epoch, self.global_step)
             path = self.save_checkpoint(self.checkpoint_dir / name)
         raise Preempted(
             f"stopped on SIGTERM after step {self.global_step}; checkpoint written to {path}. "
@@ -235,7 +235,7 @@ class Trainer:
             self.optimizers, self.schedulers = optimizers, schedulers
             self.scaler = scaler = grad_scaler(cfg.precision, self.device)
             progress, saved_rng = checkpoint.resume(self, dispatcher)
-            model, forward = step, step.forward
+            forward = step.forward
             if cfg.compile:  # after the DDP wrap, as PyTorch recommends; hooks stay outside
                 forward = torch.compile(step.model or forward)
             profiler = self.profiler
@@ -292,7 +292,7 @@ class Trainer:
                         break
                     batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, device)
                     boundary = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == n_train
-                    with NULL_CONTEXT if boundary else model.no_sync():
+                    with NULL_CONTEXT if boundary else step.no_sync():
                         for i, optimizer in enumerate(optimizers):
                             with autocast():
                                 out = forward(batch, batch_idx, *step_args[i])

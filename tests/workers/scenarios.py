@@ -16,7 +16,8 @@ import disttrain
 from disttrain import HookFailed, Trainer, checkpoint
 
 
-def golden(outdir):
+def recorded_fit(**options):
+    """The golden run: 2 epochs of 2 batches, 2 validation batches, a 1-batch sanity check."""
     module = Recorder(n_train=16, n_val=7)
     trainer = Trainer(
         max_epochs=2,
@@ -24,8 +25,14 @@ def golden(outdir):
         limit_val_batches=2,
         num_sanity_val_steps=1,
         callbacks=[RecordingCallback(module.calls)],
+        **options,
     )
     trainer.fit(module)
+    return module, trainer
+
+
+def golden(outdir):
+    module, trainer = recorded_fit()
     fit_calls = list(module.calls)
     module.calls.clear()
     trainer.test(module)
@@ -300,7 +307,6 @@ class Wide(Regressor):
 
 def fsdp_vs_ddp(outdir):
     """The same seed and data under DDP and FSDP: loss curves, parameter bytes per rank."""
-    from common import Recorder
 
     result = {}
     runs = {
@@ -329,17 +335,7 @@ def fsdp_vs_ddp(outdir):
             for p in module.parameters()
         )
         result[run] = {"losses": module.losses, "param_elements": local}
-    recorder = Recorder(n_train=16, n_val=7)
-    trainer = Trainer(
-        max_epochs=2,
-        limit_train_batches=2,
-        limit_val_batches=2,
-        num_sanity_val_steps=1,
-        strategy="fsdp",
-        enable_checkpointing=False,
-        callbacks=[RecordingCallback(recorder.calls)],
-    )
-    trainer.fit(recorder)
+    recorder, trainer = recorded_fit(strategy="fsdp", enable_checkpointing=False)
     result["fsdp_calls"] = recorder.calls
     write_result(outdir, trainer.global_rank, result)
 
