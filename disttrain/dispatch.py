@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from disttrain.callback import Callback
 from disttrain.datamodule import DataModule
 from disttrain.dist import Collectives, DistEnv
-from disttrain.flight import ENTER, LEAVE, FlightRecorder
+from disttrain.flight import ENTER, FINISH, LEAVE, START, FlightRecorder
 from disttrain.hooks import (
     ACTION_TABLE,
     Action,
@@ -31,6 +31,9 @@ from disttrain.hooks import (
 
 if TYPE_CHECKING:
     from disttrain.profiler import SimpleProfiler
+
+
+GRADIENT_SYNC = "gradient sync in backward"
 
 
 class HookFailed(RuntimeError):
@@ -69,7 +72,10 @@ class Dispatcher:
         self.rank = env.rank
         self._stateful = [obj for obj in (datamodule, module) if obj is not None]
         self._actions = {action: runs_on(rule.ranks, env) for action, rule in ACTION_TABLE.items()}
-        self._plan: dict[Hook, tuple[Sync, bool, Callable[..., Any] | None]] = {}
+        # hooks without a verdict get one callable each (they run on every batch); the rest
+        # go through _call_with_verdict
+        self._callers: dict[Hook, Callable[..., Any]] = {}
+        self._verdicts: dict[Hook, tuple[Sync, bool, Callable[..., Any] | None]] = {}
         self._forbids_state = {hook for hook, rule in table.items() if rule.forbids_state}
         self._limited = {hook for hook, rule in table.items() if rule.ranks is not Ranks.ALL}
         self.trainer = trainer
@@ -100,30 +106,30 @@ class Dispatcher:
                 ]
                 if target is not None:
                     target = profiler.timed(f"{type(module).__name__}.{name}", target)
-            # the trace follows user code (where hangs come from); the library's own default
-            # transfer/backward are left out, and the gradient all-reduce records itself
+            # the trace follows user code (where hangs come from) and, in a process group,
+            # the gradient sync inside backward; the library's own default hooks are left out
             user_code = overridden(module, name, ModelHooks) or any(
                 not type(cb).__module__.startswith("disttrain.") for cb in implementers
             )
             runner = _runner(name, observers, target, recorder if user_code else None)
-            self._plan[hook] = (sync, runs_on(rule.ranks, env), runner)
+            in_group = recorder is not None and collectives.backend != "none"
+            if hook is Hook.BACKWARD and runner is not None and in_group:
+                runner = _in_collective(GRADIENT_SYNC, runner, recorder)
+            if sync is Sync.NONE or sync is Sync.AGREE_STOP:
+                self._callers[hook] = _local_caller(hook, sync, runner, env.rank, collectives)
+            else:
+                self._verdicts[hook] = (sync, runs_on(rule.ranks, env), runner)
 
     def call(self, hook: Hook, *args: Any) -> Any:
         """Run ``hook`` where the table says, then its sync; return the module's result."""
-        sync, runs_here, runner = self._plan[hook]
-        if sync is Sync.NONE or sync is Sync.AGREE_STOP:
-            if runner is None:  # nobody implements it: nothing to run, nothing to agree on
-                return None
-            try:  # costs nothing unless a hook raises
-                result = runner(*args)
-            except (HookFailed, HookRaised):
-                raise
-            except Exception as exc:
-                raise HookRaised(hook, self.rank, exc) from exc
-            if sync is Sync.AGREE_STOP:
-                return -1 if self.collectives.any_true(result == -1) else result
-            return result
-        return self._call_with_verdict(hook, sync, runs_here, runner, args)
+        caller = self._callers.get(hook)
+        if caller is not None:
+            return caller(*args)
+        return self._call_with_verdict(hook, *self._verdicts[hook], args)
+
+    def caller(self, hook: Hook) -> Callable[..., Any]:
+        """``call`` for a hook without a verdict, looked up once: what the hot loop holds."""
+        return self._callers[hook]
 
     def run(self, action: Action, fn: Callable[..., Any], *args: Any) -> Any:
         """Run trainer work ``fn`` on the ranks ``ACTION_TABLE`` names, then its verdict."""
@@ -165,9 +171,17 @@ def _runner(
     between the flight recorder's enter and leave. None when nobody implements the hook."""
     if not observers and target is None:
         return None
-    if recorder is None and not observers:
-        return target
-    record = recorder.record if recorder is not None else lambda *_: None
+    if recorder is None:
+        if not observers:
+            return target
+
+        def run_observers(*args: Any) -> Any:
+            for observer in observers:
+                observer(*args)
+            return target(*args) if target is not None else None
+
+        return run_observers
+    record = recorder.record
 
     if not observers:
 
@@ -188,6 +202,57 @@ def _runner(
         return result
 
     return run_all
+
+
+def _local_caller(
+    hook: Hook,
+    sync: Sync,
+    runner: Callable[..., Any] | None,
+    rank: int,
+    collectives: Collectives,
+) -> Callable[..., Any]:
+    """``call`` for a hook without a verdict: its exception becomes ``HookRaised`` naming the
+    rank; ``AGREE_STOP`` then agrees on a -1. Holds no reference to the dispatcher (a cycle
+    would keep the process group alive until interpreter exit)."""
+    if runner is None:  # nobody implements it: nothing to run, nothing to agree on
+        return _nothing
+
+    def run(*args: Any) -> Any:
+        try:  # costs nothing unless a hook raises
+            return runner(*args)
+        except (HookFailed, HookRaised):
+            raise
+        except Exception as exc:
+            raise HookRaised(hook, rank, exc) from exc
+
+    if sync is Sync.NONE:
+        return run
+    any_true = collectives.any_true
+
+    def run_and_agree(*args: Any) -> Any:
+        result = run(*args)
+        return -1 if any_true(result == -1) else result
+
+    return run_and_agree
+
+
+def _in_collective(name: str, runner: Any, recorder: FlightRecorder) -> Callable[..., Any]:
+    """``runner`` between a collective's start and finish in the trace: the gradient sync
+    runs inside backward (DDP's all-reduce, FSDP's reduce-scatter), in C++, where nothing
+    else could record it for the hang report."""
+    record = recorder.record
+
+    def run(*args: Any) -> Any:
+        record(START, name)
+        result = runner(*args)
+        record(FINISH, name)
+        return result
+
+    return run
+
+
+def _nothing(*args: Any) -> None:
+    return None
 
 
 def runs_on(ranks: Ranks, env: DistEnv) -> bool:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from disttrain.steps import StopVote, TrainingStep
+
 START, FINISH = "start", "finish"  # flight-recorder events (disttrain.flight)
 _TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -106,8 +108,9 @@ class Collectives:
         """Every rank's ``obj``, in rank order, on every rank."""
         return [obj]
 
-    def attach_stop_vote(self, model: torch.nn.Module) -> None:
-        """Carry stop votes in ``model``'s gradient all-reduce (no collective of their own)."""
+    def attach_stop_vote(self, router: TrainingStep, device: torch.device) -> None:
+        """Carry stop votes in the gradient all-reduce of ``router`` once DDP wraps it (no
+        collective of their own); one process has nothing to agree with."""
 
     def stop_agreed(self, local_vote: bool) -> bool:
         """Whether any rank voted to stop in the last synchronised step (one process: its vote)."""
@@ -171,16 +174,15 @@ class ProcessGroupCollectives(Collectives):
         self._run("gather", dist.all_gather_object, out, obj, group=self._long_control)
         return out
 
-    def attach_stop_vote(self, model: torch.nn.Module) -> None:
-        self._vote = _StopVote(self.world_size, self.recorder)
-        model.register_comm_hook(self._vote, _allreduce_with_stop_vote)
+    def attach_stop_vote(self, router: TrainingStep, device: torch.device) -> None:
+        self._vote = router.stop_vote = StopVote(device)
 
     def stop_agreed(self, local_vote: bool) -> bool:
         vote = getattr(self, "_vote", None)
         if vote is None:  # no DDP model to carry it: nothing else has synchronised this step
             return self.any_true(local_vote)
-        vote.local = local_vote  # read by the next step's last gradient bucket
-        return vote.agreed
+        vote.local = local_vote  # carried by the next step's loss into its gradient all-reduce
+        return vote.agreed()
 
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return DistributedDataParallel(
@@ -197,44 +199,6 @@ class ProcessGroupCollectives(Collectives):
             return
         for group in {self._control, self._long_control} - {dist.group.WORLD}:
             dist.destroy_process_group(group)
-
-
-class _StopVote:
-    """State of the DDP comm hook that carries one extra element: any rank's stop vote."""
-
-    def __init__(self, world_size: int, recorder: Any = None) -> None:
-        self.world_size = world_size
-        self.recorder = recorder
-        self.local = False
-        self.agreed = False
-
-
-def _allreduce_with_stop_vote(vote, bucket):  # unannotated: DDP checks real annotation objects
-    """DDP's averaging all-reduce; the last bucket also carries this rank's stop vote.
-
-    The vote costs one element of a collective DDP runs anyway, so an agreed stop (SIGTERM,
-    early stopping, a time limit) adds no collective to a training step.
-    """
-    grads = bucket.buffer()
-    last = bucket.is_last()
-    if last:
-        flag = torch.tensor([float(vote.local)], dtype=grads.dtype, device=grads.device)
-        grads = torch.cat([grads, flag])
-    grads.div_(vote.world_size)
-    if vote.recorder is not None:
-        vote.recorder.record(START, "gradient all-reduce")
-    fut = dist.all_reduce(grads, async_op=True).get_future()
-
-    def unpack(fut):
-        reduced = fut.value()[0]
-        if vote.recorder is not None:
-            vote.recorder.record(FINISH, "gradient all-reduce")
-        if not last:
-            return reduced
-        vote.agreed = bool(reduced[-1].item() > 0)
-        return reduced[:-1]
-
-    return fut.then(unpack)
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}

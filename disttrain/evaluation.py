@@ -24,7 +24,7 @@ def evaluate(trainer: Any, call: Callable[..., Any], loader: Any, limit: int, ki
     outputs = []
     reporter = trainer.reporter
     reporter.evaluating = True
-    with torch.no_grad(), trainer._autocast():
+    with torch.no_grad(), trainer._autocast:
         for batch_idx, batch in zip(range(limit), loader):
             batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, trainer.device)
             outputs.append(step(batch, batch_idx))

@@ -1,9 +1,8 @@
-"""Mixed precision as two values: an autocast context factory and a GradScaler."""
+"""Mixed precision as two values: the context forward passes run in, and a GradScaler."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 
@@ -11,16 +10,18 @@ _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 NULL_CONTEXT = contextlib.nullcontext()  # stateless, so one instance serves every step
 
 
-def autocast_factory(
-    precision: str, device: torch.device
-) -> Callable[[], contextlib.AbstractContextManager]:
-    """A zero-argument callable giving the context in which forward passes run."""
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context in which forward passes run: one object, entered once per forward (an
+    autocast context restores the previous state on exit, so it can be entered again)."""
     dtype = _AUTOCAST_DTYPES.get(precision)
     if dtype is None:
-        return lambda: NULL_CONTEXT
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+        return NULL_CONTEXT
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
-    """Loss scaling for float16; a disabled scaler (a pass-through) for every other precision."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """Loss scaling for float16; None for every other precision (the loop then calls the
+    optimizers directly)."""
+    if precision != "16-mixed":
+        return None
+    return torch.amp.GradScaler(device.type)

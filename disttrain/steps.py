@@ -11,17 +11,69 @@ import torch
 
 
 class TrainingStep(torch.nn.Module):
-    """Routes DDP's forward to ``training_step``, so DDP sees the step and syncs its gradients."""
+    """Routes DDP's forward to ``training_step``, so DDP sees the step and syncs its gradients;
+    with a ``stop_vote`` the loss also carries this rank's stop vote into backward."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
         self.module = module
+        self.stop_vote: StopVote | None = None
 
     def forward(self, *args: Any) -> Any:
-        return self.module.training_step(*args)
+        output = self.module.training_step(*args)
+        return output if self.stop_vote is None else self.stop_vote.carried_by(output)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # one process: there is no gradient sync to skip
+
+
+class StopVote(torch.nn.Module):
+    """This rank's stop vote as the gradient of one extra parameter of the DDP model.
+
+    ``carried_by`` adds ``ballot * weight`` to the loss. The weight is zero and no optimizer
+    owns it, so the loss and every other gradient stay exactly as they were, while the
+    weight's gradient is the ballot (1: stop, 0: go on). DDP averages it with the other
+    gradients in its own bucketed all-reduce (C++: no Python comm hook, no collective of
+    its own), so after backward it is > 0 on every rank exactly when some rank voted.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros((), device=device))
+        self.local = False  # this rank's vote, carried by the next forward
+        self._pending: tuple[Any, torch.Tensor] | None = None  # CUDA: (event, pinned copy)
+
+    def carried_by(self, output: Any) -> Any:
+        """``output`` (a loss, or a dict with one) whose loss also carries this rank's vote:
+        ``loss + ballot * weight``, exactly ``loss``, whose gradient for the weight is the
+        ballot."""
+        if isinstance(output, torch.Tensor):
+            return torch.add(output, self.weight, alpha=float(self.local))
+        if isinstance(output, dict) and "loss" in output:
+            loss = torch.add(output["loss"], self.weight, alpha=float(self.local))
+            return {**output, "loss": loss}
+        return output  # not a loss: loss_of reports it
+
+    def agreed(self) -> bool:
+        """Whether any rank's vote rode the last synchronised backward (on a GPU: the one
+        before it). Clears the carried votes.
+
+        On a GPU the answer is read one step later, from a copy taken without waiting: reading
+        it at once would make the CPU wait for this step's all-reduce every step. Every rank
+        reads the same step's votes either way, so every rank decides at the same step.
+        """
+        grad, self.weight.grad = self.weight.grad, None
+        if grad is None or grad.device.type != "cuda":
+            return grad is not None and grad.item() > 0
+        host = torch.empty((), pin_memory=True)
+        host.copy_(grad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        previous, self._pending = self._pending, (event, host)
+        if previous is None:
+            return False
+        previous[0].synchronize()  # a step old: long finished, the CPU does not wait
+        return previous[1].item() > 0
 
 
 def seed_everything(seed: int) -> None:

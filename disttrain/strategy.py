@@ -51,12 +51,12 @@ def build(trainer: Any, module: Any, configure: Callable[[], tuple]) -> tuple[St
     router = TrainingStep(module)
     find_unused = cfg.find_unused_parameters
     collectives = trainer._collectives
+    collectives.attach_stop_vote(router, trainer.device)  # before the wrap: DDP must see it
     model = collectives.wrap(
         router,
         trainer.device,
         find_unused=len(optimizers) > 1 if find_unused is None else find_unused,
     )
-    collectives.attach_stop_vote(model)
     # unwrapped (one process), call training_step itself: the router adds nothing there
     forward = module.training_step if model is router else model
     return Step(forward, model, module, sharded=False), configured

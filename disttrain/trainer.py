@@ -31,7 +31,7 @@ from disttrain.log import configure_logging, writes_run_output
 from disttrain.loggers import Logger, make_logger
 from disttrain.metrics import Reporter
 from disttrain.module import Module
-from disttrain.precision import NULL_CONTEXT, autocast_factory, grad_scaler
+from disttrain.precision import NULL_CONTEXT, autocast_context, grad_scaler
 from disttrain.preemption import Preempted, PreemptionWatcher
 from disttrain.profiler import SimpleProfiler, report
 from disttrain.progress import ProgressBar
@@ -94,7 +94,7 @@ class Trainer:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.schedulers: list[optim.SchedulerEntry] = []
         self.scaler: torch.amp.GradScaler | None = None
-        self._autocast = autocast_factory(self.config.precision, self.device)
+        self._autocast = autocast_context(self.config.precision, self.device)
         self._collectives: Collectives = Collectives()
         self._dispatcher: Dispatcher | None = None
         self._next_batch, self._epoch_finished = 0, False
@@ -261,6 +261,15 @@ class Trainer:
                 self.sanity_checking = False
 
             device, autocast, collectives = self.device, self._autocast, self._collectives
+            # the per-batch hooks, looked up once; each runs exactly as call(Hook.X, ...) would
+            on_batch_start, transfer_batch_to_device, backward = map(
+                dispatcher.caller,
+                (Hook.ON_BATCH_START, Hook.TRANSFER_BATCH_TO_DEVICE, Hook.BACKWARD),
+            )
+            on_after_backward, on_before_zero_grad, on_batch_end = map(
+                dispatcher.caller,
+                (Hook.ON_AFTER_BACKWARD, Hook.ON_BEFORE_ZERO_GRAD, Hook.ON_BATCH_END),
+            )
             reporter = self.reporter
             accumulate, clip = cfg.accumulate_grad_batches, cfg.gradient_clip_val
             max_steps = cfg.max_steps if cfg.max_steps is not None else float("inf")
@@ -288,36 +297,43 @@ class Trainer:
                 outputs: list[Any] = []
                 pending, leave = False, None  # gradients not yet stepped; why we leave early
                 for batch_idx, batch in zip(range(first, n_train), batches):
-                    if call(Hook.ON_BATCH_START, batch) == -1:
+                    if on_batch_start(batch) == -1:
                         break
-                    batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, device)
+                    batch = reporter.batch = transfer_batch_to_device(batch, device)
                     boundary = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == n_train
                     with NULL_CONTEXT if boundary else step.no_sync():
                         for i, optimizer in enumerate(optimizers):
-                            with autocast():
+                            with autocast:
                                 out = forward(batch, batch_idx, *step_args[i])
                             loss = loss_of(out)
                             if accumulate > 1:
                                 loss = loss / accumulate
-                            call(Hook.BACKWARD, self, scaler.scale(loss), optimizer, i)
-                            call(Hook.ON_AFTER_BACKWARD)
+                            if scaler is not None:
+                                loss = scaler.scale(loss)
+                            backward(self, loss, optimizer, i)
+                            on_after_backward()
                             if keep_outputs:
                                 outputs.append(detached(out))
                     pending = not boundary
                     if boundary:
                         for optimizer, group in zip(optimizers, params):
                             if clip:
-                                scaler.unscale_(optimizer)
+                                if scaler is not None:  # 16-mixed: clip the true gradients
+                                    scaler.unscale_(optimizer)
                                 torch.nn.utils.clip_grad_norm_(group, clip)
-                            scaler.step(optimizer)
-                            call(Hook.ON_BEFORE_ZERO_GRAD, optimizer)
+                            if scaler is None:
+                                optimizer.step()
+                            else:
+                                scaler.step(optimizer)  # skipped if a gradient is inf/nan
+                            on_before_zero_grad(optimizer)
                             optimizer.zero_grad()
-                        scaler.update()
+                        if scaler is not None:
+                            scaler.update()
                         self.global_step += 1
                         optim.step_schedulers(schedulers, "step", self.global_step)
                         reporter.after_step(collectives, self.global_step)
                     self.at_step_boundary, self._next_batch = boundary, batch_idx + 1
-                    call(Hook.ON_BATCH_END)
+                    on_batch_end()
                     if not boundary:
                         continue
                     if self.global_step >= max_steps and batch_idx + 1 < n_train:

@@ -9,7 +9,7 @@ from common import read_results
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_nccl_world_size_one_bf16_and_pinned_transfer(scenario):
+def test_nccl_world_size_one_bf16_pinned_transfer_and_a_stop_vote(scenario):
     _, outdir = scenario("gpu", nproc=1)
     (result,) = read_results(outdir, 1)
     assert result == {
@@ -17,4 +17,7 @@ def test_nccl_world_size_one_bf16_and_pinned_transfer(scenario):
         "device": "cuda:0",
         "dtype": "torch.bfloat16",
         "backend": "nccl",
+        # voted after step 2, carried by step 3's gradient all-reduce; on a GPU that vote is
+        # read one step later (the CPU never waits for the current step): stop after step 4
+        "stopped_after": 4,
     }

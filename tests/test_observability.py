@@ -30,7 +30,7 @@ def test_hang_report_names_the_rank_and_the_hook(tmp_path):
     assert proc.returncode != 0
     report = proc.stderr[proc.stderr.index("flight recorder") :]
     assert "rank 1: in hook 'on_batch_end' at step 3" in report, report
-    assert "rank 0: in collective 'gradient all-reduce' at step 3" in report, report
+    assert "rank 0: in collective 'gradient sync in backward' at step 3" in report, report
     assert "ranks [0] wait in a collective that rank(s) [1] never joined" in report, report
     assert elapsed < 60, elapsed
     assert sorted(p.name for p in (tmp_path / "run" / "flight").iterdir()) == [

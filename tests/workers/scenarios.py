@@ -182,16 +182,21 @@ def gpu(outdir):
         def on_train_start(self, trainer, module):
             backend["name"] = trainer.backend
 
+        def on_batch_end(self, trainer, module):
+            if trainer.global_step == 2:
+                trainer.should_stop = True  # carried by step 3's all-reduce, read after step 4
+
     trainer = Trainer(
         max_epochs=1,
-        limit_train_batches=2,
+        limit_train_batches=8,
         precision="bf16-mixed",
         accelerator="cuda",
         num_sanity_val_steps=0,
         callbacks=[Backend()],
     )
     trainer.fit(OnGpu())
-    write_result(outdir, trainer.global_rank, {**seen, "backend": backend["name"]})
+    result = {**seen, "backend": backend["name"], "stopped_after": trainer.global_step}
+    write_result(outdir, trainer.global_rank, result)
 
 
 def _train(run_dir, **options):
@@ -257,8 +262,8 @@ def exact_metrics(outdir):
 
 
 def count_collectives(outdir):
-    """Count every torch.distributed call per training step; DDP's gradient all-reduce (our
-    comm hook) is counted apart as "grad" -- with the benchmark's own counter."""
+    """Count every torch.distributed call per training step with the benchmark's own counter
+    (DDP's gradient all-reduce, in C++, is not a Python call)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from common import LogsMetrics
     from overhead import CollectiveCounter
