@@ -5,7 +5,12 @@ Workloads: ``tiny`` (MLP 32-64-10, batch 32: the framework's per-step work domin
 the same processes, interleaved (hand, disttrain, hand, ...), over the same DataLoader setup
 (a DistributedSampler), the same model and optimizer; disttrain runs with its defaults
 (checkpoint callback, CSV logger, progress output, preemption handling, flight recorder).
-The figure is the median step time over all rounds after warm-up, with min and max.
+Step times are stamped when ``optimizer.step()`` returns (the same hook in both loops).
+The figures: the median step time over all rounds after warm-up, with min and max, their
+ratio, and the "paired" ratio (the median over rounds of each round's disttrain median over
+the hand-written median of the same round: robust to the machine drifting between rounds).
+Rows: one process (no DDP), then DDP over gloo under torchrun at world size 1 (DDP's and
+disttrain's distributed costs without two ranks competing for the cores) and 2.
 
 Collectives per steady-state step are counted by wrapping every ``torch.distributed``
 collective; DDP's gradient all-reduce runs in its C++ reducer in both loops and is the one
@@ -158,24 +163,31 @@ def measure(workload: str, rounds: int, steps: int) -> dict:
     """Interleaved rounds in this process (a torchrun worker when WORLD_SIZE > 1)."""
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
+    ddp = "RANK" in os.environ  # under torchrun both loops use DDP, at world size 1 too
+    if ddp:
         dist.init_process_group("gloo")
     data = make_data(workload, steps, world)
     times: dict[str, list[float]] = {"hand": [], "disttrain": []}
+    paired: list[float] = []  # per round: disttrain's median over the hand-written loop's
     run_dir = tempfile.mkdtemp(prefix="disttrain-bench-")
     for _ in range(rounds):
-        times["hand"] += step_times(hand_written(workload, data, rank, world))
-        times["disttrain"] += step_times(with_disttrain(workload, data, run_dir))
-    collectives = count_collectives(workload, data, rank, world, run_dir) if world > 1 else {}
+        hand = step_times(hand_written(workload, data, rank, world))
+        ours = step_times(with_disttrain(workload, data, run_dir))
+        times["hand"] += hand
+        times["disttrain"] += ours
+        paired.append(statistics.median(ours) / statistics.median(hand))
+    collectives = count_collectives(workload, data, rank, world, run_dir) if ddp else {}
     if dist.is_initialized():
         dist.destroy_process_group()
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {
         "workload": workload,
         "world_size": world,
+        "ddp": ddp,
         "hand_ms": med["hand"],
         "disttrain_ms": med["disttrain"],
         "ratio": med["disttrain"] / med["hand"],
+        "paired_ratio": statistics.median(paired),
         "hand_min_max": [min(times["hand"]) * 1e3, max(times["hand"]) * 1e3],
         "disttrain_min_max": [min(times["disttrain"]) * 1e3, max(times["disttrain"]) * 1e3],
         "collectives": collectives,
@@ -245,6 +257,26 @@ def cold_start(kind: str, workload: str) -> tuple[float, float]:
     return first_step - start, rss
 
 
+def ddp_rows(nproc: int, rounds: int, steps: int) -> list[dict]:
+    """The tiny workload under torchrun with ``nproc`` ranks (gloo)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        os.path.abspath(__file__),
+        f"--rounds={rounds}",
+        f"--steps={steps}",
+        "--workloads=tiny",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -262,39 +294,19 @@ def main() -> None:
     for workload in args.workloads.split(","):
         steps = args.steps if workload == "tiny" else max(30, args.steps // 10)
         rows.append(measure(workload, args.rounds, steps))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        os.path.abspath(__file__),
-        "--rounds",
-        str(args.rounds),
-        "--steps",
-        str(args.steps),
-        "--workloads",
-        "tiny",
-    ]
-    out = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        check=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    ).stdout
-    rows += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    for nproc in (1, 2):  # DDP at world size 1 isolates its cost from two ranks' scheduling
+        rows += ddp_rows(nproc, args.rounds, args.steps)
     print(
-        f"{'workload':<10}{'ranks':>6}{'hand ms':>10}{'disttrain ms':>14}{'ratio':>8}"
-        f"{'  disttrain min-max ms':>24}{'  extra collectives/step':>26}"
+        f"{'workload':<10}{'ranks':>6}{'DDP':>5}{'hand ms':>10}{'disttrain ms':>14}{'ratio':>8}"
+        f"{'paired':>8}{'  disttrain min-max ms':>24}{'  extra collectives/step':>26}"
     )
     for r in rows:
         extra = r["collectives"].get("disttrain_extra_per_step", "-")
         lo, hi = r["disttrain_min_max"]
         print(
-            f"{r['workload']:<10}{r['world_size']:>6}{r['hand_ms']:>10.3f}"
-            f"{r['disttrain_ms']:>14.3f}{r['ratio']:>8.3f}{f'{lo:.3f}-{hi:.3f}':>24}{extra!s:>26}"
+            f"{r['workload']:<10}{r['world_size']:>6}{'yes' if r['ddp'] else 'no':>5}"
+            f"{r['hand_ms']:>10.3f}{r['disttrain_ms']:>14.3f}{r['ratio']:>8.3f}"
+            f"{r['paired_ratio']:>8.3f}{f'{lo:.3f}-{hi:.3f}':>24}{extra!s:>26}"
         )
     starts = {kind: [cold_start(kind, "tiny") for _ in range(3)] for kind in ("hand", "disttrain")}
     for kind, runs in starts.items():

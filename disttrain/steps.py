@@ -34,14 +34,17 @@ class StopVote(torch.nn.Module):
     owns it, so the loss and every other gradient stay exactly as they were, while the
     weight's gradient is the ballot (1: stop, 0: go on). DDP averages it with the other
     gradients in its own bucketed all-reduce (C++: no Python comm hook, no collective of
-    its own), so after backward it is > 0 on every rank exactly when some rank voted.
+    its own). Ballots are never negative, so the weight's gradient, left to accumulate, grows
+    exactly when some rank voted: reading it costs one ``item()``, clearing it nothing.
     """
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros((), device=device))
         self.local = False  # this rank's vote, carried by the next forward
-        self._pending: tuple[Any, torch.Tensor] | None = None  # CUDA: (event, pinned copy)
+        self._seen = 0.0  # the weight's gradient when it was last read
+        self._on_gpu = device.type == "cuda"
+        self._pending: tuple[Any, torch.Tensor] | None = None  # GPU: (event, pinned copy)
 
     def carried_by(self, output: Any) -> Any:
         """``output`` (a loss, or a dict with one) whose loss also carries this rank's vote:
@@ -55,25 +58,28 @@ class StopVote(torch.nn.Module):
         return output  # not a loss: loss_of reports it
 
     def agreed(self) -> bool:
-        """Whether any rank's vote rode the last synchronised backward (on a GPU: the one
-        before it). Clears the carried votes.
+        """Whether any rank's vote rode a synchronised backward since the last call.
 
-        On a GPU the answer is read one step later, from a copy taken without waiting: reading
-        it at once would make the CPU wait for this step's all-reduce every step. Every rank
+        On a GPU the answer lags one step, read from a copy taken without waiting: reading it
+        at once would make the CPU wait for this step's all-reduce every step. Every rank
         reads the same step's votes either way, so every rank decides at the same step.
         """
-        grad, self.weight.grad = self.weight.grad, None
-        if grad is None or grad.device.type != "cuda":
-            return grad is not None and grad.item() > 0
-        host = torch.empty((), pin_memory=True)
-        host.copy_(grad, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        previous, self._pending = self._pending, (event, host)
-        if previous is None:
+        grad = self.weight.grad
+        if grad is None:
             return False
-        previous[0].synchronize()  # a step old: long finished, the CPU does not wait
-        return previous[1].item() > 0
+        if self._on_gpu:
+            host = torch.empty((), pin_memory=True)
+            host.copy_(grad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(grad.device))
+            previous, self._pending = self._pending, (event, host)
+            if previous is None:
+                return False
+            previous[0].synchronize()  # a step old: long finished, the CPU does not wait
+            grad = previous[1]
+        total = grad.item()
+        voted, self._seen = total > self._seen, total
+        return voted
 
 
 def seed_everything(seed: int) -> None:

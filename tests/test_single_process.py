@@ -259,3 +259,24 @@ def test_validate_and_test_evaluate_a_checkpoint_with_resume(tmp_path):
     evaluator = Trainer(default_root_dir=str(tmp_path), resume="auto")
     evaluator.validate(fresh)
     assert evaluator.callback_metrics["val_mse"] == pytest.approx(after_fit, rel=1e-6)
+
+
+def test_the_stop_vote_leaves_the_loss_exact_and_reads_what_backward_carried():
+    from disttrain.steps import StopVote
+
+    vote = StopVote(torch.device("cpu"))
+    loss = torch.tensor(0.123456789, requires_grad=True)
+    carried = vote.carried_by(loss)
+    assert carried.item() == loss.item()  # the zero weight adds exactly nothing
+    carried.backward()
+    assert loss.grad.item() == 1.0 and not vote.agreed()  # no ballot yet
+
+    vote.local = True
+    out = vote.carried_by({"loss": loss * 2, "extra": 1})
+    assert out["extra"] == 1 and out["loss"].item() == (loss * 2).item()
+    out["loss"].backward()
+    assert vote.agreed()  # the ballot reached the weight's gradient
+    assert not vote.agreed()  # read once: nothing new since
+    vote.carried_by(loss).backward()
+    assert vote.agreed()  # a vote cast again is seen again
+    assert vote.carried_by("not a loss") == "not a loss"
