@@ -129,6 +129,8 @@ class Dispatcher:
 
     def caller(self, hook: Hook) -> Callable[..., Any]:
         """``call`` for a hook without a verdict, looked up once: what the hot loop holds."""
+        if hook in self._verdicts:
+            raise ValueError(f"hook '{hook.value}' ends in a verdict: run it with call()")
         return self._callers[hook]
 
     def run(self, action: Action, fn: Callable[..., Any], *args: Any) -> Any:

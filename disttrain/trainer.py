@@ -1,7 +1,8 @@
 """``Trainer``: fit, validate and test a :class:`disttrain.Module`, one loop for every backend.
 
-``fit`` below is the whole training loop in the order it happens; every hook is one
-``call(Hook.X, ...)`` line, and the dispatcher decides on which ranks it runs and what sync
+``fit`` below is the whole training loop in the order it happens; every hook is one line,
+``call(Hook.X, ...)`` or, for the per-batch hooks, the same callable looked up once before
+the loop (``on_batch_end()``), and the dispatcher decides on which ranks it runs and what sync
 follows (see ``disttrain.hooks`` for the table and the picture of the loop).
 """
 
