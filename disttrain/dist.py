@@ -133,6 +133,7 @@ class ProcessGroupCollectives(Collectives):
         self._control = control
         self._long_control = long_control
         self._owns_world = owns_world
+        self._vote: StopVote | None = None
 
     def _run(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         recorder = self.recorder
@@ -175,14 +176,14 @@ class ProcessGroupCollectives(Collectives):
         return out
 
     def attach_stop_vote(self, router: TrainingStep, device: torch.device) -> None:
-        self._vote = router.stop_vote = StopVote(device)
+        self._vote = StopVote(device)
+        router.attach(self._vote)
 
     def stop_agreed(self, local_vote: bool) -> bool:
-        vote = getattr(self, "_vote", None)
+        vote = self._vote
         if vote is None:  # no DDP model to carry it: nothing else has synchronised this step
             return self.any_true(local_vote)
-        vote.local = local_vote  # carried by the next step's loss into its gradient all-reduce
-        return vote.agreed()
+        return vote.agreed(local_vote)  # local_vote rides the next step's gradient all-reduce
 
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return DistributedDataParallel(

@@ -12,22 +12,30 @@ import torch
 
 class TrainingStep(torch.nn.Module):
     """Routes DDP's forward to ``training_step``, so DDP sees the step and syncs its gradients;
-    with a ``stop_vote`` the loss also carries this rank's stop vote into backward."""
+    with a stop vote attached the loss also carries this rank's vote into backward."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
         self.module = module
-        self.stop_vote: StopVote | None = None
+        # plain attributes (not submodules) for what every forward reads: no Module lookup
+        self._training_step = module.training_step
+        self._vote: StopVote | None = None
+
+    def attach(self, vote: StopVote) -> None:
+        """Carry ``vote``: its weight becomes a parameter of this module, so DDP reduces it."""
+        self.register_parameter("stop_vote", vote.weight)
+        self._vote = vote
 
     def forward(self, *args: Any) -> Any:
-        output = self.module.training_step(*args)
-        return output if self.stop_vote is None else self.stop_vote.carried_by(output)
+        output = self._training_step(*args)
+        vote = self._vote
+        return output if vote is None else vote.carried_by(output)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # one process: there is no gradient sync to skip
 
 
-class StopVote(torch.nn.Module):
+class StopVote:
     """This rank's stop vote as the gradient of one extra parameter of the DDP model.
 
     ``carried_by`` adds ``ballot * weight`` to the loss. The weight is zero and no optimizer
@@ -39,9 +47,8 @@ class StopVote(torch.nn.Module):
     """
 
     def __init__(self, device: torch.device) -> None:
-        super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros((), device=device))
-        self.local = False  # this rank's vote, carried by the next forward
+        self.ballot = 0.0  # this rank's vote (1.0: stop), carried by the next forward
         self._seen = 0.0  # the weight's gradient when it was last read
         self._on_gpu = device.type == "cuda"
         self._pending: tuple[Any, torch.Tensor] | None = None  # GPU: (event, pinned copy)
@@ -51,35 +58,41 @@ class StopVote(torch.nn.Module):
         ``loss + ballot * weight``, exactly ``loss``, whose gradient for the weight is the
         ballot."""
         if isinstance(output, torch.Tensor):
-            return torch.add(output, self.weight, alpha=float(self.local))
+            return torch.add(output, self.weight, alpha=self.ballot)
         if isinstance(output, dict) and "loss" in output:
-            loss = torch.add(output["loss"], self.weight, alpha=float(self.local))
-            return {**output, "loss": loss}
+            return {**output, "loss": torch.add(output["loss"], self.weight, alpha=self.ballot)}
         return output  # not a loss: loss_of reports it
 
-    def agreed(self) -> bool:
-        """Whether any rank's vote rode a synchronised backward since the last call.
+    def agreed(self, local_vote: bool) -> bool:
+        """Cast ``local_vote`` for the next forward; return whether any rank's vote rode a
+        synchronised backward since the last call.
 
         On a GPU the answer lags one step, read from a copy taken without waiting: reading it
         at once would make the CPU wait for this step's all-reduce every step. Every rank
         reads the same step's votes either way, so every rank decides at the same step.
         """
+        self.ballot = 1.0 if local_vote else 0.0
         grad = self.weight.grad
         if grad is None:
             return False
         if self._on_gpu:
-            host = torch.empty((), pin_memory=True)
-            host.copy_(grad, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(grad.device))
-            previous, self._pending = self._pending, (event, host)
-            if previous is None:
+            grad = self._copied_a_step_ago(grad)
+            if grad is None:
                 return False
-            previous[0].synchronize()  # a step old: long finished, the CPU does not wait
-            grad = previous[1]
         total = grad.item()
         voted, self._seen = total > self._seen, total
         return voted
+
+    def _copied_a_step_ago(self, grad: torch.Tensor) -> torch.Tensor | None:
+        host = torch.empty((), pin_memory=True)
+        host.copy_(grad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(grad.device))
+        previous, self._pending = self._pending, (event, host)
+        if previous is None:
+            return None
+        previous[0].synchronize()  # a step old: long finished, the CPU does not wait
+        return previous[1]
 
 
 def seed_everything(seed: int) -> None:

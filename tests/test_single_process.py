@@ -269,14 +269,15 @@ def test_the_stop_vote_leaves_the_loss_exact_and_reads_what_backward_carried():
     carried = vote.carried_by(loss)
     assert carried.item() == loss.item()  # the zero weight adds exactly nothing
     carried.backward()
-    assert loss.grad.item() == 1.0 and not vote.agreed()  # no ballot yet
+    assert loss.grad.item() == 1.0
+    assert not vote.agreed(True)  # no ballot carried yet; this rank votes from now on
 
-    vote.local = True
     out = vote.carried_by({"loss": loss * 2, "extra": 1})
     assert out["extra"] == 1 and out["loss"].item() == (loss * 2).item()
     out["loss"].backward()
-    assert vote.agreed()  # the ballot reached the weight's gradient
-    assert not vote.agreed()  # read once: nothing new since
+    assert vote.agreed(False)  # the ballot reached the weight's gradient
     vote.carried_by(loss).backward()
-    assert vote.agreed()  # a vote cast again is seen again
+    assert not vote.agreed(True)  # a backward without a ballot: nothing new
+    vote.carried_by(loss).backward()
+    assert vote.agreed(False)  # a vote cast again is seen again
     assert vote.carried_by("not a loss") == "not a loss"
