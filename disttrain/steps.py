@@ -60,7 +60,7 @@ class StopVote:
         if isinstance(output, torch.Tensor):
             return torch.add(output, self.weight, alpha=self.ballot)
         if isinstance(output, dict) and "loss" in output:
-            return {**output, "loss": torch.add(output["loss"], self.weight, alpha=self.ballot)}
+            return {**output, "loss": self.carried_by(output["loss"])}
         return output  # not a loss: loss_of reports it
 
     def agreed(self, local_vote: bool) -> bool:
@@ -80,6 +80,9 @@ class StopVote:
             if grad is None:
                 return False
         total = grad.item()
+        if total != total:  # NaN (a user's backward scaled by NaN): start over; votes recur
+            self.weight.grad, self._seen = None, 0.0
+            return False
         voted, self._seen = total > self._seen, total
         return voted
 

@@ -281,3 +281,7 @@ def test_the_stop_vote_leaves_the_loss_exact_and_reads_what_backward_carried():
     vote.carried_by(loss).backward()
     assert vote.agreed(False)  # a vote cast again is seen again
     assert vote.carried_by("not a loss") == "not a loss"
+    (vote.carried_by(loss) * float("nan")).backward()
+    assert not vote.agreed(True) and vote.weight.grad is None  # poisoned: starts over
+    vote.carried_by(loss).backward()
+    assert vote.agreed(False)  # and still hears the next vote
