@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from disttrain.callback import Callback
 from disttrain.datamodule import DataModule
 from disttrain.dist import Collectives, DistEnv
-from disttrain.flight import ENTER, FINISH, LEAVE, START, FlightRecorder
+from disttrain.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder
 from disttrain.hooks import (
     ACTION_TABLE,
     Action,
@@ -31,9 +31,6 @@ from disttrain.hooks import (
 
 if TYPE_CHECKING:
     from disttrain.profiler import SimpleProfiler
-
-
-GRADIENT_SYNC = "gradient sync in backward"
 
 
 class HookFailed(RuntimeError):
@@ -246,7 +243,7 @@ def _in_collective(name: str, runner: Any, recorder: FlightRecorder) -> Callable
 
     def run(*args: Any) -> Any:
         record(START, name)
-        result = runner(*args)
+        result = runner(*args)  # if it raises (a collective's timeout), the trace stays open
         record(FINISH, name)
         return result
 

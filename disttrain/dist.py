@@ -176,7 +176,7 @@ class ProcessGroupCollectives(Collectives):
         return out
 
     def attach_stop_vote(self, router: TrainingStep, device: torch.device) -> None:
-        self._vote = StopVote(device)
+        self._vote = StopVote(device, self.recorder)
         router.attach(self._vote)
 
     def stop_agreed(self, local_vote: bool) -> bool:

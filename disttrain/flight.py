@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 ENTER, LEAVE, START, FINISH = "enter", "leave", "start", "finish"
+GRADIENT_SYNC = "gradient sync in backward"  # DDP's all-reduce / FSDP's reduce-scatter, in C++
 
 
 class FlightRecorder:

@@ -12,7 +12,8 @@ NULL_CONTEXT = contextlib.nullcontext()  # stateless, so one instance serves eve
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The context in which forward passes run: one object, entered once per forward (an
-    autocast context restores the previous state on exit, so it can be entered again)."""
+    autocast context restores the previous state on exit, so it can be entered again, one
+    use after another; it keeps that state on itself, so it must not be nested)."""
     dtype = _AUTOCAST_DTYPES.get(precision)
     if dtype is None:
         return NULL_CONTEXT

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from disttrain.flight import FINISH, GRADIENT_SYNC, START
+
 
 class TrainingStep(torch.nn.Module):
     """Routes DDP's forward to ``training_step``, so DDP sees the step and syncs its gradients;
@@ -38,7 +40,7 @@ class TrainingStep(torch.nn.Module):
 class StopVote:
     """This rank's stop vote as the gradient of one extra parameter of the DDP model.
 
-    ``carried_by`` adds ``ballot * weight`` to the loss. The weight is zero and no optimizer
+    ``carried_by`` adds ``weight * ballot`` to the loss. The weight is zero and no optimizer
     owns it, so the loss and every other gradient stay exactly as they were, while the
     weight's gradient is the ballot (1: stop, 0: go on). DDP averages it with the other
     gradients in its own bucketed all-reduce (C++: no Python comm hook, no collective of
@@ -46,19 +48,26 @@ class StopVote:
     exactly when some rank voted: reading it costs one ``item()``, clearing it nothing.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, recorder: Any = None) -> None:
         self.weight = torch.nn.Parameter(torch.zeros((), device=device))
-        self.ballot = 0.0  # this rank's vote (1.0: stop), carried by the next forward
+        # a tensor, not a float: a compiled model would otherwise recompile when a rank votes
+        self._ballot = torch.zeros((), device=device)
+        self._voting = False  # what _ballot holds: it is rewritten only when the vote changes
         self._seen = 0.0  # the weight's gradient when it was last read
         self._on_gpu = device.type == "cuda"
         self._pending: tuple[Any, torch.Tensor] | None = None  # GPU: (event, pinned copy)
+        self._recorder = recorder
 
     def carried_by(self, output: Any) -> Any:
         """``output`` (a loss, or a dict with one) whose loss also carries this rank's vote:
-        ``loss + ballot * weight``, exactly ``loss``, whose gradient for the weight is the
-        ballot."""
+        ``loss + weight * ballot``, exactly ``loss``, whose gradient for the weight is the
+        ballot. A loss that needs no gradient is left alone, so backward reports it."""
         if isinstance(output, torch.Tensor):
-            return torch.add(output, self.weight, alpha=self.ballot)
+            if not output.requires_grad:
+                return output
+            if output.dtype is not self.weight.dtype:  # keep a bf16/fp16 loss in its dtype
+                return output + (self.weight * self._ballot).to(output.dtype)
+            return torch.addcmul(output, self.weight, self._ballot)
         if isinstance(output, dict) and "loss" in output:
             return {**output, "loss": self.carried_by(output["loss"])}
         return output  # not a loss: loss_of reports it
@@ -71,7 +80,9 @@ class StopVote:
         at once would make the CPU wait for this step's all-reduce every step. Every rank
         reads the same step's votes either way, so every rank decides at the same step.
         """
-        self.ballot = 1.0 if local_vote else 0.0
+        if local_vote is not self._voting:
+            self._voting = local_vote
+            self._ballot.fill_(1.0 if local_vote else 0.0)
         grad = self.weight.grad
         if grad is None:
             return False
@@ -81,7 +92,7 @@ class StopVote:
                 return False
         total = grad.item()
         if total != total:  # NaN (a user's backward scaled by NaN): start over; votes recur
-            self.weight.grad, self._seen = None, 0.0
+            self.weight.grad, self._seen, self._pending = None, 0.0, None
             return False
         voted, self._seen = total > self._seen, total
         return voted
@@ -94,7 +105,13 @@ class StopVote:
         previous, self._pending = self._pending, (event, host)
         if previous is None:
             return None
-        previous[0].synchronize()  # a step old: long finished, the CPU does not wait
+        # A step old, so normally long finished. With NCCL, backward returns before the
+        # all-reduce runs: a rank whose peer never joined waits here, so the trace says so.
+        if self._recorder is not None:
+            self._recorder.record(START, GRADIENT_SYNC)
+        previous[0].synchronize()
+        if self._recorder is not None:
+            self._recorder.record(FINISH, GRADIENT_SYNC)
         return previous[1]
 
 

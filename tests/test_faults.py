@@ -216,3 +216,20 @@ def test_auto_resume_skips_a_bad_newest_file_with_a_warning(tmp_path, caplog):
     os.utime(bad, (time.time() + 60, time.time() + 60))
     assert checkpoint.newest_loadable(good.parent) in (str(good), str(good.parent / "last.ckpt"))
     assert f"skipping {bad}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("precision", "compile_", "nproc"),
+    [("32", "0", 2), ("16-mixed", "0", 2), ("32", "1", 1)],
+    ids=["fp32", "fp16-scaled", "compiled"],
+)
+def test_a_vote_cast_on_a_micro_step_stops_every_rank_after_the_same_step(
+    scenario, precision, compile_, nproc
+):
+    # asked on batch 4 (inside step 3's window), cast after step 3, carried by step 4's
+    # no_sync micro-step and then its synchronised backward: every rank stops after step 4
+    timeout = 300 if compile_ == "1" else 120
+    _, outdir = scenario(
+        "vote_on_a_micro_step", nproc=nproc, timeout=timeout, PRECISION=precision, COMPILE=compile_
+    )
+    assert [r["stopped_after"] for r in read_results(outdir, nproc)] == [4] * nproc

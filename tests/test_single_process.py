@@ -285,3 +285,7 @@ def test_the_stop_vote_leaves_the_loss_exact_and_reads_what_backward_carried():
     assert not vote.agreed(True) and vote.weight.grad is None  # poisoned: starts over
     vote.carried_by(loss).backward()
     assert vote.agreed(False)  # and still hears the next vote
+    half = torch.tensor(0.5, dtype=torch.bfloat16, requires_grad=True)
+    assert vote.carried_by(half).dtype == torch.bfloat16  # the loss keeps its dtype
+    frozen = torch.tensor(1.0)
+    assert vote.carried_by(frozen) is frozen  # no gradient: left for backward to report

@@ -199,6 +199,42 @@ def gpu(outdir):
     write_result(outdir, trainer.global_rank, result)
 
 
+def vote_on_a_micro_step(outdir):
+    """The last rank asks to stop on a micro-step inside an accumulation window (a no_sync
+    backward); the vote rides the window's synchronised backward. Precision and compile
+    come from the environment."""
+    import torch._dynamo
+
+    torch._dynamo.config.error_on_recompile = True  # a vote must not recompile the model
+
+    class AsksToStop(disttrain.Callback):
+        def on_batch_end(self, trainer, module):
+            voter = trainer.world_size - 1
+            step_two_done = trainer.global_step == 2 and not trainer.at_step_boundary
+            if trainer.global_rank == voter and step_two_done:
+                trainer.should_stop = True  # batch 4: a micro-step of step 3
+
+    trainer = Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        precision=os.environ["PRECISION"],
+        compile=os.environ.get("COMPILE") == "1",
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        callbacks=[AsksToStop()],
+    )
+
+    class Plain(Regressor):
+        def training_step(self, batch, batch_idx):  # no Python state: nothing else recompiles
+            x, y, _ = batch
+            return torch.nn.functional.mse_loss(self(x), y)
+
+    trainer.fit(Plain(n_train=64))
+    write_result(outdir, trainer.global_rank, {"stopped_after": trainer.global_step})
+
+
 def _train(run_dir, **options):
     disttrain.seed_everything(0)
     module = Resumable()
