@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from disttrain.flight import FINISH, START
 from disttrain.steps import StopVote, TrainingStep
 
-START, FINISH = "start", "finish"  # flight-recorder events (disttrain.flight)
 _TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
