@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_schedule(run, args.world_size), end="")
             return 0
         if args.command == "plot":
-            from disttrain.plot import plot_runs
+            from disttrain.plot import PlotError, plot_runs
 
-            print(plot_runs(args.run_dirs, args.output))
+            try:
+                print(plot_runs(args.run_dirs, args.output))
+            except PlotError as err:
+                print(f"disttrain plot: {err}", file=sys.stderr)
+                return 1
             return 0
         if args.command == "print-config":
             from disttrain import runconfig
