@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,9 @@ from disttrain.steps import scalar_metrics
 
 
 def evaluate(trainer: Any, call: Callable[..., Any], loader: Any, limit: int, kind: str) -> Any:
-    """Run ``{kind}_step`` over ``loader`` on the unwrapped module (no DDP collective), then
+    """Run ``{kind}_step`` over ``loader`` with no collective per batch (the unwrapped module
+    under DDP, the module unsharded for the whole loop under FSDP: ranks may hold different
+    numbers of batches), then
     ``{kind}_epoch_end``; its logged epoch values are reduced over all ranks in one collective
     (not for the sanity check). Returns what ``{kind}_epoch_end`` returned."""
     module = trainer.module
@@ -24,7 +27,8 @@ def evaluate(trainer: Any, call: Callable[..., Any], loader: Any, limit: int, ki
     outputs = []
     reporter = trainer.reporter
     reporter.evaluating = True
-    with torch.no_grad(), trainer._autocast:
+    evaluating = fit_step.evaluating() if fit_step else contextlib.nullcontext()
+    with torch.no_grad(), trainer._autocast, evaluating:
         for batch_idx, batch in zip(range(limit), loader):
             batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, trainer.device)
             outputs.append(step(batch, batch_idx))

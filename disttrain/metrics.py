@@ -25,14 +25,30 @@ class _Accumulator:
     weight: float = 0.0
 
     def add(self, value: Any, weight: float) -> None:
+        if isinstance(value, torch.Tensor) and value.dtype is not _SUM_DTYPE:
+            # a 16-bit sum overflows past 65504 (fp16) or drops small increments (bf16)
+            value = value.to(_SUM_DTYPE)
         if self.reduce in ("mean", "sum"):
             self.total = self.total + (value * weight if self.reduce == "mean" else value)
             self.weight += weight
         elif self.weight == 0.0:
             self.total, self.weight = value, 1.0
         else:
-            pick = max if self.reduce == "max" else min
-            self.total = pick(self.total, value)
+            self.total = _pick(self.reduce, self.total, value)
+
+
+_SUM_DTYPE = torch.float64  # every epoch accumulator, whatever dtype the value was logged in
+
+
+def _pick(reduce: str, a: Any, b: Any) -> Any:
+    """The larger (``max``) or smaller (``min``) of two numbers or tensors. Tensors stay on
+    their device: Python's ``max`` on tensors asks ``bool(a < b)``, a device sync per log."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        device = (a if isinstance(a, torch.Tensor) else b).device
+        a = torch.as_tensor(a, dtype=_SUM_DTYPE, device=device)
+        b = torch.as_tensor(b, dtype=_SUM_DTYPE, device=device)
+        return torch.maximum(a, b) if reduce == "max" else torch.minimum(a, b)
+    return max(a, b) if reduce == "max" else min(a, b)
 
 
 class MetricStore:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from disttrain.flight import FINISH, GRADIENT_SYNC, START
+from disttrain.transfer import uncarried
 
 
 class TrainingStep(torch.nn.Module):
@@ -29,7 +32,7 @@ class TrainingStep(torch.nn.Module):
         self._vote = vote
 
     def forward(self, *args: Any) -> Any:
-        output = self._training_step(*args)
+        output = self._training_step(*uncarried(args))  # the batch exactly as transferred
         vote = self._vote
         return output if vote is None else vote.carried_by(output)
 
@@ -48,15 +51,21 @@ class StopVote:
     exactly when some rank voted: reading it costs one ``item()``, clearing it nothing.
     """
 
-    def __init__(self, device: torch.device, recorder: Any = None) -> None:
+    def __init__(
+        self, device: torch.device, recorder: Any = None, timeout: float | None = None
+    ) -> None:
         self.weight = torch.nn.Parameter(torch.zeros((), device=device))
         # a tensor, not a float: a compiled model would otherwise recompile when a rank votes
         self._ballot = torch.zeros((), device=device)
         self._voting = False  # what _ballot holds: it is rewritten only when the vote changes
         self._seen = 0.0  # the weight's gradient when it was last read
         self._on_gpu = device.type == "cuda"
-        self._pending: tuple[Any, torch.Tensor] | None = None  # GPU: (event, pinned copy)
+        self._pending: tuple[Any, torch.Tensor, float] | None = None  # GPU: (event, copy, when)
         self._recorder = recorder
+        if timeout is None:  # the collective timeout of the trainer the recorder reports on
+            trainer = getattr(recorder, "progress", None)
+            timeout = getattr(getattr(trainer, "config", None), "timeout", DEFAULT_TIMEOUT)
+        self._timeout = float(timeout)
 
     def carried_by(self, output: Any) -> Any:
         """``output`` (a loss, or a dict with one) whose loss also carries this rank's vote:
@@ -100,19 +109,69 @@ class StopVote:
     def _copied_a_step_ago(self, grad: torch.Tensor) -> torch.Tensor | None:
         host = torch.empty((), pin_memory=True)
         host.copy_(grad, non_blocking=True)
-        event = torch.cuda.Event()
+        # blocking: a wait on it sleeps in the driver instead of spinning a CPU core
+        event = torch.cuda.Event(blocking=True)
         event.record(torch.cuda.current_stream(grad.device))
-        previous, self._pending = self._pending, (event, host)
+        previous, self._pending = self._pending, (event, host, time.monotonic())
         if previous is None:
             return None
-        # A step old, so normally long finished. With NCCL, backward returns before the
-        # all-reduce runs: a rank whose peer never joined waits here, so the trace says so.
-        if self._recorder is not None:
-            self._recorder.record(START, GRADIENT_SYNC)
-        previous[0].synchronize()
-        if self._recorder is not None:
-            self._recorder.record(FINISH, GRADIENT_SYNC)
+        self._wait(previous[0], previous[2])
         return previous[1]
+
+    def _wait(self, event: Any, recorded_at: float) -> None:
+        """Wait for the GPU to pass ``event`` (recorded at ``recorded_at``, after the backward
+        whose all-reduce carried the votes), with a deadline.
+
+        A step old, so normally long finished. With NCCL, backward returns before the
+        all-reduce runs: a rank whose peer never joined waits here. An unbounded wait would
+        end in NCCL's watchdog tearing the process down at the collective timeout, before
+        the flight recorder could write which rank waited where; the deadline falls a margin
+        before that timeout, so the trace is written and the error names this rank.
+        """
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.record(START, GRADIENT_SYNC)
+        deadline = recorded_at + self._timeout - deadline_margin(self._timeout)
+        if not wait_for(event, deadline):
+            rank = getattr(recorder, "rank", "?")
+            waited = time.monotonic() - recorded_at
+            message = (
+                f"rank {rank}: the gradient all-reduce of the step before (it carries the stop "
+                f"votes, in '{GRADIENT_SYNC}') has not finished after {waited:.0f}s: a peer "
+                "rank never joined it. The flight recorder's trace says where each rank was."
+            )
+            if recorder is not None:
+                recorder.dump(message)
+            raise RuntimeError(message)
+        if recorder is not None:
+            recorder.record(FINISH, GRADIENT_SYNC)
+
+
+DEFAULT_TIMEOUT = 1800.0  # TrainerConfig.timeout's default, for a vote built without a trainer
+
+
+def deadline_margin(timeout: float) -> float:
+    """How long before the collective timeout a wait gives up: time to write the trace."""
+    return min(60.0, 0.1 * timeout)
+
+
+def wait_for(
+    event: Any,
+    deadline: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Poll ``event.query()`` until it reports done (True) or ``clock()`` passes ``deadline``
+    (False). The pause doubles from 0.1 ms to 50 ms: a finished event costs one query, a late
+    one no busy CPU core."""
+    pause = 1e-4
+    while not event.query():
+        now = clock()
+        if now >= deadline:
+            return False
+        sleep(min(pause, deadline - now))
+        pause = min(2 * pause, 0.05)
+    return True
 
 
 def seed_everything(seed: int) -> None:

@@ -15,6 +15,25 @@ from typing import Any
 import torch
 
 from disttrain.steps import TrainingStep
+from disttrain.transfer import carried, uncarried
+
+# The oldest torch disttrain runs on, as pyproject.toml states it: FSDP2's ``fully_shard`` and
+# ``MixedPrecisionPolicy`` became public in ``torch.distributed.fsdp`` in 2.6 (before, they
+# lived in the private ``torch.distributed._composable.fsdp``).
+MIN_TORCH = (2, 6)
+
+
+def check_torch_version(strategy: str, version: str | None = None) -> None:
+    """A clear error for ``strategy="fsdp"`` on a torch older than ``MIN_TORCH``, instead of
+    an ImportError from inside the sharding."""
+    version = torch.__version__ if version is None else version
+    found = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    if strategy == "fsdp" and found < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise RuntimeError(
+            f"strategy='fsdp' needs torch>={need} (torch.distributed.fsdp.fully_shard); "
+            f"this is torch {version}. Install torch>={need}, or use strategy='ddp'."
+        )
 
 
 class Step:
@@ -33,6 +52,18 @@ class Step:
         method = getattr(self.module, name)
         return _redirected(self.module, method) if self.sharded else method
 
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """The context of one evaluation loop: under FSDP, the whole module unsharded for it.
+
+        Evaluation shards are unpadded (each sample once), so ranks may hold different numbers
+        of batches. A sharded forward all-gathers per block per batch, and a rank with a batch
+        more would wait in an all-gather its peers never join. Gathering every block once
+        before the loop (the same collectives, in the same order, on every rank) and keeping
+        it gathered until the loop ends leaves no collective per batch. The price is the
+        whole module's parameters (in the compute dtype) during evaluation.
+        """
+        return _unsharded(self.module) if self.sharded else contextlib.nullcontext()
+
 
 def build(trainer: Any, module: Any, configure: Callable[[], tuple]) -> tuple[Step, tuple]:
     """Wrap ``module`` as ``trainer.config.strategy`` says and build the optimizers with
@@ -41,6 +72,7 @@ def build(trainer: Any, module: Any, configure: Callable[[], tuple]) -> tuple[St
     from disttrain.dist import shard_fsdp
 
     cfg = trainer.config
+    check_torch_version(cfg.strategy)
     if cfg.strategy == "fsdp" and trainer.env.launched:
         blocks = module.fsdp_blocks() if hasattr(module, "fsdp_blocks") else _default_blocks(module)
         shard_fsdp(module, blocks, cfg.precision, cfg.activation_checkpointing)
@@ -58,8 +90,19 @@ def build(trainer: Any, module: Any, configure: Callable[[], tuple]) -> tuple[St
         find_unused=len(optimizers) > 1 if find_unused is None else find_unused,
     )
     # unwrapped (one process), call training_step itself: the router adds nothing there
-    forward = module.training_step if model is router else model
+    forward = module.training_step if model is router else _carrying(model)
     return Step(forward, model, module, sharded=False), configured
+
+
+def _carrying(model: Callable[..., Any]) -> Callable[..., Any]:
+    """Call ``model`` (DDP) with the step's arguments carried through its input re-packing
+    untouched (``disttrain.transfer.Carried``): the batch types transfer promises survive
+    the CUDA path, where DDP rebuilds every container it finds."""
+
+    def forward(*args: Any) -> Any:
+        return model(*carried(args))
+
+    return forward
 
 
 def _default_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -71,15 +114,34 @@ def _redirected(module: torch.nn.Module, method: Callable[..., Any]) -> Callable
     def call(*args: Any) -> Any:
         def forward(*inner: Any) -> Any:
             del module.forward  # inside the step, self(x) is the module's own forward again
-            return method(*inner)
+            return method(*uncarried(inner))
 
         module.forward = forward
         try:
-            return module(*args)
+            return module(*carried(args))  # the root's input re-packing leaves it alone
         finally:
             module.__dict__.pop("forward", None)
 
     return call
+
+
+@contextlib.contextmanager
+def _unsharded(module: torch.nn.Module) -> Iterator[None]:
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]  # the same order
+    # on every rank; the root first. Reshard-after-forward off for the loop, so a forward's
+    # post-hook keeps the parameters; put back as shard_fsdp set it: blocks reshard, the
+    # root (whose parameters backward needs at once) does not.
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_reshard_after_forward(m is not module, recurse=False)
+            m.reshard()
 
 
 @contextlib.contextmanager

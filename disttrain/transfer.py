@@ -1,4 +1,5 @@
-"""Moving a batch of any nesting to a device, keeping its types."""
+"""Moving a batch of any nesting to a device, keeping its types, and handing it through a
+wrapper's forward (DDP, the FSDP root) untouched."""
 
 from __future__ import annotations
 
@@ -46,3 +47,33 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if callable(to):
         return to(device)
     return batch
+
+
+class Carried:
+    """A forward's positional arguments, handed through DDP or the FSDP root as one opaque
+    object.
+
+    With ``device_ids`` set (every CUDA run), DDP's forward re-packs its inputs with
+    ``torch.distributed.utils._to_kwargs`` and so does the FSDP root's on an accelerator:
+    each dict is rebuilt as ``type(obj)(pairs)`` (a ``defaultdict`` raises: its first
+    argument is the default factory) and each tuple subclass becomes a plain tuple. The batch
+    is already on the device (``transfer_batch_to_device``), so there is nothing left for
+    them to move: an object that is neither a tensor nor a container passes through as it is.
+    """
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+
+
+def carried(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` as a wrapper's forward should get them: one ``Carried``."""
+    return (Carried(args),)
+
+
+def uncarried(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The arguments a wrapper's forward got, as the step should get them."""
+    if len(args) == 1 and type(args[0]) is Carried:
+        return args[0].args
+    return args

@@ -66,7 +66,7 @@ def test_an_incomplete_sharded_checkpoint_is_skipped(tmp_path):
     directory = tmp_path / "checkpoints"
     (directory / "epoch=0-step=9.ckpt").mkdir(parents=True)  # no .metadata: never completed
     (directory / ".epoch=0-step=10.ckpt.tmp").mkdir()
-    assert checkpoint.newest_loadable(directory) is None
+    assert checkpoint.most_advanced(directory) is None
     assert not (directory / ".epoch=0-step=10.ckpt.tmp").exists()
 
 
@@ -86,3 +86,25 @@ def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path)
     with pytest.raises(checkpoint.CheckpointError, match=r"refused: GLOBAL posix\.system"):
         checkpoint.load(directory)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_uneven_evaluation_shards_under_fsdp_finish_and_stay_exact(scenario):
+    """9 validation samples, batches of 4, 2 ranks: 2 batches on rank 0, 1 on rank 1. The
+    old evaluation all-gathered per batch and rank 0 waited for rank 1 until the timeout."""
+    from common import exact_validation
+
+    _, outdir = scenario("fsdp_uneven_eval", timeout=150)
+    results = read_results(outdir, 2)
+    seen = [i for result in results for i in result["val_seen"]]
+    # the sanity check (2 batches: each rank's whole shard) and one validation epoch
+    assert sorted(results[0]["val_seen"]) == [0, 0, 2, 2, 4, 4, 6, 6, 8, 8]
+    assert sorted(results[1]["val_seen"]) == [1, 1, 3, 3, 5, 5, 7, 7]
+    assert sorted(seen) == sorted(2 * list(range(9)))
+    from common import LogsMetrics
+
+    module = LogsMetrics(n_val=9)
+    module.load_state_dict(_weights(outdir / "weights.pt"))
+    exact = exact_validation(module, 9)
+    for result in results:
+        for key, value in exact.items():
+            assert result[key] == pytest.approx(value, rel=1e-5), key

@@ -442,6 +442,39 @@ def fsdp_load(outdir):
     write_result(outdir, trainer.global_rank, {"done": True})
 
 
+def fsdp_uneven_eval(outdir):
+    """FSDP, 2 ranks, 9 validation samples in batches of 4: rank 0 holds 2 batches, rank 1
+    one. Every sample must be evaluated once, with no rank left waiting in an all-gather (a
+    short collective timeout makes a hang fail in seconds instead of 30 minutes)."""
+    from common import LogsMetrics
+
+    class Counts(LogsMetrics):
+        def validation_step(self, batch, batch_idx):
+            self.val_seen.extend(batch[2].tolist())
+            return super().validation_step(batch, batch_idx)
+
+    disttrain.seed_everything(0)
+    module = Counts(n_train=8, n_val=9, batch_size=4)
+    trainer = Trainer(
+        strategy="fsdp",
+        max_epochs=1,
+        num_sanity_val_steps=2,  # the first forwards of the run are an uneven evaluation
+        enable_checkpointing=False,
+        logger=None,
+        timeout=20.0,
+        default_root_dir=str(outdir),
+    )
+
+    class Export(disttrain.Callback):
+        def on_fit_end(self, trainer, m):
+            trainer.export_weights(Path(outdir) / "weights.pt")
+
+    trainer.callbacks.append(Export())
+    trainer.fit(module)
+    seen = list(module.val_seen)
+    write_result(outdir, trainer.global_rank, {"val_seen": seen, **trainer.callback_metrics})
+
+
 if __name__ == "__main__":
     name, outdir = sys.argv[1], sys.argv[2]
     globals()[name](outdir)
