@@ -1,9 +1,11 @@
 """``disttrain plot``: loss and metric curves from runs' ``metrics.csv`` (needs matplotlib).
 
 One panel per metric (losses first, the learning rate last), the optimizer step on x and one
-line per run. Everything a user can get wrong (no matplotlib, no run directory, no
-``metrics.csv``, a file with nothing but ``step``/``epoch``) raises :class:`PlotError`, which
-the command prints as one line.
+colour per run. Rows appended later at an earlier step (a resumed run, or a ``validate`` or
+``test`` run writing into the same file) start a new, unconnected piece of the line.
+Everything a user can get wrong (no matplotlib, no run directory, no ``metrics.csv``, a file
+with nothing but ``step``/``epoch``) raises :class:`PlotError`, which the command prints as
+one line.
 """
 
 from __future__ import annotations
@@ -44,11 +46,24 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def _panel_order(key: str) -> tuple[int, str]:
-    """Losses first, then other metrics, the learning rate last; alphabetical within."""
-    if "loss" in key:
-        return 0, key
-    return (2 if key == "lr" or key.startswith("lr-") else 1), key
+STAGES = ("train", "val", "test")
+
+
+def _panel_order(key: str) -> tuple[int, int, str]:
+    """Losses first, then other metrics, the learning rate last; train, val, test within."""
+    group = 0 if "loss" in key else 2 if key == "lr" or key.startswith("lr-") else 1
+    prefix = key.split("_", 1)[0]
+    return group, STAGES.index(prefix) if prefix in STAGES else len(STAGES), key
+
+
+def _pieces(points: list[tuple[int, float]]) -> list[list[tuple[int, float]]]:
+    """``points`` cut wherever the step goes back: each piece is one run over the file."""
+    pieces: list[list[tuple[int, float]]] = []
+    for point in points:
+        if not pieces or point[0] < pieces[-1][-1][0]:
+            pieces.append([])
+        pieces[-1].append(point)
+    return pieces
 
 
 def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
@@ -70,12 +85,17 @@ def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         positive = True
-        for name, series in runs.items():
-            if key not in series:
-                continue
-            steps, values = zip(*series[key])
-            positive = positive and min(values) > 0
-            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
+        for color, (name, series) in enumerate(runs.items()):
+            points = series.get(key, [])
+            positive = positive and all(v > 0 for _, v in points)
+            for i, piece in enumerate(_pieces(points)):
+                steps, values = zip(*piece)
+                marker = "." if len(points) < 30 else None
+                ax.plot(steps, values, f"C{color}", marker=marker, label=None if i else name)
+            if len(points) == 1:  # a lone test value: say it
+                ax.annotate(
+                    f"{points[0][1]:.4g}", points[0], textcoords="offset points", xytext=(5, 5)
+                )
         if key == "lr" and positive:
             ax.set_yscale("log")  # schedules decay by factors
         ax.set_title(key)

@@ -5,6 +5,11 @@ English prose and code, on every machine, no download. ``prepare_data`` tokenise
 the run's data folder; ``setup`` loads it on every rank and builds the layers whose size
 depends on the vocabulary, as the seed's ``setup`` example does.
 
+The corpus is cut in three consecutive parts: the first 90% trains, the next 5% validates and
+the last 5% is the test split that ``Trainer.test`` (``disttrain test``) evaluates. It logs
+``train_loss`` and ``lr`` per step, ``val_loss`` per validation loop and ``test_loss`` per test
+run, all in nats per character and exact over the ranks.
+
 Run it alone (debug mode) or under torchrun::
 
     python -m disttrain.examples.charlm
@@ -58,7 +63,8 @@ class CharLM(disttrain.Module):
         dropout: float = 0.0,
         batch_size: int = 32,
         lr: float = 3e-3,
-        val_fraction: float = 0.1,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
         sample_chars: int = 200,
     ) -> None:
         super().__init__()
@@ -70,7 +76,8 @@ class CharLM(disttrain.Module):
             n_head,
         )
         self.dropout, self.batch_size, self.lr = dropout, batch_size, lr
-        self.val_fraction, self.sample_chars = val_fraction, sample_chars
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.sample_chars = sample_chars
         self.val_history: list[float] = []
         self.baseline = math.nan
         self.sample = ""
@@ -96,8 +103,11 @@ class CharLM(disttrain.Module):
     def setup(self, stage: str) -> None:
         cached = torch.load(self._cache(), weights_only=True)
         self.vocab, ids = cached["vocab"], cached["ids"]
-        split = int(len(ids) * (1 - self.val_fraction))
-        self.train_ids, self.val_ids = ids[:split], ids[split:]
+        held_out = self.val_fraction + self.test_fraction  # 0.1: the 90% trained before
+        train_end = int(len(ids) * (1 - held_out))
+        val_end = train_end + int(len(ids) * self.val_fraction)
+        self.train_ids = ids[:train_end]
+        self.val_ids, self.test_ids = ids[train_end:val_end], ids[val_end:]
         counts = torch.bincount(self.train_ids.long(), minlength=len(self.vocab)).double()
         p = counts[counts > 0] / counts.sum()
         self.baseline = float(-(p * p.log()).sum())  # unigram cross-entropy, nats per char
@@ -126,6 +136,9 @@ class CharLM(disttrain.Module):
     def val_dataloader(self):
         return DataLoader(Windows(self.val_ids, self.block_size), batch_size=self.batch_size)
 
+    def test_dataloader(self):
+        return DataLoader(Windows(self.test_ids, self.block_size), batch_size=self.batch_size)
+
     # -- model ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
@@ -141,26 +154,41 @@ class CharLM(disttrain.Module):
         )
 
     def training_step(self, batch, batch_idx):
-        return self._loss(batch)
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
 
     def validation_step(self, batch, batch_idx):
-        return torch.stack([self._loss(batch, "sum"), torch.tensor(float(batch[1].numel()))])
+        loss_sum = self._loss(batch, "sum")
+        return torch.stack(
+            [loss_sum, torch.tensor(float(batch[1].numel()), device=loss_sum.device)]
+        )
+
+    test_step = validation_step
 
     def validation_epoch_end(self, outputs):
-        totals = torch.stack(outputs).sum(0) if outputs else torch.zeros(2)
+        return self._evaluation_end(outputs, "val")
+
+    def test_epoch_end(self, outputs):
+        return self._evaluation_end(outputs, "test")
+
+    def _evaluation_end(self, outputs: list[torch.Tensor], stage: str) -> dict[str, float]:
+        # a rank without batches still joins the all_reduce, with zeros on the module's device
+        totals = torch.stack(outputs).sum(0) if outputs else torch.zeros(2, device=self.device)
         loss_sum, count = self.trainer.all_reduce(totals.double()).tolist()
-        val_loss = loss_sum / count  # exact: every validation character counted once
+        loss = loss_sum / count  # exact: every character of the split counted once
         if self.trainer.sanity_checking:
-            return {"val_loss": val_loss}
-        self.val_history.append(val_loss)
+            return {f"{stage}_loss": loss}
+        if stage == "val":
+            self.val_history.append(loss)
+        where = f"epoch {self.current_epoch}  step {self.global_step}  " if stage == "val" else ""
         log.info(
-            "epoch %d  step %d  val_loss %.4f nats/char  (unigram baseline %.4f)",
-            self.current_epoch,
-            self.global_step,
-            val_loss,
-            self.baseline,
+            "%s%s_loss %.4f nats/char  (unigram baseline %.4f)", where, stage, loss, self.baseline
         )
-        return {"val_loss": val_loss}
+        # every rank holds the same reduced value: "max" passes it on unchanged
+        self.log(f"{stage}_loss", loss, reduce="max", prog_bar=True)
+        return {f"{stage}_loss": loss}
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)

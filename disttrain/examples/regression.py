@@ -1,4 +1,8 @@
-"""The smallest end-to-end job: a linear regression on generated data (for smoke tests)."""
+"""The smallest end-to-end job: a linear regression on generated data (for smoke tests).
+
+It logs what every example logs: ``train_loss`` and ``lr`` per step, ``val_loss`` per
+validation loop and ``test_loss`` for ``Trainer.test`` (exact over the ranks).
+"""
 
 from __future__ import annotations
 
@@ -34,22 +38,34 @@ class Regression(disttrain.Module):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+        loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y, reduction="sum")
-        return torch.stack([loss, torch.tensor(float(len(y)))])
+        return torch.stack([loss, torch.tensor(float(len(y)), device=loss.device)])
 
     test_step = validation_step
 
     def validation_epoch_end(self, outputs):
-        local = torch.stack(outputs).sum(0) if outputs else torch.zeros(2)
-        total, count = self.trainer.all_reduce(local).tolist()
-        self.val_losses.append(total / count)
-        return {"val_loss": total / count}
+        return self._evaluation_end(outputs, "val")
 
-    test_epoch_end = validation_epoch_end
+    def test_epoch_end(self, outputs):
+        return self._evaluation_end(outputs, "test")
+
+    def _evaluation_end(self, outputs: list[torch.Tensor], stage: str) -> dict[str, float]:
+        # a rank without batches still joins the all_reduce, with zeros on the module's device
+        local = torch.stack(outputs).sum(0) if outputs else torch.zeros(2, device=self.device)
+        total, count = self.trainer.all_reduce(local).tolist()
+        loss = total / count  # exact: every sample counted once
+        if stage == "val" and not self.trainer.sanity_checking:
+            self.val_losses.append(loss)
+        # every rank holds the same reduced value: "max" passes it on unchanged
+        self.log(f"{stage}_loss", loss, reduce="max", prog_bar=True)
+        return {f"{stage}_loss": loss}
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
