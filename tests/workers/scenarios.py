@@ -475,6 +475,75 @@ def fsdp_uneven_eval(outdir):
     write_result(outdir, trainer.global_rank, {"val_seen": seen, **trainer.callback_metrics})
 
 
+def gpu_validation_fp16(outdir):
+    """CUDA/NCCL at this world size: 16-mixed training, a validation epoch whose end reduces
+    with trainer.all_reduce, and ModelCheckpoint(monitor=...) reducing its monitor."""
+
+    class Validated(Regressor):
+        def validation_step(self, batch, batch_idx):
+            x, y, _ = batch
+            return {"sse": ((self(x).float() - y) ** 2).sum(), "n": torch.tensor(len(y))}
+
+        def validation_epoch_end(self, outputs):
+            totals = torch.zeros(2, device=next(self.parameters()).device)  # NCCL: CUDA
+            for out in outputs:
+                totals += torch.stack([out["sse"], out["n"].to(totals)])
+            self.trainer.all_reduce(totals)
+            self.log("val_loss", totals[0] / totals[1], reduce="max")  # equal on every rank
+            return {"val_n": totals[1]}
+
+    disttrain.seed_everything(0)
+    module = Validated(n_train=64, n_val=9, batch_size=4)
+    trainer = Trainer(
+        max_epochs=2,
+        precision="16-mixed",
+        accelerator="cuda",
+        default_root_dir=str(outdir),
+        callbacks=[disttrain.ModelCheckpoint(monitor="val_loss")],
+        timeout=120.0,
+    )
+    trainer.fit(module)
+    saved = sorted(p.name for p in trainer.checkpoint_dir.glob("*.ckpt"))
+    write_result(
+        outdir,
+        trainer.global_rank,
+        {
+            "backend": trainer.backend,
+            "scaler": trainer.scaler is not None,
+            "val_n": trainer.callback_metrics.get("val_n"),
+            "val_loss": trainer.callback_metrics.get("val_loss"),
+            "checkpoints": saved,
+        },
+    )
+
+
+def gpu_fsdp_bf16_resume(outdir):
+    """FSDP2 on CUDA with bf16: stop after step 6, resume from the DCP checkpoint, compare
+    with an uninterrupted run; uneven validation shards (9 samples) on the way."""
+    runs = {}
+    for name, options in {
+        "full": {},
+        "stopped": {"max_steps": 6},
+        "resumed": {"run": "stopped", "resume": "auto"},
+    }.items():
+        disttrain.seed_everything(0)
+        module = WideExport(str(Path(outdir) / f"{name}.pt"))
+        module.n_val = 9
+        Trainer(
+            max_epochs=2,
+            num_sanity_val_steps=2,
+            strategy="fsdp",
+            precision="bf16-mixed",
+            accelerator="cuda",
+            seed=1,
+            timeout=120.0,
+            default_root_dir=str(Path(outdir) / options.pop("run", name)),
+            **options,
+        ).fit(module)
+        runs[name] = len(module.losses)
+    write_result(outdir, int(os.environ["RANK"]), runs)
+
+
 if __name__ == "__main__":
     name, outdir = sys.argv[1], sys.argv[2]
     globals()[name](outdir)
