@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             from disttrain import runconfig
             from disttrain.schedule import describe_schedule
 
+            if args.world_size is not None and args.world_size < 1:
+                raise ConfigError("--world-size", f"must be at least 1, got {args.world_size}")
             run = runconfig.load(args.config, _overrides(args))
             print(describe_schedule(run, args.world_size), end="")
             return 0
@@ -69,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disttrain", description="Distributed-first training driven by YAML configs."
     )
+    parser.add_argument(
+        "--version", action=_Version, help="print the disttrain and torch versions and exit"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for stage in STAGES:
         _add_config_args(sub.add_parser(stage, help=f"run {stage} in this process (or rank)"))
@@ -94,6 +99,21 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("stage", choices=STAGES, help="what every worker runs")
     _add_config_args(launch)
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: ``disttrain X.Y.Z (torch A.B.C)``; torch is imported only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import torch
+
+        from disttrain import __version__
+
+        print(f"disttrain {__version__} (torch {torch.__version__})")
+        parser.exit()
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

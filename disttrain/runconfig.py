@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import importlib
 import inspect
 import types
@@ -80,19 +81,29 @@ def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", "the file must hold a mapping of sections", source)
+    overridden: dict[str, str] = {}  # dotted key -> the override item that set it
     for item in overrides:
-        apply_override(raw, item)
-    return validate(raw, source, lines)
+        overridden[apply_override(raw, item)] = item
+    return validate(raw, source, lines, overridden)
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Set ``a.b.c=value`` in ``raw``; the value is read as YAML (``3``, ``true``, ``[1, 2]``)."""
+def override_source(item: str) -> str:
+    """How an error names an override: the item as typed, where it came from."""
+    return f"override {item!r} (command line)"
+
+
+def apply_override(raw: dict, item: str) -> str:
+    """Set ``a.b.c=value`` in ``raw``; the value is read as YAML (``3``, ``true``, ``[1, 2]``).
+    Returns the dotted key set; errors name the override as typed."""
     key, sep, value = item.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise ConfigError(
-            item, "an override is KEY=VALUE with a dotted key, e.g. trainer.max_epochs=3"
+            "(override)",
+            "an override is KEY=VALUE with a dotted key, e.g. trainer.max_epochs=3",
+            override_source(item),
         )
-    parts = key.strip().split(".")
+    parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -100,19 +111,39 @@ def apply_override(raw: dict, item: str) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(
-                ".".join(parts[: depth + 1]), "is not a section; cannot set a key in it"
+                ".".join(parts[: depth + 1]),
+                "is not a section; cannot set a key in it",
+                override_source(item),
             )
         node = child
     try:
         node[parts[-1]] = yaml.safe_load(value)
     except yaml.YAMLError as err:
-        raise ConfigError(key, f"override value is not valid YAML: {err}") from None
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            key, f"the value is not valid YAML: {problem}", override_source(item)
+        ) from None
+    return key
 
 
-def validate(raw: dict, source: str, lines: dict[str, int] | None = None) -> RunConfig:
+def validate(
+    raw: dict,
+    source: str,
+    lines: dict[str, int] | None = None,
+    overridden: dict[str, str] | None = None,
+) -> RunConfig:
+    """Check ``raw`` (a parsed config with its overrides applied) and build the ``RunConfig``.
+
+    An error names the key and where its value came from: the override that set it (or set a
+    section above it, or a key below it), else ``source`` with the key's line.
+    """
     lines = lines or {}
+    overridden = overridden or {}
 
     def fail(key: str, problem: str) -> typing.NoReturn:
+        item = _override_for(key, overridden)
+        if item is not None:
+            raise ConfigError(key, problem, override_source(item))
         line = lines.get(key) or lines.get(key.rsplit(".", 1)[0])
         raise ConfigError(key, problem, f"{source}:{line}" if line else source)
 
@@ -140,9 +171,13 @@ def validate(raw: dict, source: str, lines: dict[str, int] | None = None) -> Run
         fail("trainer.seed", f"disagrees with the top-level seed ({seed}); set one of them")
     trainer_raw.setdefault("seed", seed)
     run_dir = raw.get("run_dir")
-    root = trainer_raw.get("default_root_dir")
+    root = trainer_raw.get("default_root_dir")  # older configs name the directory here
     if run_dir is not None and root is not None and run_dir != root:
-        fail("trainer.default_root_dir", f"disagrees with run_dir ({run_dir!r}); set one of them")
+        fail(
+            "trainer.default_root_dir",
+            f"disagrees with run_dir ({run_dir!r}); run_dir is the one to keep: delete "
+            "trainer.default_root_dir (older disttrain wrote both into config.yaml)",
+        )
     run_dir = run_dir or root or str(Path("runs") / Path(source).stem)
     if not isinstance(run_dir, str):
         fail("run_dir", f"expected a path string, got {type(run_dir).__name__}")
@@ -157,7 +192,7 @@ def validate(raw: dict, source: str, lines: dict[str, int] | None = None) -> Run
     resolved = {
         "model": _spec_dict(model),
         **({"data": _spec_dict(data)} if data else {}),
-        "trainer": {**dataclasses.asdict(trainer), "callbacks": [_spec_dict(c) for c in callbacks]},
+        "trainer": _trainer_dict(trainer, callbacks),
         "launch": dataclasses.asdict(launch),
         "seed": seed,
         "run_dir": run_dir,
@@ -209,7 +244,13 @@ def _callback_base() -> type:
 def _no_unknown(section: dict, known: tuple[str, ...], prefix: str, fail) -> None:
     for key in section:
         if key not in known:
-            fail(f"{prefix}{key}", f"unknown key; expected one of {', '.join(known)}")
+            hint = _did_you_mean(key, known, prefix)
+            fail(f"{prefix}{key}", f"unknown key; expected one of {', '.join(known)}{hint}")
+
+
+def _did_you_mean(key: Any, known: typing.Iterable[str], prefix: str) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _class_spec(raw: Any, key: str, base: type, fail) -> ClassSpec:
@@ -244,7 +285,8 @@ def _check_init_args(cls: type, init_args: dict, key: str, fail) -> None:
         if name not in params and not takes_kwargs:
             fail(
                 f"{key}.{name}",
-                f"{cls.__name__} takes no argument '{name}' (it takes: {', '.join(named)})",
+                f"{cls.__name__} takes no argument '{name}' (it takes: {', '.join(named)})"
+                + _did_you_mean(name, named, f"{key}."),
             )
     for name in named:
         param = params[name]
@@ -290,6 +332,25 @@ def _launch(raw: Any, fail) -> LaunchConfig:
     if launch.nnodes > 1 and not launch.rdzv_endpoint:
         fail("launch.rdzv_endpoint", "needed with nnodes > 1: host:port of the rendezvous")
     return launch
+
+
+def _trainer_dict(trainer: TrainerConfig, callbacks: list[ClassSpec]) -> dict:
+    """The trainer section as resolved, without ``default_root_dir``: ``run_dir`` is the one
+    key naming the directory, so a copy of config.yaml with only run_dir changed runs there."""
+    options = dataclasses.asdict(trainer)
+    del options["default_root_dir"]
+    return {**options, "callbacks": [_spec_dict(c) for c in callbacks]}
+
+
+def _override_for(key: str, overridden: dict[str, str]) -> str | None:
+    """The override behind an error at ``key``: the one that set it, a section holding it
+    (``model={...}``) or a key inside it (``model.init_argz.lr=1``: the error is at
+    ``model.init_argz``); the last one typed wins, as it does for the value."""
+    found = None
+    for set_key, item in overridden.items():
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            found = item
+    return found
 
 
 def _spec_dict(spec: ClassSpec) -> dict:

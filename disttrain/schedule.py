@@ -10,9 +10,12 @@ from disttrain.hooks import ACTION_TABLE, Sync, hook_schedule
 
 
 def describe_schedule(run: Any, world_size: int | None = None) -> str:
-    """One row per hook (and trainer action): which ranks run it, what sync follows."""
+    """One row per hook (and trainer action): which ranks run it, what sync follows.
+    ``world_size`` defaults to the config's ``launch:`` section (nodes x ranks per node)."""
     per_node = run.launch.nproc_per_node
-    world = world_size or per_node * run.launch.nnodes
+    world = per_node * run.launch.nnodes if world_size is None else world_size
+    if world < 1:  # 0 used to mean "the default" by accident
+        raise ValueError(f"world size must be at least 1, got {world}")
     per_node = min(per_node, world)
     envs = [
         DistEnv(

@@ -67,10 +67,22 @@ def hyperparams(trainer: Any) -> dict[str, Any]:
     return checkpoint.plain_config(trainer)
 
 
-def write_run_files(trainer: Any) -> None:
-    """Global zero's part of starting a run: the resolved config, to repeat the run from."""
-    if trainer.resolved_config is not None:
-        import yaml  # only runs driven by a config file need it
+def write_run_files(trainer: Any, stage: str = "fit") -> None:
+    """Global zero's part of starting a run: the resolved config, to repeat the run from.
 
-        text = yaml.safe_dump(dict(trainer.resolved_config), sort_keys=False)
-        atomic_write_text(Path(trainer.config.default_root_dir) / "config.yaml", text)
+    ``fit`` writes ``RUN_DIR/config.yaml``, with ``trainer.resume`` reset to null: the file
+    repeats the run from scratch (``disttrain fit --config RUN_DIR/config.yaml``) instead of
+    resuming a finished run and training nothing. ``validate`` and ``test`` leave it alone and
+    write ``RUN_DIR/validate.config.yaml`` / ``test.config.yaml``, resume included: the record
+    of which checkpoint they evaluated.
+    """
+    if trainer.resolved_config is None:
+        return
+    import yaml  # only runs driven by a config file need it
+
+    resolved = dict(trainer.resolved_config)
+    name = "config.yaml" if stage == "fit" else f"{stage}.config.yaml"
+    if stage == "fit" and "trainer" in resolved:
+        resolved["trainer"] = {**resolved["trainer"], "resume": None}
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    atomic_write_text(Path(trainer.config.default_root_dir) / name, text)
