@@ -7,7 +7,11 @@ process whose collectives cost nothing. The rest of the code never asks "am I di
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -126,8 +130,17 @@ class Collectives:
 class ProcessGroupCollectives(Collectives):
     """The collectives of a real process group; control traffic always goes over gloo/CPU."""
 
-    def __init__(self, env: DistEnv, backend: str, control, long_control, owns_world: bool) -> None:
+    def __init__(
+        self,
+        env: DistEnv,
+        backend: str,
+        device: torch.device,
+        control: Any,
+        long_control: Any,
+        owns_world: bool,
+    ) -> None:
         self.env = env
+        self.device = device  # where the backend takes tensors: cuda:LOCAL_RANK (NCCL) or cpu
         self.world_size = env.world_size
         self.backend = backend
         self._control = control
@@ -151,10 +164,8 @@ class ProcessGroupCollectives(Collectives):
         return [r for r, f in enumerate(flags.tolist()) if f]
 
     def gather_text(self, text: str, *, long: bool = False) -> list[str]:
-        out: list[str] = [""] * self.world_size
         group = self._long_control if long else self._control
-        self._run("error messages", dist.all_gather_object, out, text, group=group)
-        return out
+        return self._gather_pickled("error messages", text, group)
 
     def any_true(self, flag: bool) -> bool:
         value = torch.tensor([int(flag)], dtype=torch.int32)
@@ -162,18 +173,42 @@ class ProcessGroupCollectives(Collectives):
         return bool(value.item())
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        self._run("all_reduce", dist.all_reduce, tensor, op=_REDUCE_OPS[op])
+        # NCCL takes only CUDA tensors, gloo here CPU ones: the tensor goes to the backend's
+        # device and back, so no caller can build it on the wrong one. The group never
+        # depends on the tensor's device (ranks could then pick different groups and hang).
+        on_backend = tensor if tensor.device == self.device else tensor.to(self.device)
+        self._run("all_reduce", dist.all_reduce, on_backend, op=_REDUCE_OPS[op])
+        if on_backend is not tensor:
+            tensor.copy_(on_backend)
         return tensor
 
     def broadcast_object(self, obj: Any) -> Any:
-        box = [obj]
-        self._run("broadcast", dist.broadcast_object_list, box, src=0, group=self._long_control)
-        return box[0]
+        group = self._long_control
+        payload = _pickled(obj) if self.env.rank == 0 else torch.empty(0, dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        self._run("broadcast", dist.broadcast, size, src=0, group=group)
+        if self.env.rank != 0:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._run("broadcast", dist.broadcast, payload, src=0, group=group)
+        return _unpickled(payload, int(size.item()))
 
     def gather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        self._run("gather", dist.all_gather_object, out, obj, group=self._long_control)
-        return out
+        return self._gather_pickled("gather", obj, self._long_control)
+
+    def _gather_pickled(self, name: str, obj: Any, group: Any) -> list[Any]:
+        """Every rank's ``obj`` on every rank: pickled into a byte tensor on the gloo control
+        group. Not torch's ``all_gather_object``: that one needs numpy, which torch does not
+        declare, and on NCCL it would add a device round trip."""
+        payload = _pickled(obj)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        self._run(name, dist.all_gather, sizes, size, group=group)
+        longest = max(int(s.item()) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        self._run(name, dist.all_gather, out, padded, group=group)
+        return [_unpickled(t, int(s.item())) for t, s in zip(out, sizes)]
 
     def attach_stop_vote(self, router: TrainingStep, device: torch.device) -> None:
         self._vote = StopVote(device, self.recorder)
@@ -202,6 +237,15 @@ class ProcessGroupCollectives(Collectives):
             dist.destroy_process_group(group)
 
 
+def _pickled(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _unpickled(payload: torch.Tensor, size: int) -> Any:
+    # ctypes reads the bytes where Tensor.numpy() would need numpy
+    return pickle.loads(ctypes.string_at(payload.data_ptr(), size))
+
+
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 _raw_store = None
 _sessions = 0
@@ -221,7 +265,8 @@ def connect(
     if not env.launched:
         return Collectives()
     if dist.is_initialized():
-        collectives = _collectives_over_world(env, dist.get_backend(), timeout, long_timeout, False)
+        backend = dist.get_backend()
+        collectives = _collectives_over_world(env, backend, device, timeout, long_timeout, False)
         collectives.recorder = recorder
         return collectives
     if _raw_store is None:  # torch's env:// rendezvous: the agent's store, or rank 0 hosts one
@@ -246,13 +291,18 @@ def connect(
         timeout=timedelta(seconds=timeout),
         device_id=device if device.type == "cuda" else None,
     )
-    collectives = _collectives_over_world(env, backend, timeout, long_timeout, True)
+    collectives = _collectives_over_world(env, backend, device, timeout, long_timeout, True)
     collectives.recorder = recorder
     return collectives
 
 
 def _collectives_over_world(
-    env: DistEnv, backend: str, timeout: float, long_timeout: float, owns_world: bool
+    env: DistEnv,
+    backend: str,
+    device: torch.device,
+    timeout: float,
+    long_timeout: float,
+    owns_world: bool,
 ) -> ProcessGroupCollectives:
     control = (
         dist.group.WORLD
@@ -260,7 +310,8 @@ def _collectives_over_world(
         else dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     )
     long_control = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout))
-    return ProcessGroupCollectives(env, backend, control, long_control, owns_world)
+    backend_device = device if backend == "nccl" else torch.device("cpu")
+    return ProcessGroupCollectives(env, backend, backend_device, control, long_control, owns_world)
 
 
 def record(fn):
@@ -273,35 +324,103 @@ def record(fn):
 def launch_workers(torchrun_argv: list[str], after_failure: Any = None) -> int:
     """Start workers with ``torch.distributed.run`` (the elastic agent); their exit status.
 
-    When a worker fails, the agent stops every worker; the failing rank's error (from its
-    error file) is printed, and its exit code is returned.
+    When a worker fails, the agent stops every worker, and the failing rank's error (from its
+    error file) is summarised. A first Ctrl-C is passed on to the workers as one SIGINT (they
+    stop after an agreed step and checkpoint); a second one kills them at once.
     """
+    import signal
     import sys
 
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import get_args_parser, parse_args, run
 
-    from disttrain.preemption import EXIT_PREEMPTED
+    from disttrain.preemption import exit_code_for
 
+    flags = {opt for action in get_args_parser()._actions for opt in action.option_strings}
+    if "--signals-to-handle" in flags:  # torch >= 2.7: SIGINT is ours, the rest the agent's
+        torchrun_argv = ["--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT", *torchrun_argv]
+        previous = signal.signal(signal.SIGINT, _first_interrupt)
+    else:
+        previous = None
+    # time for the workers' agreed stop and checkpoint before the agent kills them
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    # the agent's own lines repeat what disttrain reports in its words (which signal, which
+    # rank failed); its errors about itself (rendezvous, start-up) still show
+    for name, level in _QUIET_AGENT_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     try:
         run(parse_args(torchrun_argv))
     except SignalException as err:  # the agent passed the signal on and waited for the workers
-        print(
-            f"disttrain: launcher got {err.sigval.name}; workers checkpointed and stopped",
-            file=sys.stderr,
-        )
-        return EXIT_PREEMPTED
+        # rank 0 said what the workers did (where the checkpoint went, or that none was
+        # written); the launcher claims nothing of its own
+        return exit_code_for(err.sigval.name)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        print(err.format_msg(), file=sys.stderr, flush=True)
-        print(
-            f"disttrain: rank {rank} failed first (exit code {failure.exitcode})", file=sys.stderr
-        )
+        print(_failure_summary(rank, failure), file=sys.stderr, flush=True)
         if after_failure is not None:
             after_failure()
         return failure.exitcode if failure.exitcode > 0 else 1  # killed by a signal: 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
+
+
+_QUIET_AGENT_LOGGERS = {
+    "torch.distributed.run": logging.ERROR,
+    "torch.distributed.elastic.agent.server.api": logging.ERROR,
+    "torch.distributed.elastic.multiprocessing.api": logging.CRITICAL,
+}
+
+
+def _first_interrupt(signum: int, frame: Any) -> None:
+    """The launcher's first Ctrl-C: the agent sends the workers one SIGINT and waits for their
+    agreed stop; from now on a second Ctrl-C kills them."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    signal.signal(signal.SIGINT, _second_interrupt)
+    raise SignalException("Ctrl-C", sigval=signal.Signals.SIGINT)
+
+
+def _second_interrupt(signum: int, frame: Any) -> None:
+    import signal
+
+    from disttrain.preemption import abort_now
+
+    for pid in _child_pids():  # each worker leads its own session (torchrun starts them so)
+        with contextlib.suppress(OSError):  # already gone
+            os.killpg(pid, signal.SIGKILL)
+    abort_now("second interrupt: workers killed at once, without a checkpoint")
+
+
+def _child_pids() -> list[int]:
+    pids: list[int] = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _failure_summary(rank: int, failure: Any) -> str:
+    """The first failing rank's error in a few lines: the message, not the traceback (which
+    the worker wrote to its log file)."""
+    message = failure.message
+    if isinstance(message, dict):  # the error file's content
+        message = message.get("message", message)
+        if isinstance(message, dict):
+            message = message.get("message", "")
+    text = str(message).strip() or f"exit code {failure.exitcode}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Traceback"):  # only the exception line
+        lines = lines[-1:]
+    summary = "\n  ".join(lines[:12])
+    return f"disttrain: rank {rank} failed first (exit code {failure.exitcode}):\n  {summary}"
 
 
 def shard_fsdp(
