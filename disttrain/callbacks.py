@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from disttrain.callback import Callback
-from disttrain.checkpoint import SUFFIX, file_name, remove
+from disttrain.checkpoint import LAST_NAME, file_name, remove
 from disttrain.files import atomic_link
 
-LAST = f"last{SUFFIX}"
+LAST = LAST_NAME
 
 
 class ModelCheckpoint(Callback):

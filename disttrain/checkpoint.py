@@ -27,6 +27,7 @@ from disttrain.hooks import Action, Hook
 
 FORMAT = "disttrain-checkpoint/1"
 SUFFIX = ".ckpt"
+LAST_NAME = f"last{SUFFIX}"  # ModelCheckpoint's link to the newest checkpoint
 log = logging.getLogger("disttrain.checkpoint")
 
 
@@ -52,7 +53,9 @@ class Progress:
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this rank's own device only: on resume the rank's device may have another index
+        # (2 nodes x 4 GPUs -> 1 x 8), or fewer devices may be visible
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
@@ -63,8 +66,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_as_tuples(state["python"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
     numpy = sys.modules.get("numpy")
     if "numpy" in state and numpy is not None:
         kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -195,20 +199,33 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a checkpoint; ``CheckpointError`` names the file and what is wrong."""
+def check_path(path: str | os.PathLike) -> None:
+    """What can be told of a checkpoint path without reading it (before workers start)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir() and not (path / ".metadata").exists():
+        raise CheckpointError(f"{path}: not a checkpoint (a directory without DCP .metadata)")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupted?): not a torch.save file"
+        )
+
+
+def load(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """Read and check a checkpoint; ``CheckpointError`` names the file and what is wrong.
+    With ``mmap`` tensors are mapped, not read: cheap when only the progress is wanted."""
     path = Path(path)
     if path.is_dir():
         if not (path / ".metadata").exists():
             raise CheckpointError(f"{path}: sharded checkpoint without DCP .metadata (incomplete)")
         _check_dcp_metadata(path / ".metadata")
-        checkpoint = load(path / META)
+        checkpoint = load(path / META, mmap=mmap)
         checkpoint["sharded"] = str(path)
         return checkpoint
+    check_path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         found = [line for line in lines if "GLOBAL" in line]  # a class or function it refused
@@ -222,7 +239,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: refused: it holds objects other than tensors and plain data ({reason}). "
             "disttrain loads checkpoints with weights_only=True, so a file can never run code."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except Exception as err:  # torch.load of a damaged file raises almost anything
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{path}: not a readable checkpoint (truncated or corrupted?): {reason}"
@@ -269,9 +286,10 @@ def restore(trainer: Any, checkpoint: dict[str, Any], call: Callable[..., Any]) 
 
 
 def resume(trainer: Any, dispatcher: Any) -> tuple[Progress | None, dict | None]:
-    """Restore the checkpoint ``trainer.config.resume`` names; ``auto`` after an elastic
-    restart. Returns the progress to go on from and this rank's RNG state to put back."""
-    state, source = _load_requested(trainer, dispatcher)
+    """Restore the checkpoint ``trainer.config.resume`` names (``auto``: the run directory's
+    most advanced one; always ``auto`` after an elastic restart). Returns the progress to go
+    on from and this rank's RNG state to put back."""
+    state, source = _load_requested(trainer, dispatcher, starting_fit=True)
     if state is None:
         return None, None
     progress = restore(trainer, state, dispatcher.call)
@@ -280,8 +298,9 @@ def resume(trainer: Any, dispatcher: Any) -> tuple[Progress | None, dict | None]
 
 
 def restore_weights(trainer: Any, dispatcher: Any) -> None:
-    """For validate/test: the module's weights (and its on_load_checkpoint) from ``resume``."""
-    state, source = _load_requested(trainer, dispatcher)
+    """For validate/test: the module's weights (and its on_load_checkpoint) from ``resume``,
+    with the epoch and step they were trained to."""
+    state, source = _load_requested(trainer, dispatcher, starting_fit=False)
     if state is not None:
         if "sharded" in state:
             from disttrain.dist import dcp_load
@@ -289,20 +308,41 @@ def restore_weights(trainer: Any, dispatcher: Any) -> None:
             dcp_load(trainer.module, [], state["sharded"])
         else:
             trainer.module.load_state_dict(state["module"])
+        progress = Progress(**state["progress"])
+        trainer.global_step, trainer.current_epoch = progress.global_step, progress.epoch
         dispatcher.call(Hook.ON_LOAD_CHECKPOINT, state)
-        log.info("evaluating the weights of %s", source)
+        log.info(
+            "evaluating the weights of %s (epoch %d, step %d)",
+            source,
+            progress.epoch,
+            progress.global_step,
+        )
 
 
-def _load_requested(trainer: Any, dispatcher: Any) -> tuple[dict | None, str | None]:
+def _load_requested(
+    trainer: Any, dispatcher: Any, *, starting_fit: bool
+) -> tuple[dict | None, str | None]:
     source = trainer.config.resume
+    directory = trainer.checkpoint_dir
     if source is None and trainer.env.restart_count > 0:
         source = "auto"  # torchelastic restarted the group: go on from the last checkpoint
     if source is None:
+        writes = trainer.checkpoint_callback is not None
+        if starting_fit and writes:  # a fresh run must not mix its checkpoints with another's
+            earlier = dispatcher.run(Action.MANAGE_FILES, most_advanced, directory)
+            if earlier is not None:
+                raise CheckpointError(
+                    f"{directory} holds checkpoints of an earlier run (the most advanced: "
+                    f"{Path(earlier).name}) and resume is None (start fresh). Resume it with "
+                    "resume='auto', give this run its own directory (run_dir in a config, "
+                    f"default_root_dir in Python), or delete {directory} to start over there."
+                )
         return None, None
     if source == "auto":
-        source = dispatcher.run(Action.MANAGE_FILES, newest_loadable, trainer.checkpoint_dir)
+        source = dispatcher.run(Action.MANAGE_FILES, most_advanced, directory)
         if source is None:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", trainer.checkpoint_dir)
+            what = "starting fresh" if starting_fit else "evaluating the module as built"
+            log.info("resume=auto: no checkpoint in %s, %s", directory, what)
             return None, None
     return dispatcher.run(Action.LOAD_CHECKPOINT, load, source), source
 
@@ -320,8 +360,14 @@ def rng_for_rank(checkpoint: dict[str, Any], rank: int, world_size: int) -> dict
     return checkpoint["rng"][rank]
 
 
-def newest_loadable(directory: str | os.PathLike) -> str | None:
-    """The newest complete checkpoint in ``directory`` that loads; leftovers are removed.
+def progress_key(progress: Progress) -> tuple[int, int, bool]:
+    """Order of training progress: later step, then later epoch, then a finished epoch."""
+    return progress.global_step, progress.epoch, progress.epoch_finished
+
+
+def most_advanced(directory: str | os.PathLike) -> str | None:
+    """The complete checkpoint in ``directory`` that is furthest into training, by the
+    progress it holds (never by file times: a rerun's early checkpoints are newer files).
 
     Files that fail to load are skipped with a warning naming them; temporary files of
     interrupted writes (never complete: they were not renamed) are deleted.
@@ -334,17 +380,18 @@ def newest_loadable(directory: str | os.PathLike) -> str | None:
             "removing %s: the leftover of a checkpoint write that never completed", leftover
         )
         remove(leftover)
-    candidates = sorted(
-        directory.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime_ns, reverse=True
-    )
-    for path in candidates:
+    best: tuple[tuple[int, int, bool], str] | None = None
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
         try:
-            load(path)
-        except CheckpointError as err:
+            progress = Progress(**load(path, mmap=True)["progress"])
+        except (CheckpointError, TypeError) as err:
             log.warning("skipping %s", err)
             continue
-        return str(path)
-    return None
+        key = progress_key(progress)
+        # on a tie prefer the named file over last.ckpt, its hard link
+        if best is None or key > best[0] or (key == best[0] and best[1].endswith(LAST_NAME)):
+            best = (key, str(path))
+    return None if best is None else best[1]
 
 
 def callback_keys(trainer: Any) -> dict[str, Any]:

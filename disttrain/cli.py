@@ -11,8 +11,11 @@ Configuration errors exit with code 2 before anything is written or spawned.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from disttrain.config import ConfigError
 
@@ -24,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may follow the options (``--config F a.b=1``), which plain argparse cannot mix
     # with a trailing positional list; what it leaves over must be KEY=VALUE items.
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-") or "=" not in item]
     if unknown:
@@ -34,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         if args.command in STAGES:
-            return _run_stage(args.command, args.config, _overrides(args))
+            return _run_stage(args.command, args.config, _overrides(args), raw_argv)
         if args.command == "launch":
-            return _launch(args)
+            return _launch(args, raw_argv)
         if args.command == "hooks":
             from disttrain import runconfig
             from disttrain.schedule import describe_schedule
@@ -135,39 +139,98 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return [*args.sets, *args.overrides]
 
 
-def _run_stage(stage: str, config: str, overrides: list[str]) -> int:
+def _run_stage(stage: str, config: str, overrides: list[str], argv: list[str]) -> int:
     from disttrain import runconfig
-    from disttrain.dist import record
 
     run = runconfig.load(config, overrides)  # every rank validates before touching anything
+    _check_resume(run, stage)
+    if "RANK" not in os.environ:  # the debug mode: this very command resumes
+        command = _resume_command(["disttrain", *argv], run)
+        os.environ.setdefault("DISTTRAIN_RESUME_COMMAND", command)
+    return _worker(stage, run)
 
-    @record
-    def worker() -> int:
-        from disttrain.preemption import Preempted
-        from disttrain.steps import seed_everything
-        from disttrain.trainer import Trainer
 
+def _worker(stage: str, run: Any) -> int:
+    """One rank's run. A failure under a launcher is reported in one line and its traceback
+    kept in ``RUN_DIR/logs/``; in the debug mode the traceback is printed, for debugging."""
+    import logging
+    import traceback
+
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    from disttrain import runconfig
+    from disttrain.log import configure_logging
+    from disttrain.preemption import EXIT_INTERRUPTED, Preempted
+    from disttrain.steps import seed_everything
+    from disttrain.trainer import Trainer
+
+    rank = int(os.environ.get("RANK", "0"))
+    configure_logging(rank)
+    log = logging.getLogger("disttrain.cli")
+    try:
         if run.seed is not None:
             seed_everything(run.seed)  # before the model is built: same initial weights
         trainer = Trainer(runconfig.build_callbacks(run), resolved_config=run.resolved)
         module = run.model.build()
         datamodule = run.data.build() if run.data else None
+        getattr(trainer, stage)(module, datamodule=datamodule)
+    except Preempted as stop:  # the trainer said where the checkpoint went
+        return stop.exit_code
+    except KeyboardInterrupt:  # before the trainer watched for it: nothing was trained
+        log.warning("interrupted before training started; nothing was written")
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if "RANK" not in os.environ:
+            raise
+        handler = get_error_handler()  # the error file the launcher reads
+        handler.initialize()
+        handler.record_exception(error)
+        path = Path(run.run_dir) / "logs" / f"rank{rank}-error.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceback.format_exc())
+        first = (str(error).strip().splitlines() or [""])[0]
+        log.error("failed: %s: %s (traceback: %s)", type(error).__name__, first, path)
+        return 1
+    return 0
+
+
+def _check_resume(run: Any, stage: str) -> None:
+    """Resume problems that show without reading a checkpoint fail here, before any worker
+    starts: a path that is no checkpoint, or a fresh fit among an earlier run's checkpoints."""
+    from disttrain.checkpoint import SUFFIX, CheckpointError, check_path
+
+    resume = run.trainer.resume
+    if resume not in (None, "auto"):
         try:
-            getattr(trainer, stage)(module, datamodule=datamodule)
-        except Preempted as stop:
-            print(f"disttrain: rank {trainer.global_rank}: {stop}", file=sys.stderr, flush=True)
-            return stop.exit_code
-        return 0
+            check_path(resume)
+        except CheckpointError as err:
+            raise ConfigError("trainer.resume", str(err), run.source) from None
+    directory = Path(run.run_dir) / "checkpoints"
+    if resume is None and stage == "fit" and any(directory.glob(f"*{SUFFIX}")):
+        raise ConfigError(
+            "trainer.resume",
+            f"null (start fresh), but {directory} holds an earlier run's checkpoints; resume "
+            "it with trainer.resume=auto, give this run another run_dir, or delete "
+            f"{directory} to start over there",
+            run.source,
+        )
 
-    return worker()
+
+def _resume_command(command: list[str], run: Any) -> str:
+    """The command line that resumes this run: the same one, with resume=auto if needed."""
+    if run.trainer.resume != "auto":
+        command = [c for c in command if not c.removeprefix("--set=").startswith("trainer.resume=")]
+        command.append("trainer.resume=auto")
+    return shlex.join(command)
 
 
-def _launch(args: argparse.Namespace) -> int:
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     from disttrain import runconfig
     from disttrain.dist import launch_workers
 
     overrides = _overrides(args)
     run = runconfig.load(args.config, overrides)
+    _check_resume(run, args.stage)
     launch = run.launch
 
     def pick(flag, value):
@@ -181,24 +244,24 @@ def _launch(args: argparse.Namespace) -> int:
             raise ConfigError(name, f"must be at least 1, got {value}")
     if nnodes > 1 and not endpoint:
         raise ConfigError("--rdzv-endpoint", "needed with more than one node", run.source)
-    argv = [
+    torchrun_argv = [
         f"--nproc-per-node={nproc}",
         f"--max-restarts={pick(args.max_restarts, launch.max_restarts)}",
     ]
     if endpoint:
         rdzv_id = args.rdzv_id or f"disttrain-{Path(args.config).stem}"
-        argv += [
+        torchrun_argv += [
             f"--nnodes={nnodes}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={endpoint}",
             f"--rdzv-id={rdzv_id}",
         ]
         if args.node_rank is not None or launch.node_rank:
-            argv.append(f"--node-rank={pick(args.node_rank, launch.node_rank)}")
+            torchrun_argv.append(f"--node-rank={pick(args.node_rank, launch.node_rank)}")
     else:
-        argv.append("--standalone")
-    argv += ["-m", "disttrain", args.stage, "--config", args.config]
-    argv += [f"--set={item}" for item in overrides]
+        torchrun_argv.append("--standalone")
+    torchrun_argv += ["-m", "disttrain", args.stage, "--config", args.config]
+    torchrun_argv += [f"--set={item}" for item in overrides]
     flight_dir = Path(run.run_dir) / "flight"
     for stale in flight_dir.glob("rank*.json"):  # traces of an earlier run would mislead
         stale.unlink()
@@ -207,7 +270,8 @@ def _launch(args: argparse.Namespace) -> int:
         from disttrain.flight import diagnose
 
         report = diagnose(run.run_dir)
-        if report:
+        if report and (" in hook " in report or " in collective " in report):  # a hang's trace
             print(report, file=sys.stderr, flush=True)
 
-    return launch_workers(argv, after_failure=explain)
+    os.environ["DISTTRAIN_RESUME_COMMAND"] = _resume_command(["disttrain", *argv], run)
+    return launch_workers(torchrun_argv, after_failure=explain)

@@ -46,7 +46,9 @@ class TrainerConfig:
     prepare_data_timeout: float = 7200.0  # seconds other ranks wait for prepare_data
     find_unused_parameters: bool | None = None  # None: only with several optimizers
     enable_checkpointing: bool = True  # adds a ModelCheckpoint (every epoch) if none is given
-    resume: str | None = None  # "auto" (newest complete checkpoint), a path, or None
+    # "auto": the most advanced checkpoint in the run directory, if any (the default of runs
+    # from a YAML config); a path; None: start fresh (refused among an earlier run's checkpoints)
+    resume: str | None = None
     logger: Literal["csv", "tensorboard"] | None = "csv"  # written by global rank 0 only
     log_every_n_steps: int = 50  # step metrics to the logger, progress lines
     sync_step_metrics: bool = False  # reduce step metrics over ranks (one collective/interval)

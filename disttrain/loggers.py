@@ -161,6 +161,7 @@ class TensorBoardLogger(Logger):
             ) from err
         self._open = SummaryWriter
         self.log_dir = str(Path(run_dir) / "tensorboard")
+        self._earlier_events = any(Path(self.log_dir).glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=self.log_dir)
 
     @property
@@ -169,6 +170,8 @@ class TensorBoardLogger(Logger):
 
     def resume_from(self, step: int | None) -> None:
         # purge_step=N hides every event at step >= N; None (a fresh fit) hides them all
+        if step is None and not self._earlier_events:
+            return  # nothing earlier to hide: keep the one events file
         self.writer.close()
         purge = 0 if step is None else step + 1
         self.writer = self._open(log_dir=self.log_dir, purge_step=purge)

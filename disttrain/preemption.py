@@ -1,44 +1,91 @@
-"""SIGTERM as a request to stop cleanly: agree, checkpoint, exit with ``EXIT_PREEMPTED``."""
+"""SIGTERM and Ctrl-C as requests to stop cleanly: agree, checkpoint, exit.
+
+The first SIGTERM or SIGINT (Ctrl-C) is a request: every rank stops after the same optimizer
+step, a checkpoint is written, and the process exits with ``EXIT_PREEMPTED`` (SIGTERM: "try
+again later", what schedulers requeue on) or ``EXIT_INTERRUPTED`` (Ctrl-C, as shells report
+it). A second Ctrl-C aborts at once, without a checkpoint.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- rerun the same command to resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+log = logging.getLogger("disttrain.preemption")
 
 
-class Preempted(Exception):
-    """Training stopped on SIGTERM after an agreed step; a checkpoint was written."""
+def exit_code_for(signal_name: str) -> int:
+    return EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
 
-    exit_code = EXIT_PREEMPTED
+
+class Preempted(SystemExit):
+    """Training stopped on a signal after an agreed step (a checkpoint was written, or the
+    stop came before the first step and there was nothing to save). Global rank 0 has logged
+    the message.
+
+    A ``SystemExit`` whose code is ``exit_code``: a script that does not catch it ends with
+    that code and no traceback, as an interrupted command should.
+    """
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM") -> None:
+        self.signal_name = signal_name
+        self.exit_code = exit_code_for(signal_name)
+        self.message = message
+        super().__init__(self.exit_code)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def abort_now(message: str) -> None:
+    """Leave at once on a second Ctrl-C: one line, no traceback, no cleanup that could wait
+    on another rank."""
+    print(f"disttrain: {message}", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
 
 
 class PreemptionWatcher:
-    """While active, SIGTERM only sets ``requested``; the trainer acts on it at a step boundary.
+    """While active, SIGTERM and SIGINT only set ``requested``; the trainer acts on it at a
+    step boundary. A second SIGINT aborts the process at once.
 
-    Installed for the training loop only (the main thread's handler is restored afterwards),
-    so a SIGTERM during start-up still ends the process at once.
+    Installed for the training loop only (the main thread's handlers are restored
+    afterwards); a signal during start-up ends the process as usual.
     """
 
-    def __init__(self, on_signal: Callable[[], object] | None = None) -> None:
-        self.requested = False
+    def __init__(self, on_signal: Callable[[str], object] | None = None) -> None:
+        self.requested: str | None = None  # the signal's name, e.g. "SIGINT"
         self._on_signal = on_signal  # e.g. dump the flight recorder: where was this rank?
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.requested is not None and signum == signal.SIGINT:
+            abort_now("second interrupt: stopped at once, without a checkpoint")
+        if self.requested is None:
+            self.requested = name
+            if signum == signal.SIGINT:  # the line under the ^C a person just typed
+                log.warning(
+                    "interrupted: every rank stops after the current step and writes a "
+                    "checkpoint (Ctrl-C again to abort at once)"
+                )
         if self._on_signal is not None:
-            self._on_signal()
+            self._on_signal(name)
 
     def __enter__(self) -> PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous = {}

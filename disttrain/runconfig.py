@@ -170,6 +170,9 @@ def validate(
     if "seed" in trainer_raw and "seed" in raw and trainer_raw["seed"] != seed:
         fail("trainer.seed", f"disagrees with the top-level seed ({seed}); set one of them")
     trainer_raw.setdefault("seed", seed)
+    # a config's run directory is its own (runs/<config name>), so running the same command
+    # again goes on from its checkpoints: what a requeued or interrupted job needs
+    trainer_raw.setdefault("resume", "auto")
     run_dir = raw.get("run_dir")
     root = trainer_raw.get("default_root_dir")  # older configs name the directory here
     if run_dir is not None and root is not None and run_dir != root:

@@ -45,6 +45,13 @@ class Step:
     ) -> None:
         self.forward, self.model, self.module, self.sharded = forward, model, module, sharded
 
+    def compiled(self) -> Callable[..., Any]:
+        """``forward`` with the model compiled (after the DDP wrap, as PyTorch recommends);
+        the hooks stay outside the compiled region."""
+        if self.model is None:
+            return torch.compile(self.forward)
+        return _carrying(torch.compile(self.model))
+
     def no_sync(self) -> contextlib.AbstractContextManager:
         return _no_gradient_sync(self.module) if self.sharded else self.model.no_sync()
 

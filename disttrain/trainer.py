@@ -8,7 +8,6 @@ follows (see ``disttrain.hooks`` for the table and the picture of the loop).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -193,9 +192,11 @@ class Trainer:
             callback.save(self)
 
     def _stop(self, preemption: PreemptionWatcher) -> None:
-        """An agreed stop: if any rank got SIGTERM, every rank checkpoints and raises."""
+        """An agreed stop: if any rank got SIGTERM or SIGINT, every rank checkpoints and raises
+        ``Preempted`` (global rank 0 says where the checkpoint went and how to resume)."""
         self.should_stop = True
-        if not self._collectives.any_true(preemption.requested):
+        signal_name = self._agreed_signal(preemption)
+        if signal_name is None:
             return
         callback = self.checkpoint_callback
         if callback is not None:
@@ -203,10 +204,43 @@ class Trainer:
         else:
             name = checkpoint.file_name(self.current_epoch, self.global_step)
             path = self.save_checkpoint(self.checkpoint_dir / name)
-        raise Preempted(
-            f"stopped on SIGTERM after step {self.global_step}; checkpoint written to {path}. "
-            "Run the same command again to resume."
+        command = os.environ.get("DISTTRAIN_RESUME_COMMAND")
+        if command:
+            how = f"To resume: {command}"
+        elif self.config.resume == "auto":
+            how = "Run the same command again to resume."
+        else:
+            how = "Run it again with resume='auto' to resume."
+        message = (
+            f"stopped on {signal_name} after step {self.global_step} (every rank after the "
+            f"same step); checkpoint written to {path}. {how}"
         )
+        log.warning("%s", message)
+        raise Preempted(message, signal_name)
+
+    def _agreed_signal(self, preemption: PreemptionWatcher) -> str | None:
+        """The stop signal any rank got (SIGINT over SIGTERM), the same on every rank."""
+        names = (None, "SIGTERM", "SIGINT")
+        code = torch.tensor([names.index(preemption.requested)], dtype=torch.int32)
+        return names[int(self._collectives.all_reduce(code, "max").item())]
+
+    def _stop_if_interrupted_before_training(self, preemption: PreemptionWatcher) -> None:
+        """A stop asked for during start-up: nothing trained, so nothing to checkpoint."""
+        signal_name = self._agreed_signal(preemption)
+        if signal_name is not None:
+            message = f"stopped on {signal_name} before the first training step; nothing was saved"
+            log.warning("%s", message)
+            raise Preempted(message, signal_name)
+
+    def _say_where_files_went(self) -> None:
+        run_dir = Path(self.config.default_root_dir)
+        callback = self.checkpoint_callback
+        if callback is not None and callback.saved:
+            log.info("checkpoints: %s", callback.directory(self) / callback.saved[-1])
+        if self.config.logger == "csv":
+            log.info("metrics: %s", run_dir / "metrics.csv")
+        elif self.config.logger == "tensorboard":
+            log.info("metrics: %s (tensorboard --logdir %s)", *[run_dir / "tensorboard"] * 2)
 
     def fit(self, module: Module, datamodule: DataModule | None = None) -> None:
         """Train ``module``: the lifecycle of ``spec/lifecycle.md`` on every rank.
@@ -217,15 +251,14 @@ class Trainer:
         checkpoint is written and ``Preempted`` is raised.
         """
         cfg = self.config
-        on_sigterm = functools.partial(self.flight.dump, "SIGTERM")
         with (
             open_session(self, module, datamodule) as dispatcher,
-            PreemptionWatcher(on_sigterm) as preemption,
+            PreemptionWatcher(self.flight.dump) as preemption,
         ):
             call = dispatcher.call
             call(Hook.PREPARE_DATA)
             dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, self)
-            self.logger.log_hyperparams(hyperparams(self))
+            log.info("run directory: %s", Path(cfg.default_root_dir).resolve())
             call(Hook.SETUP, "fit")
             module.to(self.device)
             call(Hook.ON_FIT_START)
@@ -236,15 +269,12 @@ class Trainer:
             self.optimizers, self.schedulers = optimizers, schedulers
             self.scaler = scaler = grad_scaler(cfg.precision, self.device)
             progress, saved_rng = checkpoint.resume(self, dispatcher)
-            forward = step.forward
-            if cfg.compile:  # after the DDP wrap, as PyTorch recommends; hooks stay outside
-                forward = torch.compile(step.model or forward)
+            self.logger.resume_from(progress.global_step if progress else None)
+            self.logger.log_hyperparams(hyperparams(self))  # after a purge that would hide it
+            forward = step.compiled() if cfg.compile else step.forward
             profiler = self.profiler
             if profiler is not None:
-                if step.model is not None and step.forward is step.model:  # DDP: its router
-                    profiler.watch_module(step.model.module)
-                else:
-                    forward = profiler.timed("forward", forward)
+                forward = profiler.timed("forward", forward, device=self.device)
                 for optimizer in optimizers:
                     profiler.watch_optimizer(optimizer)
             train_data = data.train_loader_for(self, module)
@@ -280,6 +310,16 @@ class Trainer:
             start_epoch, start_batch = progress.resume_point() if progress else (0, 0)
             if progress and progress.epoch_finished:  # saved before that epoch's scheduler step
                 optim.step_schedulers(schedulers, "epoch", progress.epoch + 1)
+            if start_epoch >= cfg.max_epochs or self.global_step >= max_steps:
+                log.info(
+                    "nothing to train: the checkpoint is at epoch %d, step %d, and the run ends "
+                    "at max_epochs=%d, max_steps=%s; raise them to train on",
+                    self.current_epoch,
+                    self.global_step,
+                    cfg.max_epochs,
+                    cfg.max_steps,
+                )
+            self._stop_if_interrupted_before_training(preemption)
             module.train()
             for epoch in range(start_epoch, cfg.max_epochs):
                 self.current_epoch = epoch
@@ -341,7 +381,8 @@ class Trainer:
                         leave = "max_steps"  # mid-epoch: the epoch is not finished
                         break
                     # the vote rides on the next step's gradient all-reduce: no collective here
-                    if collectives.stop_agreed(self.should_stop or preemption.requested):
+                    stop_vote = self.should_stop or preemption.requested is not None
+                    if collectives.stop_agreed(stop_vote):
                         leave = "agreed stop"
                         break
                 if pending:  # the epoch ended inside an accumulation window: drop its gradients
@@ -357,7 +398,7 @@ class Trainer:
                 self._epoch_finished = True
                 call(Hook.ON_EPOCH_END)
                 # one collective per epoch: the epoch's metrics and every rank's stop vote
-                vote = self.should_stop or preemption.requested
+                vote = self.should_stop or preemption.requested is not None
                 stop = reporter.end_epoch(collectives, self.global_step, epoch, vote)
                 if stop:
                     self._stop(preemption)
@@ -365,6 +406,7 @@ class Trainer:
                 if stop or self.global_step >= max_steps:
                     break
             self._save_last()
+            self._say_where_files_went()
             if profiler is not None:  # one collective at the very end, only when profiling
                 self.profile_report = report(self._collectives.gather_object(profiler.summary()))
                 log.info("%s", self.profile_report)
@@ -395,7 +437,7 @@ class Trainer:
         with open_session(self, module, datamodule) as dispatcher:
             call = dispatcher.call
             call(Hook.PREPARE_DATA)
-            dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, self)
+            dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, self, stage)
             call(Hook.SETUP, stage)
             module.to(self.device)
             checkpoint.restore_weights(self, dispatcher)  # with resume=auto|path

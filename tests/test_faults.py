@@ -47,8 +47,10 @@ def job_config(tmp_path: Path, cls: str = "common.FaultyJob", **init_args) -> Pa
     return path
 
 
-def launch(config: Path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return disttrain_cli("launch", *extra, "fit", "--config", str(config), timeout=timeout)
+def launch(
+    config: Path, *extra: str, timeout: float = 180, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    return disttrain_cli("launch", *extra, "fit", "--config", str(config), timeout=timeout, env=env)
 
 
 def final_weights(tmp_path: Path) -> dict:
@@ -89,11 +91,14 @@ def test_sigterm_to_one_rank_checkpoints_exits_75_and_the_same_command_resumes(
     tmp_path, uninterrupted
 ):
     config = job_config(tmp_path, signal_at=5, signal_name="SIGTERM")
-    proc = launch(config)
+    proc = launch(config, env=worker_env(DISTTRAIN_LOG_ALL_RANKS="1"))  # both ranks' words
     assert proc.returncode == disttrain.EXIT_PREEMPTED == 75, proc.stderr[-6000:]
     # voted at step 5 on rank 1, agreed in step 6's gradient all-reduce: both stop after it
-    assert "rank 0: stopped on SIGTERM after step 6" in proc.stderr
-    assert "rank 1: stopped on SIGTERM after step 6" in proc.stderr
+    assert "[rank 0] stopped on SIGTERM after step 6 (every rank" in proc.stderr
+    assert "[rank 1] stopped on SIGTERM after step 6 (every rank" in proc.stderr
+    resume = f"To resume: disttrain launch fit --config {config}"
+    assert resume in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
     assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=6.ckpt").exists()
     assert not (tmp_path / "report" / "final.pt").exists()
     again = launch(config)
@@ -214,7 +219,7 @@ def test_auto_resume_skips_a_bad_newest_file_with_a_warning(tmp_path, caplog):
     bad = good.parent / "epoch=9-step=99.ckpt"
     bad.write_bytes(b"garbage")
     os.utime(bad, (time.time() + 60, time.time() + 60))
-    assert checkpoint.newest_loadable(good.parent) in (str(good), str(good.parent / "last.ckpt"))
+    assert checkpoint.most_advanced(good.parent) in (str(good), str(good.parent / "last.ckpt"))
     assert f"skipping {bad}" in caplog.text
 
 

@@ -191,6 +191,19 @@ class FailsOnRankOne(disttrain.examples.regression.Regression):
             raise RuntimeError("on_fit_start exploded on rank 1")
 
 
+class SlowSave(disttrain.examples.regression.Regression):
+    """Saves take ``seconds`` once ``marker`` exists: a stop's checkpoint is still being
+    written when a second Ctrl-C comes."""
+
+    def __init__(self, marker: str, seconds: float = 30.0, **kw) -> None:
+        super().__init__(**kw)
+        self.marker, self.seconds = marker, seconds
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if Path(self.marker).exists():
+            time.sleep(self.seconds)
+
+
 class Resumable(Regressor):
     """Uses every piece of state a resume must restore: dropout (RNG), shuffling (sampler),
     momentum (optimizer state) and a step-wise LR schedule (scheduler state)."""

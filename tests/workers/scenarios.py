@@ -156,7 +156,10 @@ def correctness(outdir):
     for name, (cls, options) in runs.items():
         disttrain.seed_everything(0)
         module = cls(n_train=16, batch_size=2, shuffle=True)
-        trainer = Trainer(max_epochs=2, num_sanity_val_steps=0, seed=3, **options)
+        root = f"runs/{name}"  # each run its own directory: a fresh fit never mixes them
+        trainer = Trainer(
+            max_epochs=2, num_sanity_val_steps=0, seed=3, default_root_dir=root, **options
+        )
         trainer.fit(module)
         results[name] = {k: v.tolist() for k, v in module.state_dict().items()}
     write_result(outdir, trainer.global_rank, results)
@@ -252,7 +255,7 @@ def resume_runs(root, world_size):
     for name, stop_after in {"mid_epoch": per_epoch + 2, "epoch_boundary": per_epoch}.items():
         run_dir = root / name
         _train(run_dir, max_epochs=3, max_steps=stop_after)
-        newest = checkpoint.newest_loadable(run_dir / "checkpoints")
+        newest = checkpoint.most_advanced(run_dir / "checkpoints")
         progress = checkpoint.load(newest)["progress"]
         resumed = _train(run_dir, max_epochs=3, resume="auto")
         results[name] = {
