@@ -138,8 +138,10 @@ class ProcessGroupCollectives(Collectives):
         control: Any,
         long_control: Any,
         owns_world: bool,
+        timeout: float | None = None,
     ) -> None:
         self.env = env
+        self.timeout = timeout  # seconds a collective may wait (the stop vote's GPU wait too)
         self.device = device  # where the backend takes tensors: cuda:LOCAL_RANK (NCCL) or cpu
         self.world_size = env.world_size
         self.backend = backend
@@ -211,7 +213,7 @@ class ProcessGroupCollectives(Collectives):
         return [_unpickled(t, int(s.item())) for t, s in zip(out, sizes)]
 
     def attach_stop_vote(self, router: TrainingStep, device: torch.device) -> None:
-        self._vote = StopVote(device, self.recorder)
+        self._vote = StopVote(device, self.recorder, timeout=self.timeout)
         router.attach(self._vote)
 
     def stop_agreed(self, local_vote: bool) -> bool:
@@ -311,7 +313,9 @@ def _collectives_over_world(
     )
     long_control = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout))
     backend_device = device if backend == "nccl" else torch.device("cpu")
-    return ProcessGroupCollectives(env, backend, backend_device, control, long_control, owns_world)
+    return ProcessGroupCollectives(
+        env, backend, backend_device, control, long_control, owns_world, timeout
+    )
 
 
 def record(fn):

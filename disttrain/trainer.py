@@ -406,7 +406,6 @@ class Trainer:
                 if stop or self.global_step >= max_steps:
                     break
             self._save_last()
-            self._say_where_files_went()
             if profiler is not None:  # one collective at the very end, only when profiling
                 self.profile_report = report(self._collectives.gather_object(profiler.summary()))
                 log.info("%s", self.profile_report)
@@ -414,6 +413,7 @@ class Trainer:
             self.logger.finalize()
             call(Hook.ON_FIT_END)
             call(Hook.TEARDOWN, "fit")
+        self._say_where_files_went()  # last, where the eye lands
 
     def validate(self, module: Module, datamodule: DataModule | None = None) -> Any:
         """Run the validation loop once over all of ``val_dataloader`` on every rank; with

@@ -293,3 +293,66 @@ def test_fsdp_on_an_older_torch_is_a_clear_error():
     strategy.check_torch_version("ddp", "2.5.1")  # DDP does not need fully_shard
     strategy.check_torch_version("fsdp", "2.6.0")
     strategy.check_torch_version("fsdp", "2.13.0a0+git1234")
+
+
+# -- item 1: a tensor goes to the backend's device, whatever device its caller built it on ----
+class _BackendDeviceSeen(Exception):
+    pass
+
+
+def test_all_reduce_hands_the_backend_a_tensor_on_the_backends_device(monkeypatch):
+    """``meta`` stands in for ``cuda:LOCAL_RANK``: a CPU tensor (ModelCheckpoint's monitor
+    pair, an example's empty fallback) must reach NCCL on the backend's device."""
+    from disttrain import dist as dist_module
+
+    seen: list[torch.device] = []
+
+    def fake_all_reduce(tensor: torch.Tensor, op: Any = None, group: Any = None) -> None:
+        seen.append(tensor.device)
+        raise _BackendDeviceSeen  # a meta tensor cannot be copied back: stop here
+
+    monkeypatch.setattr(dist_module.dist, "all_reduce", fake_all_reduce)
+    collectives = dist_module.ProcessGroupCollectives(
+        dist_module.DistEnv(launched=True), "nccl", torch.device("meta"), None, None, False
+    )
+    with pytest.raises(_BackendDeviceSeen):
+        collectives.all_reduce(torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert seen == [torch.device("meta")]
+
+
+def test_all_reduce_gives_the_result_back_on_the_callers_device(monkeypatch):
+    from disttrain import dist as dist_module
+
+    def doubling(tensor: torch.Tensor, op: Any = None, group: Any = None) -> None:
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist_module.dist, "all_reduce", doubling)
+    collectives = dist_module.ProcessGroupCollectives(
+        dist_module.DistEnv(launched=True), "gloo", torch.device("cpu"), None, None, False
+    )
+    caller = torch.ones(2, dtype=torch.float64)
+    assert collectives.all_reduce(caller) is caller and caller.tolist() == [2.0, 2.0]
+
+
+# -- item 7: the CUDA RNG of this rank's own device ---------------------------------------------
+def test_cuda_rng_is_saved_and_restored_for_the_ranks_own_device(monkeypatch):
+    """Saved on local device 3 of a 4-GPU node, restored where only one device is visible
+    (the rank's device is then index 0): the state goes to the current device, never to an
+    index that the new layout does not have."""
+    from disttrain import checkpoint
+
+    calls: list[tuple[str, Any]] = []
+    state = torch.arange(8, dtype=torch.uint8)
+    fake = SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        current_device=lambda: 3,
+        get_rng_state=lambda device: calls.append(("get", device)) or state,
+        set_rng_state=lambda value, device: calls.append(("set", device)),
+    )
+    monkeypatch.setattr(torch, "cuda", fake)
+    saved = checkpoint.rng_state()
+    assert calls == [("get", 3)] and torch.equal(saved["cuda"], state)
+    fake.current_device = lambda: 0  # resumed on another layout
+    checkpoint.set_rng_state(saved)
+    assert calls[-1] == ("set", 0)
