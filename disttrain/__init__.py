@@ -1,18 +1,19 @@
 """disttrain: a distributed-first PyTorch trainer with Lightning 0.8's model hooks."""
 
-from disttrain.callback import Callback
-from disttrain.callbacks import EarlyStopping, ModelCheckpoint
-from disttrain.checkpoint import CheckpointError
-from disttrain.config import ConfigError, TrainerConfig
-from disttrain.datamodule import DataModule
-from disttrain.dispatch import HookFailed
-from disttrain.hooks import HOOK_TABLE, Hook, ModelHooks, Ranks, Sync
-from disttrain.module import Module
-from disttrain.preemption import EXIT_PREEMPTED, Preempted
-from disttrain.steps import seed_everything
-from disttrain.trainer import Trainer
-
-__version__ = "0.1.0"
+from disttrain.api.datamodule import DataModule
+from disttrain.api.hooks import ModelHooks
+from disttrain.api.module import Module
+from disttrain.callbacks.base import Callback
+from disttrain.callbacks.early_stopping import EarlyStopping
+from disttrain.callbacks.model_checkpoint import ModelCheckpoint
+from disttrain.checkpoint.format import CheckpointError
+from disttrain.config.options import ConfigError, TrainerConfig
+from disttrain.loop.seeding import seed_everything
+from disttrain.loop.stopping import EXIT_PREEMPTED, Preempted
+from disttrain.loop.trainer import Trainer
+from disttrain.ranks.dispatch import HookFailed
+from disttrain.ranks.table import HOOK_TABLE, Hook, Ranks, Sync
+from disttrain.version import __version__
 
 __all__ = [
     "EXIT_PREEMPTED",

@@ -1,3 +1,3 @@
-from disttrain.cli import main
+from disttrain.config.cli import main
 
 raise SystemExit(main())

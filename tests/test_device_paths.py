@@ -18,8 +18,10 @@ import pytest
 import torch
 from torch.distributed.utils import _to_kwargs  # what DDP(device_ids=...) and FSDP run
 
-from disttrain import profiler, steps, strategy
-from disttrain.metrics import MetricStore, reduce_epoch
+from disttrain.loop import stopping as steps
+from disttrain.loop import strategy
+from disttrain.observe import profiler
+from disttrain.observe.metrics import MetricStore, reduce_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,17 +131,15 @@ class Seen(torch.nn.Module):
 
 
 def _ddp_step(module: Seen) -> strategy.Step:
-    collectives = SimpleNamespace(
-        attach_stop_vote=lambda router, device: None,
-        wrap=lambda router, device, find_unused: RepackingDDP(router),
-    )
+    collectives = SimpleNamespace(wrap=lambda router, device, find_unused: RepackingDDP(router))
     trainer = SimpleNamespace(
         config=SimpleNamespace(strategy="ddp", find_unused_parameters=None),
         env=SimpleNamespace(launched=True),
         _collectives=collectives,
         device=torch.device("cpu"),
     )
-    step, _ = strategy.build(trainer, module, lambda: ([object()], []))
+    stopping = SimpleNamespace(attach_vote=lambda router, device: None)
+    step, _ = strategy.build(trainer, module, lambda: ([object()], []), stopping)
     return step
 
 
@@ -303,7 +303,7 @@ class _BackendDeviceSeen(Exception):
 def test_all_reduce_hands_the_backend_a_tensor_on_the_backends_device(monkeypatch):
     """``meta`` stands in for ``cuda:LOCAL_RANK``: a CPU tensor (ModelCheckpoint's monitor
     pair, an example's empty fallback) must reach NCCL on the backend's device."""
-    from disttrain import dist as dist_module
+    from disttrain.dist import collectives as dist_module
 
     seen: list[torch.device] = []
 
@@ -321,7 +321,7 @@ def test_all_reduce_hands_the_backend_a_tensor_on_the_backends_device(monkeypatc
 
 
 def test_all_reduce_gives_the_result_back_on_the_callers_device(monkeypatch):
-    from disttrain import dist as dist_module
+    from disttrain.dist import collectives as dist_module
 
     def doubling(tensor: torch.Tensor, op: Any = None, group: Any = None) -> None:
         tensor.mul_(2)
@@ -339,7 +339,7 @@ def test_cuda_rng_is_saved_and_restored_for_the_ranks_own_device(monkeypatch):
     """Saved on local device 3 of a 4-GPU node, restored where only one device is visible
     (the rank's device is then index 0): the state goes to the current device, never to an
     index that the new layout does not have."""
-    from disttrain import checkpoint
+    from disttrain.checkpoint import format as checkpoint
 
     calls: list[tuple[str, Any]] = []
     state = torch.arange(8, dtype=torch.uint8)

@@ -18,12 +18,13 @@ import pytest
 import torch
 from conftest import ROOT, disttrain_cli
 
-from disttrain import cli, optim
+from disttrain.config import cli
 from disttrain.examples.charlm import CharLM
 from disttrain.examples.digits import DigitsClassifier, DigitsData
 from disttrain.examples.regression import Regression
-from disttrain.loggers import NullLogger
-from disttrain.metrics import Reporter
+from disttrain.loop import optim
+from disttrain.observe.loggers import NullLogger
+from disttrain.observe.metrics import Reporter
 
 META = torch.device("meta")
 EXAMPLES = ("regression", "digits", "charlm")

@@ -18,7 +18,9 @@ from common import read_results
 from conftest import disttrain_cli, worker_env
 
 import disttrain
-from disttrain import CheckpointError, checkpoint
+from disttrain import CheckpointError
+from disttrain.checkpoint import format as checkpoint
+from disttrain.checkpoint.resume import most_advanced
 
 ENV = worker_env()
 
@@ -219,7 +221,7 @@ def test_auto_resume_skips_a_bad_newest_file_with_a_warning(tmp_path, caplog):
     bad = good.parent / "epoch=9-step=99.ckpt"
     bad.write_bytes(b"garbage")
     os.utime(bad, (time.time() + 60, time.time() + 60))
-    assert checkpoint.most_advanced(good.parent) in (str(good), str(good.parent / "last.ckpt"))
+    assert most_advanced(good.parent) in (str(good), str(good.parent / "last.ckpt"))
     assert f"skipping {bad}" in caplog.text
 
 

@@ -10,7 +10,9 @@ import torch
 from common import read_results
 from test_lifecycle import expected_fit
 
-from disttrain import Trainer, checkpoint
+from disttrain import Trainer
+from disttrain.checkpoint import format as checkpoint
+from disttrain.checkpoint.resume import most_advanced
 
 
 def test_fsdp_matches_ddp_shards_parameters_and_keeps_the_hook_order(scenario):
@@ -66,7 +68,7 @@ def test_an_incomplete_sharded_checkpoint_is_skipped(tmp_path):
     directory = tmp_path / "checkpoints"
     (directory / "epoch=0-step=9.ckpt").mkdir(parents=True)  # no .metadata: never completed
     (directory / ".epoch=0-step=10.ckpt.tmp").mkdir()
-    assert checkpoint.most_advanced(directory) is None
+    assert most_advanced(directory) is None
     assert not (directory / ".epoch=0-step=10.ckpt.tmp").exists()
 
 

@@ -6,7 +6,7 @@ import inspect
 
 import disttrain
 from disttrain import HOOK_TABLE, Callback, Hook, ModelHooks, Ranks, Sync
-from disttrain.hooks import hook_schedule
+from disttrain.ranks.table import hook_schedule
 
 
 def _public_methods(cls) -> set[str]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from disttrain import cli
+from disttrain.config import cli
 
 
 def _stage_args(command: list[str]):

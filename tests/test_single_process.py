@@ -12,7 +12,7 @@ from scenarios import StatefulPrepare, TwoHeads
 
 import disttrain
 from disttrain import ConfigError, HookFailed, Trainer
-from disttrain.transfer import move_to_device
+from disttrain.data.transfer import move_to_device
 
 Pair = collections.namedtuple("Pair", "left right")
 
@@ -221,7 +221,7 @@ def test_unknown_option_suggests_the_close_one():
 
 
 def test_loader_that_cannot_be_sharded_is_refused_at_world_size_two():
-    from disttrain.data import train_loader
+    from disttrain.data.loaders import train_loader
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -267,7 +267,7 @@ def test_validate_and_test_evaluate_a_checkpoint_with_resume(tmp_path):
 
 
 def test_the_stop_vote_leaves_the_loss_exact_and_reads_what_backward_carried():
-    from disttrain.steps import StopVote
+    from disttrain.loop.stopping import StopVote
 
     vote = StopVote(torch.device("cpu"))
     loss = torch.tensor(0.123456789, requires_grad=True)

@@ -13,7 +13,9 @@ import torch
 from common import Recorder, RecordingCallback, Regressor, Resumable, write_result
 
 import disttrain
-from disttrain import HookFailed, Trainer, checkpoint
+from disttrain import HookFailed, Trainer
+from disttrain.checkpoint import format as checkpoint
+from disttrain.checkpoint.resume import most_advanced
 
 
 def recorded_fit(**options):
@@ -255,7 +257,7 @@ def resume_runs(root, world_size):
     for name, stop_after in {"mid_epoch": per_epoch + 2, "epoch_boundary": per_epoch}.items():
         run_dir = root / name
         _train(run_dir, max_epochs=3, max_steps=stop_after)
-        newest = checkpoint.most_advanced(run_dir / "checkpoints")
+        newest = most_advanced(run_dir / "checkpoints")
         progress = checkpoint.load(newest)["progress"]
         resumed = _train(run_dir, max_epochs=3, resume="auto")
         results[name] = {

@@ -175,8 +175,8 @@ def train_loader_for(trainer: Any, module: Any) -> Any:
 
 def eval_loader_for(trainer: Any, module: Any, loader_name: str, step_name: str) -> Any:
     """An evaluation loader, sharded without padding; None if the module has no such step."""
-    from disttrain.hooks import overridden
-    from disttrain.module import Module
+    from disttrain.api.hooks import overridden
+    from disttrain.api.module import Module
 
     if not overridden(module, step_name, Module):
         return None
@@ -187,8 +187,8 @@ def eval_loader_for(trainer: Any, module: Any, loader_name: str, step_name: str)
 
 
 def _loader_source(trainer: Any, module: Any, loader_name: str) -> Any:
-    from disttrain.datamodule import DataModule
-    from disttrain.hooks import overridden
+    from disttrain.api.datamodule import DataModule
+    from disttrain.api.hooks import overridden
 
     dm = trainer.datamodule
     return dm if dm is not None and overridden(dm, loader_name, DataModule) else module

@@ -9,13 +9,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from disttrain.steps import TrainingStep
-from disttrain.transfer import carried, uncarried
+from disttrain.data.transfer import carried, uncarried
+from disttrain.dist.fsdp import no_gradient_sync, shard_fsdp, unsharded
+from disttrain.loop.router import TrainingStep
+from disttrain.loop.stopping import Stopping
 
 # The oldest torch disttrain runs on, as pyproject.toml states it: FSDP2's ``fully_shard`` and
 # ``MixedPrecisionPolicy`` became public in ``torch.distributed.fsdp`` in 2.6 (before, they
@@ -53,7 +55,7 @@ class Step:
         return _carrying(torch.compile(self.model))
 
     def no_sync(self) -> contextlib.AbstractContextManager:
-        return _no_gradient_sync(self.module) if self.sharded else self.model.no_sync()
+        return no_gradient_sync(self.module) if self.sharded else self.model.no_sync()
 
     def call(self, name: str) -> Callable[..., Any]:
         method = getattr(self.module, name)
@@ -69,15 +71,15 @@ class Step:
         it gathered until the loop ends leaves no collective per batch. The price is the
         whole module's parameters (in the compute dtype) during evaluation.
         """
-        return _unsharded(self.module) if self.sharded else contextlib.nullcontext()
+        return unsharded(self.module) if self.sharded else contextlib.nullcontext()
 
 
-def build(trainer: Any, module: Any, configure: Callable[[], tuple]) -> tuple[Step, tuple]:
+def build(
+    trainer: Any, module: Any, configure: Callable[[], tuple], stopping: Stopping
+) -> tuple[Step, tuple]:
     """Wrap ``module`` as ``trainer.config.strategy`` says and build the optimizers with
     ``configure()``: after sharding for FSDP (they must see the sharded parameters), before
     the wrap for DDP (whose ``find_unused_parameters`` depends on how many there are)."""
-    from disttrain.dist import shard_fsdp
-
     cfg = trainer.config
     check_torch_version(cfg.strategy)
     if cfg.strategy == "fsdp" and trainer.env.launched:
@@ -90,7 +92,7 @@ def build(trainer: Any, module: Any, configure: Callable[[], tuple]) -> tuple[St
     router = TrainingStep(module)
     find_unused = cfg.find_unused_parameters
     collectives = trainer._collectives
-    collectives.attach_stop_vote(router, trainer.device)  # before the wrap: DDP must see it
+    stopping.attach_vote(router, trainer.device)  # before the wrap: DDP must see it
     model = collectives.wrap(
         router,
         trainer.device,
@@ -130,31 +132,3 @@ def _redirected(module: torch.nn.Module, method: Callable[..., Any]) -> Callable
             module.__dict__.pop("forward", None)
 
     return call
-
-
-@contextlib.contextmanager
-def _unsharded(module: torch.nn.Module) -> Iterator[None]:
-    from torch.distributed.fsdp import FSDPModule
-
-    sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]  # the same order
-    # on every rank; the root first. Reshard-after-forward off for the loop, so a forward's
-    # post-hook keeps the parameters; put back as shard_fsdp set it: blocks reshard, the
-    # root (whose parameters backward needs at once) does not.
-    for m in sharded:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in sharded:
-            m.set_reshard_after_forward(m is not module, recurse=False)
-            m.reshard()
-
-
-@contextlib.contextmanager
-def _no_gradient_sync(module: Any) -> Iterator[None]:
-    module.set_requires_gradient_sync(False)  # no reduce-scatter on this micro-step
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)

@@ -1,21 +1,15 @@
-"""The callbacks disttrain ships: ``ModelCheckpoint`` and ``EarlyStopping``.
-
-Both run on every rank and take their decisions identically everywhere: a checkpoint is saved
-collectively (global rank 0 writes), files are created and deleted by global rank 0 alone, and
-an early stop is an agreed decision (any rank's vote stops every rank after the same step).
-"""
+"""``ModelCheckpoint``: checkpoints every N steps or epochs, the last K and the best K kept."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from disttrain.callback import Callback
-from disttrain.checkpoint import LAST_NAME, file_name, remove
-from disttrain.files import atomic_link
+from disttrain.callbacks.base import Callback
+from disttrain.checkpoint.atomic import atomic_link
+from disttrain.checkpoint.format import LAST_NAME, file_name, remove
 
 LAST = LAST_NAME
 
@@ -121,44 +115,3 @@ def _rotate(directory: Path, newest: Path, doomed: list[str], save_last: bool) -
         atomic_link(newest, directory / LAST)
     for name in doomed:
         remove(directory / name)
-
-
-class EarlyStopping(Callback):
-    """Stop training when ``monitor`` (in ``trainer.callback_metrics``) stops improving.
-
-    Checked after every validation, on each rank with the value that rank sees; the stop is
-    agreed, so a stop decided on any one rank stops every rank after the same step.
-    """
-
-    def __init__(
-        self, monitor: str, patience: int = 3, mode: str = "min", min_delta: float = 0.0
-    ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
-        self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
-        self.best = math.inf if mode == "min" else -math.inf
-        self.wait = 0
-        self.stopped_epoch: int | None = None
-
-    def on_post_performance_check(self, trainer: Any, module: Any) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        value = float(trainer.callback_metrics[self.monitor])
-        better = (
-            value < self.best - self.min_delta
-            if self.mode == "min"
-            else value > self.best + self.min_delta
-        )
-        if better:
-            self.best, self.wait = value, 0
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
-            self.stopped_epoch = trainer.current_epoch
-            trainer.should_stop = True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.wait = float(state["best"]), int(state["wait"])

@@ -13,24 +13,17 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from disttrain.callback import Callback
-from disttrain.datamodule import DataModule
-from disttrain.dist import Collectives, DistEnv
-from disttrain.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder
-from disttrain.hooks import (
-    ACTION_TABLE,
-    Action,
-    Hook,
-    ModelHooks,
-    Ranks,
-    Rule,
-    Sync,
-    overridden,
-    warn_deprecated_overrides,
-)
+from disttrain.api.datamodule import DataModule
+from disttrain.api.hooks import ModelHooks, overridden, warn_deprecated_overrides
+from disttrain.callbacks.base import Callback
+from disttrain.dist.collectives import Collectives
+from disttrain.dist.env import DistEnv
+from disttrain.loop.stopping import agree_on_minus_one
+from disttrain.observe.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder
+from disttrain.ranks.table import ACTION_TABLE, Action, Hook, Ranks, Rule, Sync
 
 if TYPE_CHECKING:
-    from disttrain.profiler import SimpleProfiler
+    from disttrain.observe.profiler import SimpleProfiler
 
 
 class HookFailed(RuntimeError):
@@ -229,8 +222,7 @@ def _local_caller(
     any_true = collectives.any_true
 
     def run_and_agree(*args: Any) -> Any:
-        result = run(*args)
-        return -1 if any_true(result == -1) else result
+        return agree_on_minus_one(run(*args), any_true)
 
     return run_and_agree
 

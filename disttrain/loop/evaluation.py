@@ -8,8 +8,11 @@ from typing import Any
 
 import torch
 
-from disttrain.hooks import Hook
-from disttrain.steps import scalar_metrics
+from disttrain.checkpoint.resume import restore_weights
+from disttrain.data import loaders
+from disttrain.loop.outputs import scalar_metrics
+from disttrain.loop.session import open_session, write_run_files
+from disttrain.ranks.table import Action, Hook
 
 
 def evaluate(trainer: Any, call: Callable[..., Any], loader: Any, limit: int, kind: str) -> Any:
@@ -41,4 +44,34 @@ def evaluate(trainer: Any, call: Callable[..., Any], loader: Any, limit: int, ki
         trainer.callback_metrics.update(scalar_metrics(result))
     module.train(was_training)
     call(Hook.ON_POST_PERFORMANCE_CHECK)
+    return result
+
+
+_STAGES = {  # stage: (loader, kind of step, limit option)
+    "validate": ("val_dataloader", "validation", "limit_val_batches"),
+    "test": ("test_dataloader", "test", "limit_test_batches"),
+}
+
+
+def run_evaluation(trainer: Any, module: Any, datamodule: Any, stage: str) -> Any:
+    """``Trainer.validate`` / ``test``: the evaluation lifecycle of ``spec/lifecycle.md``, on
+    the weights ``resume`` names (auto or a path). Returns what ``{kind}_epoch_end`` returned."""
+    loader_name, kind, option = _STAGES[stage]
+    with open_session(trainer, module, datamodule) as dispatcher:
+        call = dispatcher.call
+        call(Hook.PREPARE_DATA)
+        dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, trainer, stage)
+        call(Hook.SETUP, stage)
+        module.to(trainer.device)
+        restore_weights(trainer, dispatcher)  # with resume=auto|path
+        loader = loaders.eval_loader_for(trainer, module, loader_name, f"{kind}_step")
+        if loader is None:
+            raise ValueError(
+                f"Trainer.{stage}: {type(module).__name__} needs {loader_name}() returning a "
+                f"DataLoader and a {kind}_step"
+            )
+        limit = loaders.limit_batches(loader, getattr(trainer.config, option), option)
+        result = evaluate(trainer, call, loader, limit, kind)
+        trainer.logger.finalize()
+        call(Hook.TEARDOWN, stage)
     return result

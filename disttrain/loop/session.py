@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from disttrain import checkpoint
-from disttrain.dispatch import Dispatcher
-from disttrain.dist import Collectives, connect
-from disttrain.files import atomic_write_text
-from disttrain.hooks import hook_schedule
-from disttrain.preemption import Preempted
-from disttrain.steps import seed_everything
+from disttrain.checkpoint.atomic import atomic_write_text
+from disttrain.checkpoint.format import plain_config
+from disttrain.dist.collectives import Collectives, connect
+from disttrain.loop.seeding import seed_everything
+from disttrain.loop.stopping import Preempted
+from disttrain.ranks.dispatch import Dispatcher
+from disttrain.ranks.table import hook_schedule
 
 
 @contextlib.contextmanager
@@ -64,7 +64,7 @@ def hyperparams(trainer: Any) -> dict[str, Any]:
     """What the logger records as the run's hyperparameters."""
     if trainer.resolved_config is not None:
         return dict(trainer.resolved_config)
-    return checkpoint.plain_config(trainer)
+    return plain_config(trainer)
 
 
 def write_run_files(trainer: Any, stage: str = "fit") -> None:

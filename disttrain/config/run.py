@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from disttrain.config import ConfigError, TrainerConfig, check_type
+from disttrain.config.options import ConfigError, TrainerConfig, check_type
 
 TOP_KEYS = ("model", "data", "trainer", "launch", "seed", "run_dir")
 
@@ -227,19 +227,19 @@ def import_class(class_path: str) -> type:
 
 # -- helpers -------------------------------------------------------------------------------
 def _module_base() -> type:
-    from disttrain.module import Module
+    from disttrain.api.module import Module
 
     return Module
 
 
 def _data_base() -> type:
-    from disttrain.datamodule import DataModule
+    from disttrain.api.datamodule import DataModule
 
     return DataModule
 
 
 def _callback_base() -> type:
-    from disttrain.callback import Callback
+    from disttrain.callbacks.base import Callback
 
     return Callback
 

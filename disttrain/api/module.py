@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disttrain.hooks import ModelHooks
+from disttrain.api.hooks import ModelHooks
 
 if TYPE_CHECKING:
-    from disttrain.trainer import Trainer
+    from disttrain.loop.trainer import Trainer
 
 
 class Module(ModelHooks, torch.nn.Module):

@@ -11,13 +11,28 @@ Configuration errors exit with code 2 before anything is written or spawned.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
-from disttrain.config import ConfigError
+import torch
+
+from disttrain.checkpoint.format import SUFFIX, CheckpointError, check_path
+from disttrain.config import run as runconfig
+from disttrain.config.options import ConfigError
+from disttrain.dist.launcher import launch_workers, record_failure
+from disttrain.loop.seeding import seed_everything
+from disttrain.loop.stopping import EXIT_INTERRUPTED, Preempted
+from disttrain.loop.trainer import Trainer
+from disttrain.observe.console import configure_logging
+from disttrain.observe.flight import diagnose
+from disttrain.observe.plot import PlotError, plot_runs
+from disttrain.ranks.schedule import describe_schedule
+from disttrain.version import __version__
 
 STAGES = ("fit", "validate", "test")
 EXIT_CONFIG_ERROR = 2
@@ -42,17 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "launch":
             return _launch(args, raw_argv)
         if args.command == "hooks":
-            from disttrain import runconfig
-            from disttrain.schedule import describe_schedule
-
             if args.world_size is not None and args.world_size < 1:
                 raise ConfigError("--world-size", f"must be at least 1, got {args.world_size}")
             run = runconfig.load(args.config, _overrides(args))
             print(describe_schedule(run, args.world_size), end="")
             return 0
         if args.command == "plot":
-            from disttrain.plot import PlotError, plot_runs
-
             try:
                 print(plot_runs(args.run_dirs, args.output))
             except PlotError as err:
@@ -60,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             return 0
         if args.command == "print-config":
-            from disttrain import runconfig
-
             print(runconfig.dump(runconfig.load(args.config, _overrides(args)).resolved), end="")
             return 0
     except ConfigError as err:
@@ -106,15 +114,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Version(argparse.Action):
-    """``--version``: ``disttrain X.Y.Z (torch A.B.C)``; torch is imported only when asked."""
+    """``--version``: ``disttrain X.Y.Z (torch A.B.C)``."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        import torch
-
-        from disttrain import __version__
 
         print(f"disttrain {__version__} (torch {torch.__version__})")
         parser.exit()
@@ -140,7 +145,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _run_stage(stage: str, config: str, overrides: list[str], argv: list[str]) -> int:
-    from disttrain import runconfig
 
     run = runconfig.load(config, overrides)  # every rank validates before touching anything
     _check_resume(run, stage)
@@ -153,16 +157,6 @@ def _run_stage(stage: str, config: str, overrides: list[str], argv: list[str]) -
 def _worker(stage: str, run: Any) -> int:
     """One rank's run. A failure under a launcher is reported in one line and its traceback
     kept in ``RUN_DIR/logs/``; in the debug mode the traceback is printed, for debugging."""
-    import logging
-    import traceback
-
-    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
-
-    from disttrain import runconfig
-    from disttrain.log import configure_logging
-    from disttrain.preemption import EXIT_INTERRUPTED, Preempted
-    from disttrain.steps import seed_everything
-    from disttrain.trainer import Trainer
 
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(rank)
@@ -182,9 +176,7 @@ def _worker(stage: str, run: Any) -> int:
     except Exception as error:
         if "RANK" not in os.environ:
             raise
-        handler = get_error_handler()  # the error file the launcher reads
-        handler.initialize()
-        handler.record_exception(error)
+        record_failure(error)  # the error file the launcher reads
         path = Path(run.run_dir) / "logs" / f"rank{rank}-error.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(traceback.format_exc())
@@ -197,7 +189,6 @@ def _worker(stage: str, run: Any) -> int:
 def _check_resume(run: Any, stage: str) -> None:
     """Resume problems that show without reading a checkpoint fail here, before any worker
     starts: a path that is no checkpoint, or a fresh fit among an earlier run's checkpoints."""
-    from disttrain.checkpoint import SUFFIX, CheckpointError, check_path
 
     resume = run.trainer.resume
     if resume not in (None, "auto"):
@@ -225,8 +216,6 @@ def _resume_command(command: list[str], run: Any) -> str:
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    from disttrain import runconfig
-    from disttrain.dist import launch_workers
 
     overrides = _overrides(args)
     run = runconfig.load(args.config, overrides)
@@ -267,7 +256,6 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         stale.unlink()
 
     def explain() -> None:
-        from disttrain.flight import diagnose
 
         report = diagnose(run.run_dir)
         if report and (" in hook " in report or " in collective " in report):  # a hang's trace

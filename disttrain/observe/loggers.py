@@ -16,8 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from disttrain.files import atomic_write_text
-from disttrain.log import writes_run_output
+from disttrain.checkpoint.atomic import atomic_write_text
+from disttrain.observe.console import writes_run_output
 
 LOGGERS = ("csv", "tensorboard")
 log = logging.getLogger("disttrain.loggers")

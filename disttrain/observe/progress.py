@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from disttrain.callback import Callback
+from disttrain.callbacks.base import Callback
 
 log = logging.getLogger("disttrain.progress")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from disttrain.dispatch import runs_on
-from disttrain.dist import DistEnv
-from disttrain.hooks import ACTION_TABLE, Sync, hook_schedule
+from disttrain.dist.env import DistEnv
+from disttrain.ranks.dispatch import runs_on
+from disttrain.ranks.table import ACTION_TABLE, Sync, hook_schedule
 
 
 def describe_schedule(run: Any, world_size: int | None = None) -> str:

@@ -1,0 +1,1 @@
+"""The public API a user implements: ``Module`` (with ``ModelHooks``) and ``DataModule``."""

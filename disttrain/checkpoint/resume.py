@@ -1,0 +1,123 @@
+"""Which checkpoint a run goes on from: ``resume`` (auto, a path, or none) and the run's files."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from disttrain.checkpoint.format import LAST_NAME, SUFFIX, CheckpointError, Progress, load, remove
+from disttrain.checkpoint.state import restore
+from disttrain.ranks.table import Action, Hook
+
+log = logging.getLogger("disttrain.checkpoint")
+
+
+def resume(trainer: Any, dispatcher: Any) -> tuple[Progress | None, dict | None]:
+    """Restore the checkpoint ``trainer.config.resume`` names (``auto``: the run directory's
+    most advanced one; always ``auto`` after an elastic restart). Returns the progress to go
+    on from and this rank's RNG state to put back."""
+    state, source = _load_requested(trainer, dispatcher, starting_fit=True)
+    if state is None:
+        return None, None
+    progress = restore(trainer, state, dispatcher.call)
+    log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
+    return progress, rng_for_rank(state, trainer.global_rank, trainer.world_size)
+
+
+def restore_weights(trainer: Any, dispatcher: Any) -> None:
+    """For validate/test: the module's weights (and its on_load_checkpoint) from ``resume``,
+    with the epoch and step they were trained to."""
+    state, source = _load_requested(trainer, dispatcher, starting_fit=False)
+    if state is not None:
+        if "sharded" in state:
+            from disttrain.dist.fsdp import dcp_load
+
+            dcp_load(trainer.module, [], state["sharded"])
+        else:
+            trainer.module.load_state_dict(state["module"])
+        progress = Progress(**state["progress"])
+        trainer.global_step, trainer.current_epoch = progress.global_step, progress.epoch
+        dispatcher.call(Hook.ON_LOAD_CHECKPOINT, state)
+        log.info(
+            "evaluating the weights of %s (epoch %d, step %d)",
+            source,
+            progress.epoch,
+            progress.global_step,
+        )
+
+
+def _load_requested(
+    trainer: Any, dispatcher: Any, *, starting_fit: bool
+) -> tuple[dict | None, str | None]:
+    source = trainer.config.resume
+    directory = trainer.checkpoint_dir
+    if source is None and trainer.env.restart_count > 0:
+        source = "auto"  # torchelastic restarted the group: go on from the last checkpoint
+    if source is None:
+        writes = trainer.checkpoint_callback is not None
+        if starting_fit and writes:  # a fresh run must not mix its checkpoints with another's
+            earlier = dispatcher.run(Action.MANAGE_FILES, most_advanced, directory)
+            if earlier is not None:
+                raise CheckpointError(
+                    f"{directory} holds checkpoints of an earlier run (the most advanced: "
+                    f"{Path(earlier).name}) and resume is None (start fresh). Resume it with "
+                    "resume='auto', give this run its own directory (run_dir in a config, "
+                    f"default_root_dir in Python), or delete {directory} to start over there."
+                )
+        return None, None
+    if source == "auto":
+        source = dispatcher.run(Action.MANAGE_FILES, most_advanced, directory)
+        if source is None:
+            what = "starting fresh" if starting_fit else "evaluating the module as built"
+            log.info("resume=auto: no checkpoint in %s, %s", directory, what)
+            return None, None
+    return dispatcher.run(Action.LOAD_CHECKPOINT, load, source), source
+
+
+def rng_for_rank(checkpoint: dict[str, Any], rank: int, world_size: int) -> dict | None:
+    """This rank's saved RNG state, or None (with a warning) at another world size."""
+    if checkpoint.get("world_size") != world_size:
+        log.warning(
+            "resuming a checkpoint from world size %s at world size %s: random streams and the "
+            "data order go on differently than in an uninterrupted run",
+            checkpoint.get("world_size"),
+            world_size,
+        )
+        return None
+    return checkpoint["rng"][rank]
+
+
+def progress_key(progress: Progress) -> tuple[int, int, bool]:
+    """Order of training progress: later step, then later epoch, then a finished epoch."""
+    return progress.global_step, progress.epoch, progress.epoch_finished
+
+
+def most_advanced(directory: str | os.PathLike) -> str | None:
+    """The complete checkpoint in ``directory`` that is furthest into training, by the
+    progress it holds (never by file times: a rerun's early checkpoints are newer files).
+
+    Files that fail to load are skipped with a warning naming them; temporary files of
+    interrupted writes (never complete: they were not renamed) are deleted.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    for leftover in directory.glob(".*.tmp"):
+        log.warning(
+            "removing %s: the leftover of a checkpoint write that never completed", leftover
+        )
+        remove(leftover)
+    best: tuple[tuple[int, int, bool], str] | None = None
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        try:
+            progress = Progress(**load(path, mmap=True)["progress"])
+        except (CheckpointError, TypeError) as err:
+            log.warning("skipping %s", err)
+            continue
+        key = progress_key(progress)
+        # on a tie prefer the named file over last.ckpt, its hard link
+        if best is None or key > best[0] or (key == best[0] and best[1].endswith(LAST_NAME)):
+            best = (key, str(path))
+    return None if best is None else best[1]

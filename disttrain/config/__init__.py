@@ -1,0 +1,1 @@
+"""Configuration: the trainer's options, YAML run configs, and the ``disttrain`` command."""

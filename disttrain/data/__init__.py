@@ -1,0 +1,1 @@
+"""Data: distributed samplers and loaders, and moving batches to the device."""

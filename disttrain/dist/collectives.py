@@ -1,0 +1,241 @@
+"""The collectives disttrain needs: a process group under torchrun, a null object in one process.
+
+``connect`` turns the environment into a ``Collectives`` object; the rest of the code never
+asks "am I distributed?". Control traffic (verdicts, agreements, gathered objects) always
+goes over gloo on the CPU, whatever the backend of the gradients."""
+
+from __future__ import annotations
+
+import ctypes
+import pickle
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from disttrain.dist.env import DistEnv
+from disttrain.observe.flight import FINISH, START
+
+
+class Collectives:
+    """The collectives disttrain needs, for one process: every one is a no-op."""
+
+    world_size = 1
+    backend = "none"
+    recorder = None  # a FlightRecorder: collectives record when they start and finish
+    timeout: float | None = None  # seconds a collective may wait (None: nothing to wait for)
+
+    def verdict(self, failed: bool, *, long: bool = False) -> list[int]:
+        """Barrier that also tells every rank which ranks failed."""
+        return [0] if failed else []
+
+    def gather_text(self, text: str, *, long: bool = False) -> list[str]:
+        return [text]
+
+    def any_true(self, flag: bool) -> bool:
+        """Agreement: true on every rank if it is true on any rank."""
+        return flag
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` in place over all ranks (``sum``, ``max`` or ``min``)."""
+        return tensor
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Global zero's ``obj`` on every rank."""
+        return obj
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        return [obj]
+
+    def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
+        return module
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessGroupCollectives(Collectives):
+    """The collectives of a real process group; control traffic always goes over gloo/CPU."""
+
+    def __init__(
+        self,
+        env: DistEnv,
+        backend: str,
+        device: torch.device,
+        control: Any,
+        long_control: Any,
+        owns_world: bool,
+        timeout: float | None = None,
+    ) -> None:
+        self.env = env
+        self.timeout = timeout  # seconds a collective may wait (the stop vote's GPU wait too)
+        self.device = device  # where the backend takes tensors: cuda:LOCAL_RANK (NCCL) or cpu
+        self.world_size = env.world_size
+        self.backend = backend
+        self._control = control
+        self._long_control = long_control
+        self._owns_world = owns_world
+
+    def _run(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.record(START, name)
+        fn(*args, **kwargs)
+        if recorder is not None:
+            recorder.record(FINISH, name)
+
+    def verdict(self, failed: bool, *, long: bool = False) -> list[int]:
+        flags = torch.zeros(self.world_size, dtype=torch.int32)
+        flags[self.env.rank] = int(failed)
+        group = self._long_control if long else self._control
+        self._run("verdict", dist.all_reduce, flags, group=group)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def gather_text(self, text: str, *, long: bool = False) -> list[str]:
+        group = self._long_control if long else self._control
+        return self._gather_pickled("error messages", text, group)
+
+    def any_true(self, flag: bool) -> bool:
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        self._run("agreement", dist.all_reduce, value, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(value.item())
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        # NCCL takes only CUDA tensors, gloo here CPU ones: the tensor goes to the backend's
+        # device and back, so no caller can build it on the wrong one. The group never
+        # depends on the tensor's device (ranks could then pick different groups and hang).
+        on_backend = tensor if tensor.device == self.device else tensor.to(self.device)
+        self._run("all_reduce", dist.all_reduce, on_backend, op=_REDUCE_OPS[op])
+        if on_backend is not tensor:
+            tensor.copy_(on_backend)
+        return tensor
+
+    def broadcast_object(self, obj: Any) -> Any:
+        group = self._long_control
+        payload = _pickled(obj) if self.env.rank == 0 else torch.empty(0, dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        self._run("broadcast", dist.broadcast, size, src=0, group=group)
+        if self.env.rank != 0:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._run("broadcast", dist.broadcast, payload, src=0, group=group)
+        return _unpickled(payload, int(size.item()))
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        return self._gather_pickled("gather", obj, self._long_control)
+
+    def _gather_pickled(self, name: str, obj: Any, group: Any) -> list[Any]:
+        """Every rank's ``obj`` on every rank: pickled into a byte tensor on the gloo control
+        group. Not torch's ``all_gather_object``: that one needs numpy, which torch does not
+        declare, and on NCCL it would add a device round trip."""
+        payload = _pickled(obj)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        self._run(name, dist.all_gather, sizes, size, group=group)
+        longest = max(int(s.item()) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        self._run(name, dist.all_gather, out, padded, group=group)
+        return [_unpickled(t, int(s.item())) for t, s in zip(out, sizes)]
+
+    def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
+        return DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused,
+        )
+
+    def close(self) -> None:
+        if not dist.is_initialized():
+            return
+        if self._owns_world:
+            dist.destroy_process_group()
+            return
+        for group in {self._control, self._long_control} - {dist.group.WORLD}:
+            dist.destroy_process_group(group)
+
+
+def _pickled(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _unpickled(payload: torch.Tensor, size: int) -> Any:
+    # ctypes reads the bytes where Tensor.numpy() would need numpy
+    return pickle.loads(ctypes.string_at(payload.data_ptr(), size))
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+_raw_store = None
+
+
+_sessions = 0
+
+
+def connect(
+    env: DistEnv, device: torch.device, timeout: float, long_timeout: float, recorder: Any = None
+) -> Collectives:
+    """Join the job's process group (NCCL on CUDA, gloo on CPU), or return the null object.
+
+    Each call is one session (fit, validate, test) and gets its own key prefix in the store,
+    as does each elastic restart attempt, so nothing a dead attempt or an earlier session left
+    in the store can be read by this one. A process group the user created already is used
+    as it is (and left open at the end).
+    """
+    global _raw_store, _sessions
+    if not env.launched:
+        return Collectives()
+    if dist.is_initialized():
+        backend = dist.get_backend()
+        collectives = _collectives_over_world(env, backend, device, timeout, long_timeout, False)
+        collectives.recorder = recorder
+        return collectives
+    if _raw_store is None:  # torch's env:// rendezvous: the agent's store, or rank 0 hosts one
+        _raw_store, _, _ = next(
+            dist.rendezvous(
+                "env://",  # reads MASTER_ADDR / MASTER_PORT itself
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timedelta(seconds=long_timeout),
+            )
+        )
+    _sessions += 1
+    store = dist.PrefixStore(
+        f"disttrain/attempt{env.restart_count}/session{_sessions}/", _raw_store
+    )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout),
+        device_id=device if device.type == "cuda" else None,
+    )
+    collectives = _collectives_over_world(env, backend, device, timeout, long_timeout, True)
+    collectives.recorder = recorder
+    return collectives
+
+
+def _collectives_over_world(
+    env: DistEnv,
+    backend: str,
+    device: torch.device,
+    timeout: float,
+    long_timeout: float,
+    owns_world: bool,
+) -> ProcessGroupCollectives:
+    control = (
+        dist.group.WORLD
+        if backend == "gloo"
+        else dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    )
+    long_control = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout))
+    backend_device = device if backend == "nccl" else torch.device("cpu")
+    return ProcessGroupCollectives(
+        env, backend, backend_device, control, long_control, owns_world, timeout
+    )

@@ -1,0 +1,120 @@
+"""FSDP2 sharding and sharded (DCP) checkpoints: torch's pieces as disttrain uses them.
+
+torch's FSDP and DCP modules are imported inside the functions that use them: together they
+add about 0.5 s to ``import disttrain``, which runs without them (DDP) do not pay."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def shard_fsdp(
+    module: torch.nn.Module,
+    blocks: list[torch.nn.Module],
+    precision: str,
+    activation_checkpointing: bool,
+) -> None:
+    """FSDP2: shard each block, then the module as root (parameters stay DTensors in place).
+
+    ``bf16-mixed`` keeps parameters in bf16 for compute and reduces gradients in bf16 while the
+    optimizer updates fp32 shards; activation checkpointing recomputes each block's
+    activations in backward instead of storing them.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16-mixed":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            apply_activation_checkpointing,
+        )
+
+        chosen = set(map(id, blocks))
+        apply_activation_checkpointing(module, check_fn=lambda m: id(m) in chosen)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+
+
+def dcp_save(module: torch.nn.Module, optimizers: list, directory: str | os.PathLike) -> None:
+    """Every rank writes its shards of the module and optimizers (DCP); the coordinator
+    writes ``.metadata`` last, once every shard is written. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizers)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+
+
+def dcp_load(module: torch.nn.Module, optimizers: list, directory: str | os.PathLike) -> None:
+    """Load a DCP checkpoint into ``module`` and ``optimizers`` as they are sharded now, at
+    any world size (DCP reshards). Collective under a process group. Non-tensor entries are
+    read with ``weights_only=True`` (DCP's default planner would unpickle them freely); the
+    caller has checked ``.metadata`` (``disttrain.checkpoint``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(
+                    self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded
+                )
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    model_state, optim_state = get_state_dict(module, optimizers)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory), planner=WeightsOnlyPlanner())
+    set_state_dict(
+        module, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The whole, unsharded module state on CPU (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)
+
+
+@contextlib.contextmanager
+def unsharded(module: torch.nn.Module) -> Iterator[None]:
+    """Every FSDP module of ``module`` gathered for a whole loop (evaluation): no collective
+    per forward, so ranks with different numbers of batches cannot hang."""
+    from torch.distributed.fsdp import FSDPModule  # see the module docstring: import time
+
+    sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]  # the same order
+    # on every rank; the root first. Reshard-after-forward off for the loop, so a forward's
+    # post-hook keeps the parameters; put back as shard_fsdp set it: blocks reshard, the
+    # root (whose parameters backward needs at once) does not.
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_reshard_after_forward(m is not module, recurse=False)
+            m.reshard()
+
+
+@contextlib.contextmanager
+def no_gradient_sync(module: Any) -> Iterator[None]:
+    """A micro-step inside an accumulation window: no reduce-scatter."""
+    module.set_requires_gradient_sync(False)  # no reduce-scatter on this micro-step
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)

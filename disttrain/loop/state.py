@@ -1,0 +1,56 @@
+"""What one fit holds while it runs: built once at the start, read by every loop level."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from disttrain.checkpoint.format import Progress
+from disttrain.loop.optim import SchedulerEntry
+from disttrain.loop.stopping import Stopping
+from disttrain.loop.strategy import Step
+
+
+@dataclass(frozen=True)
+class BatchHooks:
+    """The per-batch hooks, looked up once: each runs exactly as ``call(Hook.X, ...)`` would,
+    without the dispatcher's lookup on every batch."""
+
+    on_batch_start: Callable[..., Any]
+    transfer_batch_to_device: Callable[..., Any]
+    backward: Callable[..., Any]
+    on_after_backward: Callable[..., Any]
+    on_before_zero_grad: Callable[..., Any]
+    on_batch_end: Callable[..., Any]
+
+
+@dataclass
+class FitRun:
+    """One fit's pieces: how the step reaches the model, the optimizers, the data, the hooks,
+    the stop decisions, and where a resumed run goes on."""
+
+    call: Callable[..., Any]  # the dispatcher's call(Hook.X, ...)
+    step: Step
+    forward: Callable[..., Any]  # the training step as the loop calls it (compiled, timed)
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[SchedulerEntry]
+    scaler: torch.amp.GradScaler | None
+    hooks: BatchHooks
+    stopping: Stopping
+    train_data: Any
+    val_data: Any
+    n_train: int | float
+    n_val: int | float
+    keep_outputs: bool  # training_epoch_end is overridden: keep the steps' outputs
+    progress: Progress | None  # the checkpoint resumed from
+    saved_rng: dict | None  # this rank's RNG state of that checkpoint, put back once
+    params: list[list[torch.Tensor]] = field(init=False)  # per optimizer, for clipping
+    step_args: list[tuple[int, ...]] = field(init=False)  # (optimizer_idx,) with several
+
+    def __post_init__(self) -> None:
+        self.params = [[p for g in o.param_groups for p in g["params"]] for o in self.optimizers]
+        several = len(self.optimizers) > 1
+        self.step_args = [(i,) for i in range(len(self.optimizers))] if several else [()]
