@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -125,3 +127,60 @@ def scenario(tmp_path):
         return proc, outdir
 
     return run
+
+
+# -- a resumable job run through `disttrain launch` (faults, stopping) --------------------
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+LONG = ["trainer.max_epochs=100000", "trainer.log_every_n_steps=1000"]
+
+
+ENV = worker_env()
+
+
+def job_config(tmp_path: Path, cls: str = "common.FaultyJob", **init_args) -> Path:
+    report = tmp_path / "report"
+    report.mkdir(exist_ok=True)
+    config = {
+        "model": {"class_path": cls, "init_args": {"report_dir": str(report), **init_args}},
+        "trainer": {
+            "max_epochs": 3,
+            "num_sanity_val_steps": 1,
+            "callbacks": [
+                {
+                    "class_path": "disttrain.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_steps": 2, "keep_last_k": 2},
+                }
+            ],
+        },
+        "launch": {"nproc_per_node": 2},
+        "seed": 5,
+        "run_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch(
+    config: Path, *extra: str, timeout: float = 180, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    return disttrain_cli("launch", *extra, "fit", "--config", str(config), timeout=timeout, env=env)
+
+
+def final_weights(tmp_path: Path) -> dict:
+    return torch.load(tmp_path / "report" / "final.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")  # once per test worker
+def uninterrupted(tmp_path_factory) -> dict:
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    proc = launch(job_config(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return final_weights(tmp_path)
+
+
+def assert_same_weights(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key

@@ -67,17 +67,6 @@ def test_transfer_override_receives_batch_and_device():
     assert seen == [("list", torch.device("cpu"))] * 2
 
 
-def test_minus_one_stops_the_epoch_in_debug_mode():
-    class Stop(Regressor):
-        def on_batch_start(self, batch):
-            return -1 if len(self.seen) == 4 else None  # after two batches of 2
-
-    module = Stop(n_train=16)
-    trainer = Trainer(max_epochs=1, num_sanity_val_steps=0)
-    trainer.fit(module)
-    assert len(module.seen) == 4 and trainer.global_step == 2
-
-
 def test_bf16_autocast_on_cpu():
     dtypes = []
 
@@ -184,13 +173,6 @@ def test_module_properties_follow_the_trainer():
         module.global_step = 3
 
 
-def test_max_steps_stops_inside_an_epoch():
-    module = Regressor(n_train=16)
-    trainer = Trainer(max_epochs=5, max_steps=3, num_sanity_val_steps=0)
-    trainer.fit(module)
-    assert trainer.global_step == 3 and len(module.seen) == 6
-
-
 def test_prepare_data_must_not_assign_state_in_debug_mode():
     with pytest.raises(HookFailed, match=r"rank 0.*self\.vocab"):
         Trainer(max_epochs=1).fit(StatefulPrepare())
@@ -264,33 +246,3 @@ def test_validate_and_test_evaluate_a_checkpoint_with_resume(tmp_path):
     evaluator = Trainer(default_root_dir=str(tmp_path), resume="auto")
     evaluator.validate(fresh)
     assert evaluator.callback_metrics["val_mse"] == pytest.approx(after_fit, rel=1e-6)
-
-
-def test_the_stop_vote_leaves_the_loss_exact_and_reads_what_backward_carried():
-    from disttrain.loop.stopping import StopVote
-
-    vote = StopVote(torch.device("cpu"))
-    loss = torch.tensor(0.123456789, requires_grad=True)
-    carried = vote.carried_by(loss)
-    assert carried.item() == loss.item()  # the zero weight adds exactly nothing
-    carried.backward()
-    assert loss.grad.item() == 1.0
-    assert not vote.agreed(True)  # no ballot carried yet; this rank votes from now on
-
-    out = vote.carried_by({"loss": loss * 2, "extra": 1})
-    assert out["extra"] == 1 and out["loss"].item() == (loss * 2).item()
-    out["loss"].backward()
-    assert vote.agreed(False)  # the ballot reached the weight's gradient
-    vote.carried_by(loss).backward()
-    assert not vote.agreed(True)  # a backward without a ballot: nothing new
-    vote.carried_by(loss).backward()
-    assert vote.agreed(False)  # a vote cast again is seen again
-    assert vote.carried_by("not a loss") == "not a loss"
-    (vote.carried_by(loss) * float("nan")).backward()
-    assert not vote.agreed(True) and vote.weight.grad is None  # poisoned: starts over
-    vote.carried_by(loss).backward()
-    assert vote.agreed(False)  # and still hears the next vote
-    half = torch.tensor(0.5, dtype=torch.bfloat16, requires_grad=True)
-    assert vote.carried_by(half).dtype == torch.bfloat16  # the loss keeps its dtype
-    frozen = torch.tensor(1.0)
-    assert vote.carried_by(frozen) is frozen  # no gradient: left for backward to report

@@ -4,12 +4,15 @@ whether it may use collectives (the rules themselves are ``disttrain.ranks.table
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from disttrain.data.transfer import move_to_device
 from disttrain.ranks.table import Hook
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 
 class ModelHooks:
@@ -110,7 +113,7 @@ class ModelHooks:
         return move_to_device(batch, device)
 
     def backward(
-        self, trainer: Any, loss: torch.Tensor, optimizer: Any, optimizer_idx: int
+        self, trainer: Trainer, loss: torch.Tensor, optimizer: Any, optimizer_idx: int
     ) -> None:
         """Compute gradients for ``loss``; the default is ``loss.backward()``.
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 
 class Callback:
@@ -15,55 +18,55 @@ class Callback:
     Return values are ignored.
     """
 
-    def setup(self, trainer: Any, module: Any, stage: str) -> None:
+    def setup(self, trainer: Trainer, module: Any, stage: str) -> None:
         """All ranks, before the module's ``setup``."""
 
-    def teardown(self, trainer: Any, module: Any, stage: str) -> None:
+    def teardown(self, trainer: Trainer, module: Any, stage: str) -> None:
         """All ranks, before the module's ``teardown``."""
 
-    def on_fit_start(self, trainer: Any, module: Any) -> None:
+    def on_fit_start(self, trainer: Trainer, module: Any) -> None:
         """All ranks, at the very beginning of fit."""
 
-    def on_fit_end(self, trainer: Any, module: Any) -> None:
+    def on_fit_end(self, trainer: Trainer, module: Any) -> None:
         """All ranks, at the very end of fit."""
 
-    def on_train_start(self, trainer: Any, module: Any) -> None:
+    def on_train_start(self, trainer: Trainer, module: Any) -> None:
         """All ranks, before the sanity check."""
 
-    def on_train_end(self, trainer: Any, module: Any) -> None:
+    def on_train_end(self, trainer: Trainer, module: Any) -> None:
         """All ranks, at the end of training."""
 
-    def on_sanity_check_start(self, trainer: Any, module: Any) -> None:
+    def on_sanity_check_start(self, trainer: Trainer, module: Any) -> None:
         """All ranks, before the sanity check (deprecated in the seed; warns once)."""
 
-    def on_pre_performance_check(self, trainer: Any, module: Any) -> None:
+    def on_pre_performance_check(self, trainer: Trainer, module: Any) -> None:
         """All ranks, at the beginning of every validation loop."""
 
-    def on_post_performance_check(self, trainer: Any, module: Any) -> None:
+    def on_post_performance_check(self, trainer: Trainer, module: Any) -> None:
         """All ranks, at the end of every validation loop."""
 
-    def on_epoch_start(self, trainer: Any, module: Any) -> None:
+    def on_epoch_start(self, trainer: Trainer, module: Any) -> None:
         """All ranks, at the beginning of a training epoch."""
 
-    def on_epoch_end(self, trainer: Any, module: Any) -> None:
+    def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
         """All ranks, at the end of a training epoch."""
 
-    def on_batch_start(self, trainer: Any, module: Any, batch: Any) -> None:
+    def on_batch_start(self, trainer: Trainer, module: Any, batch: Any) -> None:
         """All ranks, before a training batch (its return value is ignored)."""
 
-    def on_after_backward(self, trainer: Any, module: Any) -> None:
+    def on_after_backward(self, trainer: Trainer, module: Any) -> None:
         """All ranks, after each backward."""
 
-    def on_before_zero_grad(self, trainer: Any, module: Any, optimizer: Any) -> None:
+    def on_before_zero_grad(self, trainer: Trainer, module: Any, optimizer: Any) -> None:
         """All ranks, after each optimizer step and before its ``zero_grad``."""
 
-    def on_batch_end(self, trainer: Any, module: Any) -> None:
+    def on_batch_end(self, trainer: Trainer, module: Any) -> None:
         """All ranks, at the end of a training batch."""
 
-    def on_save_checkpoint(self, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: Trainer, module: Any, checkpoint: dict[str, Any]) -> None:
         """All ranks, while a checkpoint is assembled; add entries to ``checkpoint``."""
 
-    def on_load_checkpoint(self, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: Trainer, module: Any, checkpoint: dict[str, Any]) -> None:
         """All ranks, when a run resumes from ``checkpoint``."""
 
     def state_dict(self) -> dict[str, Any]:

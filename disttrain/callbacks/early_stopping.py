@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disttrain.callbacks.base import Callback
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 
 class EarlyStopping(Callback):
@@ -25,7 +28,7 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.stopped_epoch: int | None = None
 
-    def on_post_performance_check(self, trainer: Any, module: Any) -> None:
+    def on_post_performance_check(self, trainer: Trainer, module: Any) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[self.monitor])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from disttrain.callbacks.base import Callback
 from disttrain.checkpoint.atomic import atomic_link
 from disttrain.checkpoint.format import LAST_NAME, file_name, remove
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 LAST = LAST_NAME
 
@@ -50,23 +53,23 @@ class ModelCheckpoint(Callback):
         self.best: list[tuple[float, str]] = []  # (score, file name), best first
         self.last_saved_step = -1
 
-    def directory(self, trainer: Any) -> Path:
+    def directory(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.config.default_root_dir) / "checkpoints")
 
-    def on_batch_end(self, trainer: Any, module: Any) -> None:
+    def on_batch_end(self, trainer: Trainer, module: Any) -> None:
         n = self.every_n_steps
         step = trainer.global_step
         if n and step % n == 0 and step != self.last_saved_step and trainer.at_step_boundary:
             self.save(trainer)
 
-    def on_epoch_end(self, trainer: Any, module: Any) -> None:
+    def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
         n = self.every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0:
             self.save(trainer)
 
-    def save(self, trainer: Any) -> Path:
+    def save(self, trainer: Trainer) -> Path:
         """Save now (collective: call it on every rank at the same point)."""
-        score = self._monitored(trainer) if self.monitor else None
+        score = self._monitored(trainer, self.monitor) if self.monitor else None
         self.last_saved_step = trainer.global_step
         name = file_name(trainer.current_epoch, trainer.global_step)
         path = self.directory(trainer) / name
@@ -85,8 +88,8 @@ class ModelCheckpoint(Callback):
         trainer.manage_files(_rotate, self.directory(trainer), path, doomed, self.save_last)
         return path
 
-    def _monitored(self, trainer: Any) -> float:
-        value = trainer.callback_metrics.get(self.monitor)
+    def _monitored(self, trainer: Trainer, monitor: str) -> float:
+        value = trainer.callback_metrics.get(monitor)
         pair = torch.tensor([0.0 if value is None else float(value), value is not None])
         total, count = trainer.all_reduce(pair.double()).tolist()
         if count < trainer.world_size:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def atomic_write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], None]) -> None:
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], object]) -> None:
     """Call ``writer(f)`` on a temporary file, fsync it, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,11 +16,14 @@ import shutil
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from disttrain.checkpoint.atomic import atomic_write_with
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 FORMAT = "disttrain-checkpoint/1"
 
@@ -43,7 +46,11 @@ class Progress:
     global_step: int
     next_batch: int  # the first batch of ``epoch`` not yet trained
     epoch_finished: bool  # validation and the epoch-end hooks of ``epoch`` have run
-    accumulation_position: int = 0  # micro-steps into the window: 0, saves are at boundaries
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Progress:
+        """The progress a checkpoint holds (keys of older versions that are gone ignored)."""
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
 
     def resume_point(self) -> tuple[int, int]:
         """(epoch, first batch) at which training goes on."""
@@ -189,9 +196,9 @@ def load(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
             f"{path}: not a readable checkpoint (truncated or corrupted?): {reason}"
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
+        kind = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
         raise CheckpointError(
-            f"{path}: not a disttrain checkpoint (format {found!r}, expected {FORMAT!r})"
+            f"{path}: not a disttrain checkpoint (format {kind!r}, expected {FORMAT!r})"
         )
     missing = [k for k in ("module", "optimizers", "progress", "rng") if k not in checkpoint]
     if missing:
@@ -199,7 +206,7 @@ def load(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
-def callback_keys(trainer: Any) -> dict[str, Any]:
+def callback_keys(trainer: Trainer) -> dict[str, Any]:
     """Each callback under a stable key: its class name, numbered if it repeats."""
     keys: dict[str, Any] = {}
     for callback in trainer.callbacks:
@@ -212,7 +219,7 @@ def callback_keys(trainer: Any) -> dict[str, Any]:
     return keys
 
 
-def plain_config(trainer: Any) -> dict[str, Any]:
+def plain_config(trainer: Trainer) -> dict[str, Any]:
     """The run's config as plain data: the resolved YAML config, or the trainer's options."""
     if trainer.resolved_config is not None:
         return _plain(trainer.resolved_config)

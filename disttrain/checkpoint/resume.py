@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disttrain.checkpoint.format import LAST_NAME, SUFFIX, CheckpointError, Progress, load, remove
-from disttrain.checkpoint.state import restore
+from disttrain.checkpoint.snapshot import restore
+from disttrain.dist.fsdp import dcp_load
 from disttrain.ranks.table import Action, Hook
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 log = logging.getLogger("disttrain.checkpoint")
 
 
-def resume(trainer: Any, dispatcher: Any) -> tuple[Progress | None, dict | None]:
+def resume(trainer: Trainer, dispatcher: Any) -> tuple[Progress | None, dict | None]:
     """Restore the checkpoint ``trainer.config.resume`` names (``auto``: the run directory's
     most advanced one; always ``auto`` after an elastic restart). Returns the progress to go
     on from and this rank's RNG state to put back."""
@@ -26,18 +30,16 @@ def resume(trainer: Any, dispatcher: Any) -> tuple[Progress | None, dict | None]
     return progress, rng_for_rank(state, trainer.global_rank, trainer.world_size)
 
 
-def restore_weights(trainer: Any, dispatcher: Any) -> None:
+def restore_weights(trainer: Trainer, dispatcher: Any) -> None:
     """For validate/test: the module's weights (and its on_load_checkpoint) from ``resume``,
     with the epoch and step they were trained to."""
     state, source = _load_requested(trainer, dispatcher, starting_fit=False)
     if state is not None:
         if "sharded" in state:
-            from disttrain.dist.fsdp import dcp_load
-
-            dcp_load(trainer.module, [], state["sharded"])
+            dcp_load(trainer.running_module, [], state["sharded"])
         else:
-            trainer.module.load_state_dict(state["module"])
-        progress = Progress(**state["progress"])
+            trainer.running_module.load_state_dict(state["module"])
+        progress = Progress.from_dict(state["progress"])
         trainer.global_step, trainer.current_epoch = progress.global_step, progress.epoch
         dispatcher.call(Hook.ON_LOAD_CHECKPOINT, state)
         log.info(
@@ -49,7 +51,7 @@ def restore_weights(trainer: Any, dispatcher: Any) -> None:
 
 
 def _load_requested(
-    trainer: Any, dispatcher: Any, *, starting_fit: bool
+    trainer: Trainer, dispatcher: Any, *, starting_fit: bool
 ) -> tuple[dict | None, str | None]:
     source = trainer.config.resume
     directory = trainer.checkpoint_dir
@@ -112,8 +114,8 @@ def most_advanced(directory: str | os.PathLike) -> str | None:
     best: tuple[tuple[int, int, bool], str] | None = None
     for path in sorted(directory.glob(f"*{SUFFIX}")):
         try:
-            progress = Progress(**load(path, mmap=True)["progress"])
-        except (CheckpointError, TypeError) as err:
+            progress = Progress.from_dict(load(path, mmap=True)["progress"])
+        except (CheckpointError, KeyError, TypeError) as err:
             log.warning("skipping %s", err)
             continue
         key = progress_key(progress)

@@ -120,7 +120,6 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-
         print(f"disttrain {__version__} (torch {torch.__version__})")
         parser.exit()
 
@@ -145,7 +144,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _run_stage(stage: str, config: str, overrides: list[str], argv: list[str]) -> int:
-
     run = runconfig.load(config, overrides)  # every rank validates before touching anything
     _check_resume(run, stage)
     if "RANK" not in os.environ:  # the debug mode: this very command resumes
@@ -157,7 +155,6 @@ def _run_stage(stage: str, config: str, overrides: list[str], argv: list[str]) -
 def _worker(stage: str, run: Any) -> int:
     """One rank's run. A failure under a launcher is reported in one line and its traceback
     kept in ``RUN_DIR/logs/``; in the debug mode the traceback is printed, for debugging."""
-
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(rank)
     log = logging.getLogger("disttrain.cli")
@@ -189,7 +186,6 @@ def _worker(stage: str, run: Any) -> int:
 def _check_resume(run: Any, stage: str) -> None:
     """Resume problems that show without reading a checkpoint fail here, before any worker
     starts: a path that is no checkpoint, or a fresh fit among an earlier run's checkpoints."""
-
     resume = run.trainer.resume
     if resume not in (None, "auto"):
         try:
@@ -216,7 +212,6 @@ def _resume_command(command: list[str], run: Any) -> str:
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-
     overrides = _overrides(args)
     run = runconfig.load(args.config, overrides)
     _check_resume(run, args.stage)
@@ -256,7 +251,6 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         stale.unlink()
 
     def explain() -> None:
-
         report = diagnose(run.run_dir)
         if report and (" in hook " in report or " in collective " in report):  # a hang's trace
             print(report, file=sys.stderr, flush=True)

@@ -21,11 +21,15 @@ import importlib
 import inspect
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from disttrain.api.datamodule import DataModule
+from disttrain.api.module import Module
+from disttrain.callbacks.base import Callback
 from disttrain.config.options import ConfigError, TrainerConfig, check_type
 
 TOP_KEYS = ("model", "data", "trainer", "launch", "seed", "run_dir")
@@ -61,7 +65,7 @@ class RunConfig:
     source: str
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read, override and validate ``path``; raises ``ConfigError`` on the first problem."""
     path = Path(path)
     source = str(path)
@@ -150,8 +154,8 @@ def validate(
     _no_unknown(raw, TOP_KEYS, "", fail)
     if raw.get("model") is None:
         fail("model", "missing: the run needs a model {class_path: ..., init_args: {...}}")
-    model = _class_spec(raw["model"], "model", _module_base(), fail)
-    data = None if raw.get("data") is None else _class_spec(raw["data"], "data", _data_base(), fail)
+    model = _class_spec(raw["model"], "model", Module, fail)
+    data = None if raw.get("data") is None else _class_spec(raw["data"], "data", DataModule, fail)
 
     trainer_raw = raw.get("trainer") or {}
     if not isinstance(trainer_raw, dict):
@@ -161,7 +165,7 @@ def validate(
     if not isinstance(callbacks_raw, list):
         fail("trainer.callbacks", "must be a list of {class_path, init_args} entries")
     callbacks = [
-        _class_spec(cb, f"trainer.callbacks.{i}", _callback_base(), fail)
+        _class_spec(cb, f"trainer.callbacks.{i}", Callback, fail)
         for i, cb in enumerate(callbacks_raw)
     ]
     seed = raw.get("seed", 0)
@@ -226,24 +230,6 @@ def import_class(class_path: str) -> type:
 
 
 # -- helpers -------------------------------------------------------------------------------
-def _module_base() -> type:
-    from disttrain.api.module import Module
-
-    return Module
-
-
-def _data_base() -> type:
-    from disttrain.api.datamodule import DataModule
-
-    return DataModule
-
-
-def _callback_base() -> type:
-    from disttrain.callbacks.base import Callback
-
-    return Callback
-
-
 def _no_unknown(section: dict, known: tuple[str, ...], prefix: str, fail) -> None:
     for key in section:
         if key not in known:
@@ -297,7 +283,7 @@ def _check_init_args(cls: type, init_args: dict, key: str, fail) -> None:
         if required and name not in init_args:
             fail(f"{key}.{name}", f"missing: {cls.__name__} needs '{name}'")
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
     except Exception:  # annotations that do not resolve are not ours to judge
         hints = {}
     for name, value in init_args.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import (
@@ -16,6 +16,13 @@ from torch.utils.data import (
     Sampler,
     SequentialSampler,
 )
+
+from disttrain.api.datamodule import DataModule
+from disttrain.api.hooks import overridden
+from disttrain.api.module import Module
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 
 class UnpaddedDistributedSampler(Sampler[int]):
@@ -59,7 +66,7 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
     Samplers disttrain built skip without loading anything; other loaders load and drop the
     batches already trained.
     """
-    sampler = getattr(loader, "sampler", None)
+    sampler: Any = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     if first_batch and isinstance(sampler, ResumableDistributedSampler):
@@ -103,14 +110,19 @@ def eval_loader(loader: Any, rank: int, world_size: int, device: torch.device, w
     )
 
 
-def limit_batches(loader: Any, limit: int | float, option: str) -> int:
+def batch_indices(first: int, limit: int | float) -> Iterator[int]:
+    """``first``, ``first + 1``, ... up to ``limit`` (without end for a loader of no length)."""
+    return itertools.count(first) if limit == math.inf else iter(range(first, int(limit)))
+
+
+def limit_batches(loader: Any, limit: int | float, option: str) -> int | float:
     """How many batches of ``loader`` to run: an int counts, a float is a fraction."""
     try:
         total = len(loader)
     except TypeError:
         if isinstance(limit, float):
             if limit == 1.0:
-                return math.inf  # type: ignore[return-value]
+                return math.inf  # as long as the loader gives batches
             raise ValueError(
                 f"{option}={limit} is a fraction, but the dataloader has no length; "
                 "give a batch count (an int)"
@@ -162,7 +174,7 @@ def _rebuild(loader: DataLoader, sampler: Sampler, device: torch.device) -> Data
     )
 
 
-def train_loader_for(trainer: Any, module: Any) -> Any:
+def train_loader_for(trainer: Trainer, module: Any) -> Any:
     """The training loader of the data module (if it has one) or the module, sharded."""
     source = _loader_source(trainer, module, "train_dataloader")
     where = f"{type(source).__name__}.train_dataloader()"
@@ -173,11 +185,8 @@ def train_loader_for(trainer: Any, module: Any) -> Any:
     )
 
 
-def eval_loader_for(trainer: Any, module: Any, loader_name: str, step_name: str) -> Any:
+def eval_loader_for(trainer: Trainer, module: Any, loader_name: str, step_name: str) -> Any:
     """An evaluation loader, sharded without padding; None if the module has no such step."""
-    from disttrain.api.hooks import overridden
-    from disttrain.api.module import Module
-
     if not overridden(module, step_name, Module):
         return None
     source = _loader_source(trainer, module, loader_name)
@@ -186,9 +195,6 @@ def eval_loader_for(trainer: Any, module: Any, loader_name: str, step_name: str)
     return eval_loader(loader, trainer.env.rank, trainer.env.world_size, trainer.device, where)
 
 
-def _loader_source(trainer: Any, module: Any, loader_name: str) -> Any:
-    from disttrain.api.datamodule import DataModule
-    from disttrain.api.hooks import overridden
-
+def _loader_source(trainer: Trainer, module: Any, loader_name: str) -> Any:
     dm = trainer.datamodule
     return dm if dm is not None and overridden(dm, loader_name, DataModule) else module

@@ -27,15 +27,16 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(move_to_device(x, device) for x in batch))
     if isinstance(batch, (list, tuple)):
-        moved = [move_to_device(x, device) for x in batch]
-        return moved if type(batch) is list else type(batch)(moved)
+        items = [move_to_device(x, device) for x in batch]
+        return items if type(batch) is list else type(batch)(items)
     if isinstance(batch, dict):  # copy keeps dict subclasses (OrderedDict, defaultdict) intact
-        moved = copy.copy(batch)
+        moved: dict = copy.copy(batch)
         for key, value in batch.items():
             moved[key] = move_to_device(value, device)
         return moved
     if isinstance(batch, Mapping):
-        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})
+        rebuild: Any = type(batch)
+        return rebuild({k: move_to_device(v, device) for k, v in batch.items()})
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         changes = {
             f.name: move_to_device(getattr(batch, f.name), device)

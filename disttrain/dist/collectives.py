@@ -207,16 +207,16 @@ def connect(
     store = dist.PrefixStore(
         f"disttrain/attempt{env.restart_count}/session{_sessions}/", _raw_store
     )
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend_name = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend,
+        backend_name,
         store=store,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timedelta(seconds=timeout),
         device_id=device if device.type == "cuda" else None,
     )
-    collectives = _collectives_over_world(env, backend, device, timeout, long_timeout, True)
+    collectives = _collectives_over_world(env, backend_name, device, timeout, long_timeout, True)
     collectives.recorder = recorder
     return collectives
 

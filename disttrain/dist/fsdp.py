@@ -74,7 +74,7 @@ def dcp_load(module: torch.nn.Module, optimizers: list, directory: str | os.Path
                 self.state_dict[read_item.dest_index.fqn] = loaded
 
     model_state, optim_state = get_state_dict(module, optimizers)
-    state = {"model": model_state, "optim": optim_state}
+    state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(directory), planner=WeightsOnlyPlanner())
     set_state_dict(
         module, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from disttrain.checkpoint.resume import restore_weights
 from disttrain.data import loaders
+from disttrain.data.loaders import batch_indices
 from disttrain.loop.outputs import scalar_metrics
 from disttrain.loop.session import open_session, write_run_files
 from disttrain.ranks.table import Action, Hook
 
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
-def evaluate(trainer: Any, call: Callable[..., Any], loader: Any, limit: int, kind: str) -> Any:
+
+def evaluate(
+    trainer: Trainer, call: Callable[..., Any], loader: Any, limit: int | float, kind: str
+) -> Any:
     """Run ``{kind}_step`` over ``loader`` with no collective per batch (the unwrapped module
     under DDP, the module unsharded for the whole loop under FSDP: ranks may hold different
     numbers of batches), then
     ``{kind}_epoch_end``; its logged epoch values are reduced over all ranks in one collective
     (not for the sanity check). Returns what ``{kind}_epoch_end`` returned."""
-    module = trainer.module
+    module = trainer.running_module
     fit_step = trainer._step  # under FSDP, steps go through the sharded root's __call__
     step = fit_step.call(f"{kind}_step") if fit_step else getattr(module, f"{kind}_step")
     call(Hook.ON_PRE_PERFORMANCE_CHECK)
@@ -32,7 +38,7 @@ def evaluate(trainer: Any, call: Callable[..., Any], loader: Any, limit: int, ki
     reporter.evaluating = True
     evaluating = fit_step.evaluating() if fit_step else contextlib.nullcontext()
     with torch.no_grad(), trainer._autocast, evaluating:
-        for batch_idx, batch in zip(range(limit), loader):
+        for batch_idx, batch in zip(batch_indices(0, limit), loader):
             batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, trainer.device)
             outputs.append(step(batch, batch_idx))
     result = getattr(module, f"{kind}_epoch_end")(outputs)
@@ -53,7 +59,7 @@ _STAGES = {  # stage: (loader, kind of step, limit option)
 }
 
 
-def run_evaluation(trainer: Any, module: Any, datamodule: Any, stage: str) -> Any:
+def run_evaluation(trainer: Trainer, module: Any, datamodule: Any, stage: str) -> Any:
     """``Trainer.validate`` / ``test``: the evaluation lifecycle of ``spec/lifecycle.md``, on
     the weights ``resume`` names (auto or a path). Returns what ``{kind}_epoch_end`` returned."""
     loader_name, kind, option = _STAGES[stage]

@@ -21,6 +21,7 @@ from disttrain.api.module import Module
 from disttrain.checkpoint.format import file_name, set_rng_state
 from disttrain.checkpoint.resume import resume
 from disttrain.data import loaders
+from disttrain.data.loaders import batch_indices
 from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import evaluate
 from disttrain.loop.outputs import detached, loss_of, per_batch
@@ -170,7 +171,7 @@ def train_epoch(
     on_batch_start, stopping = run.hooks.on_batch_start, run.stopping
     max_steps = _max_steps(trainer)
     boundary, leave = True, None
-    for batch_idx, batch in zip(range(first, run.n_train), batches):  # type: ignore[call-overload]
+    for batch_idx, batch in zip(batch_indices(first, run.n_train), batches):
         if on_batch_start(batch) == -1:  # agreed: every rank ends the epoch at this batch
             break
         boundary = train_batch(trainer, run, batch, batch_idx, outputs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,11 +16,11 @@ class TrainingStep(torch.nn.Module):
     """Routes DDP's forward to ``training_step``, so DDP sees the step and syncs its gradients;
     with a stop vote attached the loss also carries this rank's vote into backward."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: Any) -> None:
         super().__init__()
         self.module = module
         # plain attributes (not submodules) for what every forward reads: no Module lookup
-        self._training_step = module.training_step
+        self._training_step: Callable[..., Any] = module.training_step
         self._vote: StopVote | None = None
 
     def attach(self, vote: StopVote) -> None:

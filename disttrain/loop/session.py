@@ -6,7 +6,9 @@ import contextlib
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from disttrain.checkpoint.atomic import atomic_write_text
 from disttrain.checkpoint.format import plain_config
@@ -16,9 +18,12 @@ from disttrain.loop.stopping import Preempted
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import hook_schedule
 
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
+
 
 @contextlib.contextmanager
-def open_session(trainer: Any, module: Any, datamodule: Any) -> Iterator[Dispatcher]:
+def open_session(trainer: Trainer, module: Any, datamodule: Any) -> Iterator[Dispatcher]:
     """Everything fit/validate/test share around their hooks; the group is always left, and
     a failure leaves this rank's flight-recorder trace in the run directory."""
     cfg = trainer.config
@@ -60,14 +65,14 @@ def open_session(trainer: Any, module: Any, datamodule: Any) -> Iterator[Dispatc
         trainer._collectives = Collectives()
 
 
-def hyperparams(trainer: Any) -> dict[str, Any]:
+def hyperparams(trainer: Trainer) -> dict[str, Any]:
     """What the logger records as the run's hyperparameters."""
     if trainer.resolved_config is not None:
         return dict(trainer.resolved_config)
     return plain_config(trainer)
 
 
-def write_run_files(trainer: Any, stage: str = "fit") -> None:
+def write_run_files(trainer: Trainer, stage: str = "fit") -> None:
     """Global zero's part of starting a run: the resolved config, to repeat the run from.
 
     ``fit`` writes ``RUN_DIR/config.yaml``, with ``trainer.resume`` reset to null: the file
@@ -78,7 +83,6 @@ def write_run_files(trainer: Any, stage: str = "fit") -> None:
     """
     if trainer.resolved_config is None:
         return
-    import yaml  # only runs driven by a config file need it
 
     resolved = dict(trainer.resolved_config)
     name = "config.yaml" if stage == "fit" else f"{stage}.config.yaml"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from disttrain.data.transfer import carried, uncarried
 from disttrain.dist.fsdp import no_gradient_sync, shard_fsdp, unsharded
 from disttrain.loop.router import TrainingStep
 from disttrain.loop.stopping import Stopping
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 # The oldest torch disttrain runs on, as pyproject.toml states it: FSDP2's ``fully_shard`` and
 # ``MixedPrecisionPolicy`` became public in ``torch.distributed.fsdp`` in 2.6 (before, they
@@ -75,7 +78,7 @@ class Step:
 
 
 def build(
-    trainer: Any, module: Any, configure: Callable[[], tuple], stopping: Stopping
+    trainer: Trainer, module: Any, configure: Callable[[], tuple], stopping: Stopping
 ) -> tuple[Step, tuple]:
     """Wrap ``module`` as ``trainer.config.strategy`` says and build the optimizers with
     ``configure()``: after sharding for FSDP (they must see the sharded parameters), before

@@ -19,7 +19,7 @@ from disttrain.api.module import Module
 from disttrain.callbacks.base import Callback
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.checkpoint.format import Progress
-from disttrain.checkpoint.state import export, save
+from disttrain.checkpoint.snapshot import export, save
 from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv, select_device
@@ -71,7 +71,6 @@ class Trainer:
             self.callbacks.append(ProgressBar(cfg.log_every_n_steps))
         logger = make_logger(cfg.logger, cfg.default_root_dir, self.env.rank)
         self.reporter = Reporter(logger, cfg.log_every_n_steps, cfg.sync_step_metrics)
-        self.running_limited_hook: str | None = None  # set by the dispatcher: log() refuses
         self.flight = FlightRecorder(self.env.rank)
         self.flight.progress = self
         self.flight.directory = Path(cfg.default_root_dir) / "flight"
@@ -93,6 +92,19 @@ class Trainer:
         self._dispatcher: Dispatcher | None = None
         self._next_batch, self._epoch_finished = 0, False
         self._step: strategy.Step | None = None  # how fit reaches the model (set in fit)
+
+    @property
+    def running_module(self) -> Module:
+        """The module being fit, validated or tested (an error outside a run)."""
+        if self.module is None:
+            raise RuntimeError("no module: fit, validate or test is not running")
+        return self.module
+
+    @property
+    def running_limited_hook(self) -> str | None:
+        """The hook running now if it runs on some ranks only (``prepare_data``): ``log`` and
+        collectives there would wait for ranks that never come."""
+        return self._dispatcher.running_limited_hook if self._dispatcher is not None else None
 
     @property
     def global_rank(self) -> int:

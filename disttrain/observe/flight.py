@@ -77,7 +77,9 @@ def diagnose(run_dir: str | Path) -> str | None:
     if not files:
         return None
     traces = [json.loads(f.read_text()) for f in files]
-    lines, waiting, elsewhere = [], [], []
+    lines: list[str] = []
+    waiting: list[int] = []
+    elsewhere: list[int] = []
     for trace in sorted(traces, key=lambda t: t["rank"]):
         span = open_span(trace["events"])
         rank = trace["rank"]

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from disttrain.checkpoint.atomic import atomic_write_text
 from disttrain.observe.console import writes_run_output
 
@@ -106,8 +108,6 @@ class CSVLogger(Logger):
         self.columns += [k for k in metrics if k not in self.columns]
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
-        import yaml
-
         atomic_write_text(
             self.path.with_name("hparams.yaml"), yaml.safe_dump(params, sort_keys=False)
         )
@@ -181,8 +181,6 @@ class TensorBoardLogger(Logger):
             self.writer.add_scalar(key, value, global_step=step)
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
-        import yaml
-
         self.writer.add_text("config", "```\n" + yaml.safe_dump(params, sort_keys=False) + "```")
 
     def save(self) -> None:

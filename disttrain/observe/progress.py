@@ -9,9 +9,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
 
 from disttrain.callbacks.base import Callback
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 log = logging.getLogger("disttrain.progress")
 
@@ -24,11 +29,9 @@ class ProgressBar(Callback):
         self._start = 0.0
         self._start_step = 0
 
-    def on_epoch_start(self, trainer: Any, module: Any) -> None:
+    def on_epoch_start(self, trainer: Trainer, module: Any) -> None:
         self._start, self._start_step = time.perf_counter(), trainer.global_step
         if self.stream.isatty():
-            from tqdm import tqdm
-
             total = trainer.num_training_batches
             self.bar = tqdm(
                 total=None if total == float("inf") else total,
@@ -39,7 +42,7 @@ class ProgressBar(Callback):
                 unit="batch",
             )
 
-    def on_batch_end(self, trainer: Any, module: Any) -> None:
+    def on_batch_end(self, trainer: Trainer, module: Any) -> None:
         if self.bar is not None:
             self.bar.update(1)
         if not trainer.at_step_boundary or trainer.global_step % self.every_n_steps:
@@ -56,7 +59,7 @@ class ProgressBar(Callback):
                 _fmt(metrics),
             )
 
-    def on_epoch_end(self, trainer: Any, module: Any) -> None:
+    def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -68,12 +71,12 @@ class ProgressBar(Callback):
             _fmt(trainer.progress_bar_metrics()),
         )
 
-    def on_train_end(self, trainer: Any, module: Any) -> None:
+    def on_train_end(self, trainer: Trainer, module: Any) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
-    def _rate(self, trainer: Any) -> float:
+    def _rate(self, trainer: Trainer) -> float:
         elapsed = time.perf_counter() - self._start
         return (trainer.global_step - self._start_step) / elapsed if elapsed > 0 else 0.0
 

@@ -51,7 +51,7 @@ class Dispatcher:
         table: Mapping[Hook, Rule],
         module: ModelHooks,
         callbacks: Sequence[Callback],
-        trainer: Any,
+        trainer: object,
         env: DistEnv,
         collectives: Collectives,
         datamodule: DataModule | None = None,
@@ -68,7 +68,8 @@ class Dispatcher:
         self._verdicts: dict[Hook, tuple[Sync, bool, Callable[..., Any] | None]] = {}
         self._forbids_state = {hook for hook, rule in table.items() if rule.forbids_state}
         self._limited = {hook for hook, rule in table.items() if rule.ranks is not Ranks.ALL}
-        self.trainer = trainer
+        self.trainer = trainer  # what callbacks get as their first argument
+        self.running_limited_hook: str | None = None  # Module.log refuses to run in it
         warn_deprecated_overrides(module, ModelHooks)
         for callback in callbacks:
             warn_deprecated_overrides(callback, Callback)
@@ -77,7 +78,7 @@ class Dispatcher:
             implementers = [
                 cb for cb in callbacks if rule.callbacks and overridden(cb, name, Callback)
             ]
-            observers = [
+            observers: list[Callable[..., Any]] = [
                 functools.partial(getattr(cb, name), trainer, module) for cb in implementers
             ]
             owners = [type(cb).__name__ for cb in implementers]
@@ -103,7 +104,7 @@ class Dispatcher:
             )
             runner = _runner(name, observers, target, recorder if user_code else None)
             in_group = recorder is not None and collectives.backend != "none"
-            if hook is Hook.BACKWARD and runner is not None and in_group:
+            if hook is Hook.BACKWARD and runner is not None and recorder is not None and in_group:
                 runner = _in_collective(GRADIENT_SYNC, runner, recorder)
             if sync is Sync.NONE or sync is Sync.AGREE_STOP:
                 self._callers[hook] = _local_caller(hook, sync, runner, env.rank, collectives)
@@ -133,7 +134,7 @@ class Dispatcher:
         result, error = None, None
         if runs_here:
             if hook in self._limited:
-                self.trainer.running_limited_hook = hook.value
+                self.running_limited_hook = hook.value
             try:
                 checked = self._stateful if hook in self._forbids_state else []
                 before = [_state_of(obj) for obj in checked]
@@ -143,7 +144,7 @@ class Dispatcher:
             except Exception as exc:
                 error = exc
             finally:
-                self.trainer.running_limited_hook = None
+                self.running_limited_hook = None
         failed = self.collectives.verdict(error is not None, long=long)
         if failed:
             text = "" if error is None else "".join(traceback.format_exception_only(error)).strip()
@@ -163,6 +164,8 @@ def _runner(
     between the flight recorder's enter and leave. None when nobody implements the hook."""
     if not observers and target is None:
         return None
+    if target is None:
+        target = _nothing  # callbacks only: nothing of the module's runs
     if recorder is None:
         if not observers:
             return target
@@ -170,7 +173,7 @@ def _runner(
         def run_observers(*args: Any) -> Any:
             for observer in observers:
                 observer(*args)
-            return target(*args) if target is not None else None
+            return target(*args)
 
         return run_observers
     record = recorder.record
@@ -189,7 +192,7 @@ def _runner(
         record(ENTER, name)
         for observer in observers:
             observer(*args)
-        result = target(*args) if target is not None else None
+        result = target(*args)
         record(LEAVE, name)
         return result
 

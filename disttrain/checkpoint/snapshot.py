@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,34 +22,32 @@ from disttrain.checkpoint.format import (
     sharded_tmp,
     write,
 )
+from disttrain.dist.fsdp import dcp_load, dcp_save, full_state_dict
 from disttrain.ranks.table import Action, Hook
+from disttrain.version import __version__
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from disttrain.loop.trainer import Trainer
 
 log = logging.getLogger("disttrain.checkpoint")
 
 
 def gather_state(
-    trainer: Any, call: Callable[..., Any], progress: Progress, weights: bool = True
+    trainer: Trainer, call: Callable[..., Any], progress: Progress, weights: bool = True
 ) -> dict[str, Any]:
     """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state).
     Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead."""
-    from disttrain.version import __version__
-
     rngs = trainer._collectives.gather_object(rng_state())
     checkpoint = {
         "format": FORMAT,
         "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
-        "module": trainer.module.state_dict() if weights else {},
+        "module": trainer.running_module.state_dict() if weights else {},
         "optimizers": [o.state_dict() for o in trainer.optimizers] if weights else [],
         "schedulers": [entry.scheduler.state_dict() for entry in trainer.schedulers],
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
         "progress": dataclasses.asdict(progress),
         "world_size": trainer.world_size,
         "rng": rngs,
-        "sampler": {
-            "seed": trainer.config.seed,
-            "epoch": progress.epoch,
-            "next_batch": progress.next_batch,
-        },
         "callbacks": {key: cb.state_dict() for key, cb in callback_keys(trainer).items()},
         "config": plain_config(trainer),
     }
@@ -57,14 +55,12 @@ def gather_state(
     return checkpoint
 
 
-def save(trainer: Any, dispatcher: Any, path: str | os.PathLike, progress: Progress) -> Path:
+def save(trainer: Trainer, dispatcher: Any, path: str | os.PathLike, progress: Progress) -> Path:
     """The collective save behind ``Trainer.save_checkpoint``: one file from global zero, or
     under FSDP a directory of every rank's shards that global zero completes."""
-    from disttrain.dist.fsdp import dcp_save
-
     if trainer._step is not None and trainer._step.sharded:
         state = gather_state(trainer, dispatcher.call, progress, weights=False)
-        dcp_save(trainer.module, trainer.optimizers, sharded_tmp(path))
+        dcp_save(trainer.running_module, trainer.optimizers, sharded_tmp(path))
         dispatcher.run(Action.WRITE_CHECKPOINT, finish_sharded, path, state)
     else:
         state = gather_state(trainer, dispatcher.call, progress)
@@ -72,25 +68,22 @@ def save(trainer: Any, dispatcher: Any, path: str | os.PathLike, progress: Progr
     return Path(path)
 
 
-def export(trainer: Any, dispatcher: Any, path: str | os.PathLike) -> Path:
+def export(trainer: Trainer, dispatcher: Any, path: str | os.PathLike) -> Path:
     """The whole module's weights in one file (gathered from the shards under FSDP)."""
-    from disttrain.dist.fsdp import full_state_dict
-
     sharded = trainer._step is not None and trainer._step.sharded
-    state = full_state_dict(trainer.module) if sharded else trainer.module.state_dict()
+    module = trainer.running_module
+    state = full_state_dict(module) if sharded else module.state_dict()
     weights = {k: v.detach().cpu() for k, v in state.items()}
     dispatcher.run(Action.WRITE_CHECKPOINT, write, path, weights)
     return Path(path)
 
 
-def restore(trainer: Any, checkpoint: dict[str, Any], call: Callable[..., Any]) -> Progress:
+def restore(trainer: Trainer, checkpoint: dict[str, Any], call: Callable[..., Any]) -> Progress:
     """Put a loaded checkpoint back into the trainer, module, optimizers and callbacks."""
     if "sharded" in checkpoint:  # DCP reshards to however the module is sharded now
-        from disttrain.dist.fsdp import dcp_load
-
-        dcp_load(trainer.module, trainer.optimizers, checkpoint["sharded"])
+        dcp_load(trainer.running_module, trainer.optimizers, checkpoint["sharded"])
     else:
-        trainer.module.load_state_dict(checkpoint["module"])
+        trainer.running_module.load_state_dict(checkpoint["module"])
         if len(checkpoint["optimizers"]) != len(trainer.optimizers):
             raise CheckpointError(
                 f"the checkpoint has {len(checkpoint['optimizers'])} optimizer states but "
@@ -106,7 +99,7 @@ def restore(trainer: Any, checkpoint: dict[str, Any], call: Callable[..., Any]) 
     for key, callback in callback_keys(trainer).items():
         if key in states:
             callback.load_state_dict(states[key])
-    progress = Progress(**checkpoint["progress"])
+    progress = Progress.from_dict(checkpoint["progress"])
     trainer.global_step = progress.global_step
     trainer.current_epoch = progress.epoch
     call(Hook.ON_LOAD_CHECKPOINT, checkpoint)

@@ -1,0 +1,243 @@
+"""Every way a run stops early, on real processes (``disttrain/loop/stopping.py``): the -1
+agreement, the vote that rides the gradient all-reduce (also from a micro-step, in fp16,
+compiled), max_steps, early stopping, SIGTERM to a rank or to the launcher, Ctrl-C once and
+twice in the launcher and in the debug mode."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from common import Regressor, read_results
+from conftest import (
+    LONG,
+    SMOKE,
+    assert_same_weights,
+    disttrain_cli,
+    final_weights,
+    job_config,
+    launch,
+    worker_env,
+)
+
+import disttrain
+from disttrain import Trainer
+
+
+def test_minus_one_on_rank_one_stops_every_rank_at_the_same_batch(scenario):
+    _, outdir = scenario("stop_on_rank1")
+    for result in read_results(outdir, 2):
+        assert result["steps"]["0"] == [0, 1, 2]  # rank 1 said -1 at batch 3 of epoch 0
+        assert result["steps"]["1"] == [0, 1, 2, 3]  # the next epoch runs in full
+        assert result["val_runs"] == 2 and result["epoch_ends"] == 2
+        assert result["global_step"] == 7
+
+
+def test_minus_one_stops_the_epoch_in_debug_mode():
+    class Stop(Regressor):
+        def on_batch_start(self, batch):
+            return -1 if len(self.seen) == 4 else None  # after two batches of 2
+
+    module = Stop(n_train=16)
+    trainer = Trainer(max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(module)
+    assert len(module.seen) == 4 and trainer.global_step == 2
+
+
+def test_max_steps_stops_inside_an_epoch():
+    module = Regressor(n_train=16)
+    trainer = Trainer(max_epochs=5, max_steps=3, num_sanity_val_steps=0)
+    trainer.fit(module)
+    assert trainer.global_step == 3 and len(module.seen) == 6
+
+
+def test_the_stop_vote_leaves_the_loss_exact_and_reads_what_backward_carried():
+    from disttrain.loop.stopping import StopVote
+
+    vote = StopVote(torch.device("cpu"))
+    loss = torch.tensor(0.123456789, requires_grad=True)
+    carried = vote.carried_by(loss)
+    assert carried.item() == loss.item()  # the zero weight adds exactly nothing
+    carried.backward()
+    assert loss.grad.item() == 1.0
+    assert not vote.agreed(True)  # no ballot carried yet; this rank votes from now on
+
+    out = vote.carried_by({"loss": loss * 2, "extra": 1})
+    assert out["extra"] == 1 and out["loss"].item() == (loss * 2).item()
+    out["loss"].backward()
+    assert vote.agreed(False)  # the ballot reached the weight's gradient
+    vote.carried_by(loss).backward()
+    assert not vote.agreed(True)  # a backward without a ballot: nothing new
+    vote.carried_by(loss).backward()
+    assert vote.agreed(False)  # a vote cast again is seen again
+    assert vote.carried_by("not a loss") == "not a loss"
+    (vote.carried_by(loss) * float("nan")).backward()
+    assert not vote.agreed(True) and vote.weight.grad is None  # poisoned: starts over
+    vote.carried_by(loss).backward()
+    assert vote.agreed(False)  # and still hears the next vote
+    half = torch.tensor(0.5, dtype=torch.bfloat16, requires_grad=True)
+    assert vote.carried_by(half).dtype == torch.bfloat16  # the loss keeps its dtype
+    frozen = torch.tensor(1.0)
+    assert vote.carried_by(frozen) is frozen  # no gradient: left for backward to report
+
+
+def test_sigterm_to_one_rank_checkpoints_exits_75_and_the_same_command_resumes(
+    tmp_path, uninterrupted
+):
+    config = job_config(tmp_path, signal_at=5, signal_name="SIGTERM")
+    proc = launch(config, env=worker_env(DISTTRAIN_LOG_ALL_RANKS="1"))  # both ranks' words
+    assert proc.returncode == disttrain.EXIT_PREEMPTED == 75, proc.stderr[-6000:]
+    # voted at step 5 on rank 1, agreed in step 6's gradient all-reduce: both stop after it
+    assert "[rank 0] stopped on SIGTERM after step 6 (every rank" in proc.stderr
+    assert "[rank 1] stopped on SIGTERM after step 6 (every rank" in proc.stderr
+    resume = f"To resume: disttrain launch fit --config {config}"
+    assert resume in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=6.ckpt").exists()
+    assert not (tmp_path / "report" / "final.pt").exists()
+    again = launch(config)
+    assert again.returncode == 0, again.stderr[-6000:]
+    assert_same_weights(final_weights(tmp_path), uninterrupted)
+
+
+def test_sigterm_to_the_launcher(tmp_path, uninterrupted):
+    config = job_config(tmp_path, n_train=96)  # long enough to be caught mid-run
+    full = launch(config)
+    assert full.returncode == 0
+    expected = final_weights(tmp_path)
+    (tmp_path / "report" / "final.pt").unlink()
+    run_dir = tmp_path / "run"
+    for path in run_dir.iterdir():
+        if path.is_dir():
+            for f in path.iterdir():
+                f.unlink()
+    cmd = [sys.executable, "-m", "disttrain", "launch", "fit", "--config", str(config)]
+    launcher = subprocess.Popen(
+        cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # training is under way
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 75, err[-6000:]
+    again = launch(config)
+    assert again.returncode == 0, again.stderr[-6000:]
+    assert_same_weights(final_weights(tmp_path), expected)
+
+
+def test_early_stopping_seen_on_one_rank_stops_every_rank_together(scenario):
+    _, outdir = scenario("early_stop_one_rank")
+    rank0, rank1 = read_results(outdir, 2)
+    assert rank1["stopped_epoch"] == 1 and rank0["stopped_epoch"] is None
+    assert rank0["epoch"] == rank1["epoch"] == 1
+    assert rank0["step"] == rank1["step"] == 8
+
+
+@pytest.mark.parametrize(
+    ("precision", "compile_", "nproc"),
+    [("32", "0", 2), ("16-mixed", "0", 2), ("32", "1", 1)],
+    ids=["fp32", "fp16-scaled", "compiled"],
+)
+def test_a_vote_cast_on_a_micro_step_stops_every_rank_after_the_same_step(
+    scenario, precision, compile_, nproc
+):
+    # asked on batch 4 (inside step 3's window), cast after step 3, carried by step 4's
+    # no_sync micro-step and then its synchronised backward: every rank stops after step 4
+    timeout = 300 if compile_ == "1" else 120
+    _, outdir = scenario(
+        "vote_on_a_micro_step", nproc=nproc, timeout=timeout, PRECISION=precision, COMPILE=compile_
+    )
+    assert [r["stopped_after"] for r in read_results(outdir, nproc)] == [4] * nproc
+
+
+def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "disttrain", *args],
+        env=env or worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a terminal's foreground group: we signal the leader only
+    )
+
+
+def _when_training(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"training never started:\n{proc.communicate()[1][-4000:]}")
+        time.sleep(0.05)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"did not stop within {timeout}s:\n{proc.communicate()[1][-4000:]}")
+
+
+def _step_of(checkpoint: Path) -> int:
+    return torch.load(checkpoint, weights_only=True, mmap=True)["progress"]["global_step"]
+
+
+@pytest.mark.parametrize("mode", ["launch", "debug"])
+def test_ctrl_c_stops_every_rank_checkpoints_and_prints_the_command_that_resumes(tmp_path, mode):
+    run_dir = tmp_path / "run"
+    args = ["fit", "--config", SMOKE, f"run_dir={run_dir}", *LONG]
+    command = ["launch", *args] if mode == "launch" else args
+    proc = _start(*command)
+    _when_training(proc, run_dir)
+    proc.send_signal(signal.SIGINT)
+    err = _finish(proc)
+    assert proc.returncode == 130, err[-4000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-4000:]
+    stops = [line for line in err.splitlines() if "stopped on SIGINT after step" in line]
+    assert len(stops) == 1, err[-4000:]  # one message, from global rank 0
+    written = stops[0].split("checkpoint written to ")[1].split(". To resume: ")[0]
+    assert Path(written).exists() and _step_of(Path(written)) > 0
+    resume = stops[0].split("To resume: ")[1]
+    assert resume == "disttrain " + " ".join(command)
+    # the printed command resumes (run it shortened: a step limit just past the checkpoint)
+    step = _step_of(Path(written))
+    again = disttrain_cli(*resume.split()[1:], f"trainer.max_steps={step + 2}")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resumed from {written}: epoch" in again.stderr
+    assert _step_of(run_dir / "checkpoints" / "last.ckpt") == step + 2
+
+
+@pytest.mark.parametrize("mode", ["launch", "debug"])
+def test_a_second_ctrl_c_aborts_at_once(tmp_path, mode):
+    run_dir, marker = tmp_path / "run", tmp_path / "slow"
+    config = tmp_path / "slow.yaml"
+    config.write_text(
+        Path(SMOKE)
+        .read_text()
+        .replace("disttrain.examples.regression.Regression", "common.SlowSave")
+        .replace("init_args:", f"init_args:\n    marker: {marker}", 1)
+    )
+    args = ["fit", "--config", str(config), f"run_dir={run_dir}", *LONG]
+    proc = _start(*(["launch", *args] if mode == "launch" else args))
+    _when_training(proc, run_dir)
+    marker.touch()  # from now on a checkpoint takes 30 s: the stop cannot finish in time
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    err = _finish(proc, timeout=30)
+    assert time.time() - start < 10, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]
+    assert "second interrupt" in err and "without a checkpoint" in err
+    assert "Traceback" not in err and "stopped on SIGINT after step" not in err
+    time.sleep(0.5)
+    alive = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True)
+    assert alive.stdout.strip() == "", "workers outlived the second Ctrl-C"
