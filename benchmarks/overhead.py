@@ -170,13 +170,14 @@ def measure(workload: str, rounds: int, steps: int) -> dict:
     times: dict[str, list[float]] = {"hand": [], "disttrain": []}
     paired: list[float] = []  # per round: disttrain's median over the hand-written loop's
     run_dir = tempfile.mkdtemp(prefix="disttrain-bench-")
-    for _ in range(rounds):
+    for r in range(rounds):  # each fit in a directory of its own: a fresh fit never mixes
         hand = step_times(hand_written(workload, data, rank, world))
-        ours = step_times(with_disttrain(workload, data, run_dir))
+        ours = step_times(with_disttrain(workload, data, os.path.join(run_dir, f"round{r}")))
         times["hand"] += hand
         times["disttrain"] += ours
         paired.append(statistics.median(ours) / statistics.median(hand))
-    collectives = count_collectives(workload, data, rank, world, run_dir) if ddp else {}
+    count_dir = os.path.join(run_dir, "count")
+    collectives = count_collectives(workload, data, rank, world, count_dir) if ddp else {}
     if dist.is_initialized():
         dist.destroy_process_group()
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}

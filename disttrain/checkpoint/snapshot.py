@@ -37,7 +37,7 @@ def gather_state(
 ) -> dict[str, Any]:
     """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state).
     Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead."""
-    rngs = trainer._collectives.gather_object(rng_state())
+    rngs = trainer.collectives.gather_object(rng_state())
     checkpoint = {
         "format": FORMAT,
         "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
@@ -58,7 +58,7 @@ def gather_state(
 def save(trainer: Trainer, dispatcher: Any, path: str | os.PathLike, progress: Progress) -> Path:
     """The collective save behind ``Trainer.save_checkpoint``: one file from global zero, or
     under FSDP a directory of every rank's shards that global zero completes."""
-    if trainer._step is not None and trainer._step.sharded:
+    if trainer.sharded:
         state = gather_state(trainer, dispatcher.call, progress, weights=False)
         dcp_save(trainer.running_module, trainer.optimizers, sharded_tmp(path))
         dispatcher.run(Action.WRITE_CHECKPOINT, finish_sharded, path, state)
@@ -70,7 +70,7 @@ def save(trainer: Trainer, dispatcher: Any, path: str | os.PathLike, progress: P
 
 def export(trainer: Trainer, dispatcher: Any, path: str | os.PathLike) -> Path:
     """The whole module's weights in one file (gathered from the shards under FSDP)."""
-    sharded = trainer._step is not None and trainer._step.sharded
+    sharded = trainer.sharded
     module = trainer.running_module
     state = full_state_dict(module) if sharded else module.state_dict()
     weights = {k: v.detach().cpu() for k, v in state.items()}

@@ -94,6 +94,16 @@ class Trainer:
         self._step: strategy.Step | None = None  # how fit reaches the model (set in fit)
 
     @property
+    def collectives(self) -> Collectives:
+        """The run's collectives (a null object in one process and outside a run)."""
+        return self._collectives
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this fit holds the module sharded (FSDP): checkpoints are then DCP shards."""
+        return self._step is not None and self._step.sharded
+
+    @property
     def running_module(self) -> Module:
         """The module being fit, validated or tested (an error outside a run)."""
         if self.module is None:
