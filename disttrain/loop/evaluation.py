@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,8 @@ def evaluate(
     return result
 
 
+log = logging.getLogger("disttrain.evaluation")
+
 _STAGES = {  # stage: (loader, kind of step, limit option)
     "validate": ("val_dataloader", "validation", "limit_val_batches"),
     "test": ("test_dataloader", "test", "limit_test_batches"),
@@ -77,7 +80,14 @@ def run_evaluation(trainer: Trainer, module: Any, datamodule: Any, stage: str) -
                 f"DataLoader and a {kind}_step"
             )
         limit = loaders.limit_batches(loader, getattr(trainer.config, option), option)
+        before = dict(trainer.logged_metrics)
         result = evaluate(trainer, call, loader, limit, kind)
         trainer.logger.finalize()
         call(Hook.TEARDOWN, stage)
+    found = {**trainer.logged_metrics, **scalar_metrics(result)}
+    found = {k: v for k, v in found.items() if before.get(k) != v or k not in before}
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in found.items()) or "nothing logged or returned"
+    log.info(
+        "%s at epoch %d, step %d: %s", stage, trainer.current_epoch, trainer.global_step, shown
+    )
     return result

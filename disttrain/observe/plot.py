@@ -79,7 +79,7 @@ def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotError("disttrain plot needs matplotlib: pip install 'disttrain[plot]'") from None
+        raise PlotError("needs matplotlib: pip install 'disttrain[plot]'") from None
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
