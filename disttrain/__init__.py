@@ -8,6 +8,7 @@ from disttrain.callbacks.early_stopping import EarlyStopping
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.checkpoint.format import CheckpointError
 from disttrain.config.options import ConfigError, TrainerConfig
+from disttrain.data.streams import ShardedStream
 from disttrain.loop.seeding import seed_everything
 from disttrain.loop.stopping import EXIT_PREEMPTED, Preempted
 from disttrain.loop.trainer import Trainer
@@ -30,6 +31,7 @@ __all__ = [
     "Module",
     "Preempted",
     "Ranks",
+    "ShardedStream",
     "Sync",
     "Trainer",
     "TrainerConfig",

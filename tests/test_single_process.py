@@ -202,19 +202,6 @@ def test_unknown_option_suggests_the_close_one():
         Trainer(max_epoch=3)
 
 
-def test_loader_that_cannot_be_sharded_is_refused_at_world_size_two():
-    from disttrain.data.loaders import train_loader
-
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter(range(4))
-
-    loader = torch.utils.data.DataLoader(Stream(), batch_size=2)
-    with pytest.raises(ValueError, match="would give every rank the same data"):
-        train_loader(loader, 0, 2, 0, torch.device("cpu"), "M.train_dataloader()")
-    assert train_loader(loader, 0, 1, 0, torch.device("cpu"), "M") is loader
-
-
 def test_compile_keeps_every_hook_in_order_and_trains_the_same():
     from common import Recorder
 

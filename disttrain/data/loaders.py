@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -20,9 +21,12 @@ from torch.utils.data import (
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import overridden
 from disttrain.api.module import Module
+from disttrain.data.streams import ShardedStream, shards_itself
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
+
+data_log = logging.getLogger("disttrain.data")
 
 
 class UnpaddedDistributedSampler(Sampler[int]):
@@ -69,6 +73,9 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
     sampler: Any = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
+    dataset: Any = getattr(loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):  # a stream's shard order (streams.py)
+        dataset.set_epoch(epoch)
     if first_batch and isinstance(sampler, ResumableDistributedSampler):
         sampler.skip = first_batch * loader.batch_size
         return iter(loader)
@@ -80,6 +87,8 @@ def train_loader(
 ) -> Any:
     """``loader`` with its sampler replaced by a ``DistributedSampler`` (same shuffle)."""
     sampler = getattr(loader, "sampler", None)
+    if isinstance(getattr(loader, "dataset", None), ShardedStream):
+        loader.dataset.set_seed(seed)
     if not _is_plain_loader(loader) or isinstance(sampler, DistributedSampler):
         return _checked_custom(loader, world_size, where)
     shuffle = isinstance(sampler, RandomSampler)
@@ -142,9 +151,14 @@ def _is_plain_loader(loader: Any) -> bool:
 
 
 def _checked_custom(loader: Any, world_size: int, where: str) -> Any:
-    """Loaders disttrain cannot shard itself pass through, if they shard themselves."""
-    sampler = getattr(loader, "sampler", None)
-    if world_size > 1 and not isinstance(sampler, (DistributedSampler, UnpaddedDistributedSampler)):
+    """Loaders disttrain cannot shard itself pass through if they shard themselves; an
+    ``IterableDataset`` that does not say so passes with a warning (once per class)."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IterableDataset):
+        _check_stream(loader, dataset, world_size, where)
+        return loader
+    if world_size > 1 and not _distributed_like(loader):
+        sampler = getattr(loader, "sampler", None)
         raise ValueError(
             f"{where}: disttrain shards DataLoaders built with a batch_size and a sequential or "
             f"random sampler; this one ({type(loader).__name__} with "
@@ -153,6 +167,65 @@ def _checked_custom(loader: Any, world_size: int, where: str) -> Any:
             "DistributedSampler."
         )
     return loader
+
+
+def _distributed_like(loader: Any) -> bool:
+    """A sampler or batch sampler that takes a rank's share (a DistributedSampler, or one
+    with its ``num_replicas`` and ``rank``), or a batch sampler wrapping one."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    candidates = (
+        getattr(loader, "sampler", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+    )
+    return any(
+        isinstance(c, (DistributedSampler, UnpaddedDistributedSampler))
+        or (hasattr(c, "num_replicas") and hasattr(c, "rank"))
+        for c in candidates
+    )
+
+
+_warned: set[tuple[str, type]] = set()  # (warning, IterableDataset class) already given
+
+
+def _check_stream(loader: Any, dataset: IterableDataset, world_size: int, where: str) -> None:
+    """Say what an ``IterableDataset`` loader will do: see ``disttrain/data/streams.py``."""
+    name = type(dataset).__name__
+    if isinstance(dataset, ShardedStream):
+        dataset.warn_if_few_shards(world_size * max(1, getattr(loader, "num_workers", 0)))
+    elif world_size > 1 and not shards_itself(dataset) and _first("unsharded", dataset):
+        data_log.warning(
+            "%s: %s is an IterableDataset that does not say it shards itself: at world size "
+            "%d every rank may read the same data. Derive it from "
+            "disttrain.ShardedStream, or read only this rank's and worker's share "
+            "(disttrain.data.streams.reader_position() reads RANK, WORLD_SIZE and the loader "
+            "worker) and set the class attribute shards_by_rank = True.",
+            where,
+            name,
+            world_size,
+        )
+    if (
+        hasattr(dataset, "set_epoch")
+        and getattr(loader, "persistent_workers", False)
+        and not isinstance(dataset, ShardedStream)
+        and _first("persistent", dataset)
+    ):
+        data_log.warning(
+            "%s: %s has set_epoch, but its loader keeps persistent_workers: the trainer "
+            "calls set_epoch in the main process and the workers keep the copy they started "
+            "with. Build the loader with persistent_workers=False, or derive from ShardedStream "
+            "(its epoch is shared with the workers).",
+            where,
+            name,
+        )
+
+
+def _first(warning: str, dataset: Any) -> bool:
+    """Whether ``warning`` is new for ``dataset``'s class in this process (and now given)."""
+    key = (warning, type(dataset))
+    new = key not in _warned
+    _warned.add(key)
+    return new
 
 
 def _rebuild(loader: DataLoader, sampler: Sampler, device: torch.device) -> DataLoader:
@@ -170,7 +243,8 @@ def _rebuild(loader: DataLoader, sampler: Sampler, device: torch.device) -> Data
         multiprocessing_context=loader.multiprocessing_context,
         generator=loader.generator,
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,
-        persistent_workers=workers > 0,
+        # workers hold a copy of the dataset: a new one each epoch sees the epoch set
+        persistent_workers=workers > 0 and not hasattr(loader.dataset, "set_epoch"),
     )
 
 

@@ -16,6 +16,9 @@ import disttrain
 from disttrain import HookFailed, Trainer
 from disttrain.checkpoint import format as checkpoint
 from disttrain.checkpoint.resume import most_advanced
+from disttrain.data import loaders
+from disttrain.data.streams import ShardedStream
+from disttrain.observe.console import configure_logging
 
 
 def recorded_fit(**options):
@@ -547,6 +550,121 @@ def gpu_fsdp_bf16_resume(outdir):
         ).fit(module)
         runs[name] = len(module.losses)
     write_result(outdir, int(os.environ["RANK"]), runs)
+
+
+# -- streaming data (disttrain/data/streams.py) ------------------------------------------
+def _stream_sample(shard, k):
+    """Sample ``k`` of ``shard`` (an (id, size) pair): (x, y, sample id, loader worker)."""
+    sid = shard[0] * 100 + k
+    x = torch.tensor([sid % 7, sid % 5, sid % 3, 1.0]) / 7
+    worker = torch.utils.data.get_worker_info()
+    return x, x.sum(), sid, -1 if worker is None else worker.id
+
+
+def read_stream_shard(shard):
+    return (_stream_sample(shard, k) for k in range(shard[1]))
+
+
+def _stream_loader(shards, workers, shuffle_buffer=0, batch_size=2):
+    stream = ShardedStream(shards, read_stream_shard, shuffle_buffer=shuffle_buffer)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0
+    )
+
+
+def stream_counts(outdir):
+    """Without a trainer: the trainer's loader preparation and epoch start, then every
+    (sample, worker) this rank reads in epochs 0 and 1, for many shards and for fewer shards
+    than readers, with 0 and 2 loader workers (persistent: the epoch must reach them)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    configure_logging(rank)
+    result = {}
+    for workers in (0, 2):
+        readers = world * max(1, workers)
+        few = max(1, readers - 2)
+        for kind, shards, buffer in (
+            ("many", [(s, 3 + s % 3) for s in range(12)], 0),
+            ("few", [(s, 5 + s) for s in range(few)], 3),
+        ):
+            loader = _stream_loader(shards, workers, buffer)
+            loader = loaders.train_loader(loader, rank, world, 7, torch.device("cpu"), "S")
+            for epoch in (0, 1):
+                read = []
+                for _, _, sid, worker in loaders.epoch_batches(loader, epoch, 0):
+                    read += zip(sid.tolist(), worker.tolist())
+                result[f"{kind}/{workers}/{epoch}"] = {
+                    "read": read,
+                    "order": loader.dataset.shard_order(epoch),
+                    "sizes": [size for _, size in shards],
+                }
+    write_result(outdir, rank, result)
+
+
+class StreamRegressor(Regressor):
+    """Trains from a ShardedStream of 8 shards of 4 samples, 2 loader workers."""
+
+    def __init__(self, shards=8):
+        super().__init__(batch_size=2)
+        self.shards = [(s, 4) for s in range(shards)]
+        self.per_epoch: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y, sid, _ = batch
+        self.per_epoch.setdefault(self.current_epoch, []).extend(sid.tolist())
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def train_dataloader(self):
+        return _stream_loader(self.shards, workers=2)
+
+
+def stream_limits(outdir):
+    """Whole epochs of a stream, then limit_train_batches=3 and max_steps=10 on a stream
+    without a length: every rank's steps and samples per epoch."""
+    result = {}
+    for name, options in {
+        "full": {"max_epochs": 2},
+        "limit": {"max_epochs": 2, "limit_train_batches": 3},
+        "max_steps": {"max_epochs": 3, "max_steps": 10},
+    }.items():
+        module = StreamRegressor()
+        trainer = Trainer(
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            default_root_dir=str(Path(outdir) / name),
+            seed=3,
+            **options,
+        )
+        trainer.fit(module)
+        result[name] = {
+            "steps": trainer.global_step,
+            "per_epoch": module.per_epoch,
+            "num_training_batches": str(trainer.num_training_batches),
+        }
+    write_result(outdir, int(os.environ["RANK"]), result)
+
+
+class PlainStream(torch.utils.data.IterableDataset):
+    """An IterableDataset that does not shard: every rank reads all 8 samples."""
+
+    def __iter__(self):
+        return (_stream_sample((0, 8), k)[:3] for k in range(8))
+
+
+class PlainStreamRegressor(Regressor):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(PlainStream(), batch_size=2)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(PlainStream(), batch_size=2)
+
+
+def plain_stream(outdir):
+    """A plain IterableDataset at world size 2, for training and validation: it trains."""
+    module = PlainStreamRegressor()
+    trainer = Trainer(max_epochs=2, num_sanity_val_steps=1, enable_checkpointing=False)
+    trainer.fit(module)
+    write_result(outdir, trainer.global_rank, {"steps": trainer.global_step, "seen": module.seen})
 
 
 if __name__ == "__main__":
