@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import assert_same_weights, final_weights, job_config, launch
 
 import disttrain
@@ -18,11 +19,17 @@ from disttrain.checkpoint import format as checkpoint
 from disttrain.checkpoint.resume import most_advanced
 
 
-@pytest.mark.parametrize("attempt", [1, 2, 3])  # repeated: a restart must form its group every time
+# repeated: a restart must form its group every time; "resume-null": a config that starts
+# fresh (trainer.resume: null) still goes on from its checkpoints after an elastic restart
+@pytest.mark.parametrize("attempt", [1, 2, 3, "resume-null"])
 def test_sigkill_of_rank_one_restarts_and_ends_with_the_uninterrupted_weights(
     tmp_path, uninterrupted, attempt
 ):
     config = job_config(tmp_path, signal_at=5, signal_name="SIGKILL")
+    if attempt == "resume-null":
+        raw = yaml.safe_load(config.read_text())
+        raw["trainer"]["resume"] = None
+        config.write_text(yaml.safe_dump(raw))
     start = time.time()
     proc = launch(config, "--max-restarts", "1")
     assert proc.returncode == 0, proc.stderr[-6000:]

@@ -143,3 +143,29 @@ def test_a_run_says_where_its_files_went(tmp_path):
     assert f"[rank 0] run directory: {run_dir}" in lines
     assert f"[rank 0] checkpoints: {run_dir / 'checkpoints' / 'epoch=1-step=6.ckpt'}" in lines
     assert f"[rank 0] metrics: {run_dir / 'metrics.csv'}" in lines
+
+
+def test_the_printed_resume_command_parses_whatever_overrides_it_repeats(tmp_path):
+    from disttrain.config import cli
+    from disttrain.config import run as runconfig
+
+    argv = ["fit", "--config", SMOKE, "--set", "trainer.resume=null", "trainer.max_epochs=3"]
+    run = runconfig.load(SMOKE, ["trainer.resume=null", "trainer.max_epochs=3"])
+    command = cli._resume_command(["disttrain", *argv], run).split()
+    args, extra = cli._parser().parse_known_args(command[1:])
+    assert cli._overrides(args) + extra == [
+        "trainer.resume=null",
+        "trainer.max_epochs=3",
+        "trainer.resume=auto",
+    ]
+    assert runconfig.load(SMOKE, cli._overrides(args) + extra).trainer.resume == "auto"
+
+
+def test_an_evaluation_says_what_it_measured_and_on_which_weights(tmp_path):
+    run_dir = tmp_path / "run"
+    fit = disttrain_cli("fit", "--config", SMOKE, f"run_dir={run_dir}")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    test = disttrain_cli("test", "--config", SMOKE, f"run_dir={run_dir}")
+    assert test.returncode == 0, test.stderr[-3000:]
+    last = test.stderr.strip().splitlines()[-1]
+    assert last.startswith("[rank 0] test at epoch 1, step 12: test_loss "), last

@@ -241,3 +241,32 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, mode):
     time.sleep(0.5)
     alive = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True)
     assert alive.stdout.strip() == "", "workers outlived the second Ctrl-C"
+
+
+def test_sigterm_to_the_launcher_with_loader_workers_stops_cleanly(tmp_path):
+    """torchrun's agent signals each rank's whole process group, loader workers included; a
+    worker killed by it would fail the rank. The workers ignore it: the rank stops agreed."""
+    run_dir = tmp_path / "run"
+    config = tmp_path / "workers.yaml"
+    config.write_text(
+        Path(SMOKE)
+        .read_text()
+        .replace("disttrain.examples.regression.Regression", "common.LoaderWorkers")
+    )
+    proc = _start("launch", "fit", "--config", str(config), f"run_dir={run_dir}", *LONG)
+    _when_training(proc, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    err = _finish(proc)
+    assert proc.returncode == 75, err[-4000:]
+    assert "stopped on SIGTERM after step" in err and "exited unexpectedly" not in err
+
+
+def test_a_monitored_checkpoint_saves_before_any_validation(tmp_path):
+    """max_steps (or a stop) before the first validation: the monitored metric exists on no
+    rank yet, and the last checkpoint is still written, unranked."""
+    module = Regressor(n_train=16)
+    monitor = disttrain.ModelCheckpoint(monitor="val_loss")
+    trainer = Trainer(max_steps=2, num_sanity_val_steps=0, callbacks=[monitor])
+    trainer.fit(module)
+    assert monitor.saved == ["epoch=0-step=2.ckpt"] and monitor.best == []
+    assert (Path(trainer.config.default_root_dir) / "checkpoints" / "epoch=0-step=2.ckpt").exists()

@@ -88,10 +88,12 @@ class ModelCheckpoint(Callback):
         trainer.manage_files(_rotate, self.directory(trainer), path, doomed, self.save_last)
         return path
 
-    def _monitored(self, trainer: Trainer, monitor: str) -> float:
+    def _monitored(self, trainer: Trainer, monitor: str) -> float | None:
         value = trainer.callback_metrics.get(monitor)
         pair = torch.tensor([0.0 if value is None else float(value), value is not None])
         total, count = trainer.all_reduce(pair.double()).tolist()
+        if count == 0:  # no validation yet (a stop or max_steps before it): saved unranked
+            return None
         if count < trainer.world_size:
             raise KeyError(
                 f"ModelCheckpoint: monitor '{self.monitor}' is missing from callback_metrics on "

@@ -115,8 +115,11 @@ def most_advanced(directory: str | os.PathLike) -> str | None:
     for path in sorted(directory.glob(f"*{SUFFIX}")):
         try:
             progress = Progress.from_dict(load(path, mmap=True)["progress"])
-        except (CheckpointError, KeyError, TypeError) as err:
+        except CheckpointError as err:
             log.warning("skipping %s", err)
+            continue
+        except (KeyError, TypeError) as err:  # a disttrain file of another layout
+            log.warning("skipping %s: its progress entry is not readable (%r)", path, err)
             continue
         key = progress_key(progress)
         # on a tie prefer the named file over last.ckpt, its hard link

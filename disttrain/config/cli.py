@@ -24,6 +24,7 @@ import torch
 from disttrain.checkpoint.format import SUFFIX, CheckpointError, check_path
 from disttrain.config import run as runconfig
 from disttrain.config.options import ConfigError
+from disttrain.dist.env import DistEnv
 from disttrain.dist.launcher import launch_workers, record_failure
 from disttrain.loop.seeding import seed_everything
 from disttrain.loop.stopping import EXIT_INTERRUPTED, Preempted
@@ -145,7 +146,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _run_stage(stage: str, config: str, overrides: list[str], argv: list[str]) -> int:
     run = runconfig.load(config, overrides)  # every rank validates before touching anything
-    _check_resume(run, stage)
+    _check_resume(run, stage, overrides)
     if "RANK" not in os.environ:  # the debug mode: this very command resumes
         command = _resume_command(["disttrain", *argv], run)
         os.environ.setdefault("DISTTRAIN_RESUME_COMMAND", command)
@@ -168,7 +169,7 @@ def _worker(stage: str, run: Any) -> int:
     except Preempted as stop:  # the trainer said where the checkpoint went
         return stop.exit_code
     except KeyboardInterrupt:  # before the trainer watched for it: nothing was trained
-        log.warning("interrupted before training started; nothing was written")
+        log.warning("interrupted outside the training loop: stopped without a checkpoint")
         return EXIT_INTERRUPTED
     except Exception as error:
         if "RANK" not in os.environ:
@@ -183,38 +184,41 @@ def _worker(stage: str, run: Any) -> int:
     return 0
 
 
-def _check_resume(run: Any, stage: str) -> None:
+def _check_resume(run: Any, stage: str, overrides: list[str]) -> None:
     """Resume problems that show without reading a checkpoint fail here, before any worker
-    starts: a path that is no checkpoint, or a fresh fit among an earlier run's checkpoints."""
+    starts: a path that is no checkpoint, or a fresh fit among an earlier run's checkpoints
+    (not after an elastic restart: the restarted group goes on from the checkpoints)."""
     resume = run.trainer.resume
+    typed = [item for item in overrides if item.startswith("trainer.resume=")]
+    where = runconfig.override_source(typed[-1]) if typed else run.source
     if resume not in (None, "auto"):
         try:
             check_path(resume)
         except CheckpointError as err:
-            raise ConfigError("trainer.resume", str(err), run.source) from None
+            raise ConfigError("trainer.resume", str(err), where) from None
     directory = Path(run.run_dir) / "checkpoints"
-    if resume is None and stage == "fit" and any(directory.glob(f"*{SUFFIX}")):
+    fresh_fit = resume is None and stage == "fit" and DistEnv.from_environ().restart_count == 0
+    if fresh_fit and any(directory.glob(f"*{SUFFIX}")):
         raise ConfigError(
             "trainer.resume",
             f"null (start fresh), but {directory} holds an earlier run's checkpoints; resume "
             "it with trainer.resume=auto, give this run another run_dir, or delete "
             f"{directory} to start over there",
-            run.source,
+            where,
         )
 
 
 def _resume_command(command: list[str], run: Any) -> str:
     """The command line that resumes this run: the same one, with resume=auto if needed."""
-    if run.trainer.resume != "auto":
-        command = [c for c in command if not c.removeprefix("--set=").startswith("trainer.resume=")]
-        command.append("trainer.resume=auto")
+    if run.trainer.resume != "auto":  # a trailing override wins over any earlier one
+        command = [*command, "trainer.resume=auto"]
     return shlex.join(command)
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     overrides = _overrides(args)
     run = runconfig.load(args.config, overrides)
-    _check_resume(run, args.stage)
+    _check_resume(run, args.stage, overrides)
     launch = run.launch
 
     def pick(flag, value):

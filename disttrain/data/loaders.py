@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -228,6 +229,23 @@ def _first(warning: str, dataset: Any) -> bool:
     return new
 
 
+class WorkerInit:
+    """A loader worker's start: it ignores SIGINT and SIGTERM, then runs the user's
+    ``worker_init_fn``. Launchers signal a rank's whole process group (torchrun's agent,
+    SLURM, a terminal's Ctrl-C): the rank stops after an agreed step and shuts its workers
+    down itself, where a worker killed by the signal would fail the rank instead. (A class,
+    not a closure: spawned workers receive it pickled.)"""
+
+    def __init__(self, user_init: Callable[[int], object] | None) -> None:
+        self.user_init = user_init
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.user_init is not None:
+            self.user_init(worker_id)
+
+
 def _rebuild(loader: DataLoader, sampler: Sampler, device: torch.device) -> DataLoader:
     workers = loader.num_workers
     return DataLoader(
@@ -239,7 +257,7 @@ def _rebuild(loader: DataLoader, sampler: Sampler, device: torch.device) -> Data
         pin_memory=loader.pin_memory or device.type == "cuda",
         drop_last=loader.drop_last,
         timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
+        worker_init_fn=WorkerInit(loader.worker_init_fn),
         multiprocessing_context=loader.multiprocessing_context,
         generator=loader.generator,
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,

@@ -204,6 +204,15 @@ class SlowSave(disttrain.examples.regression.Regression):
             time.sleep(self.seconds)
 
 
+class LoaderWorkers(disttrain.examples.regression.Regression):
+    """Regression whose training loader has two worker processes."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=2
+        )
+
+
 class Resumable(Regressor):
     """Uses every piece of state a resume must restore: dropout (RNG), shuffling (sampler),
     momentum (optimizer state) and a step-wise LR schedule (scheduler state)."""
