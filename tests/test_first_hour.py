@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import ROOT, SMOKE, WORKERS, disttrain_cli, worker_env
 
+import disttrain
+
 
 def test_a_two_rank_run_needs_no_numpy(tmp_path):
     """torch's object collectives need numpy, which torch does not declare; disttrain's own
@@ -169,3 +171,20 @@ def test_an_evaluation_says_what_it_measured_and_on_which_weights(tmp_path):
     assert test.returncode == 0, test.stderr[-3000:]
     last = test.stderr.strip().splitlines()[-1]
     assert last.startswith("[rank 0] test at epoch 1, step 12: test_loss "), last
+
+
+def test_a_script_fit_twice_in_one_directory_trains_again_and_says_so(tmp_path, caplog):
+    """The README's minimal module runs as `python x.py`, then under torchrun: in Python a
+    fresh fit among an earlier run's checkpoints trains, naming them (a config run refuses)."""
+    import logging
+
+    from common import Regressor
+
+    logging.getLogger("disttrain").addHandler(caplog.handler)  # disttrain does not propagate
+    for _ in range(2):
+        trainer = disttrain.Trainer(max_epochs=1, num_sanity_val_steps=0, seed=0)
+        trainer.fit(Regressor(n_train=16))
+        assert trainer.global_step == 8
+    assert "holds checkpoints of an earlier run (the most advanced: epoch=0-step=8.ckpt)" in (
+        caplog.text
+    )

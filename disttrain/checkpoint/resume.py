@@ -59,14 +59,16 @@ def _load_requested(
         source = "auto"  # torchelastic restarted the group: go on from the last checkpoint
     if source is None:
         writes = trainer.checkpoint_callback is not None
-        if starting_fit and writes:  # a fresh run must not mix its checkpoints with another's
+        if starting_fit and writes:  # never silently beside another run's checkpoints
             earlier = dispatcher.run(Action.MANAGE_FILES, most_advanced, directory)
-            if earlier is not None:
-                raise CheckpointError(
-                    f"{directory} holds checkpoints of an earlier run (the most advanced: "
-                    f"{Path(earlier).name}) and resume is None (start fresh). Resume it with "
-                    "resume='auto', give this run its own directory (run_dir in a config, "
-                    f"default_root_dir in Python), or delete {directory} to start over there."
+            if earlier is not None:  # (a config run is refused before it starts: config/cli)
+                log.warning(
+                    "%s holds checkpoints of an earlier run (the most advanced: %s); this fresh "
+                    "run (resume=None) writes its own beside them, and resume='auto' would "
+                    "later choose the most advanced of either. Give each run its own "
+                    "default_root_dir to keep them apart.",
+                    directory,
+                    Path(earlier).name,
                 )
         return None, None
     if source == "auto":
