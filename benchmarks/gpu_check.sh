@@ -19,7 +19,7 @@ status=0
 # the CUDA path: NCCL, 16-mixed + validation + monitored checkpoint, FSDP bf16 + DCP resume,
 # the char-LM example for GPU_CHARLM_STEPS (default 300) steps with its tokens/s
 timeout 540 python -m pytest -q -s -p no:cacheprovider tests/test_gpu.py || status=$?
-# the loop's overhead; overhead.py has no CUDA option yet, so this measures its CPU/gloo
-# workloads on this machine (see the report: a --accelerator option is needed for CUDA)
-timeout 240 python benchmarks/overhead.py --rounds 3 --steps 200 || { rc=$?; [ "$status" -eq 0 ] && status=$rc; }
+# the loop's overhead on the GPU (NCCL under torchrun, each step's stamp after the GPU's work)
+timeout 240 python benchmarks/overhead.py --accelerator cuda --rounds 3 --steps 200 \
+    || { rc=$?; [ "$status" -eq 0 ] && status=$rc; }
 exit "$status"

@@ -19,6 +19,11 @@ the first step, imports included; peak RSS is the process's maximum resident set
 
     python benchmarks/overhead.py                 # everything, ~2 minutes on 2 cores
     python benchmarks/overhead.py --workloads tiny --rounds 5 --steps 400
+    python benchmarks/overhead.py --accelerator cuda   # on GPUs: NCCL, cuda:LOCAL_RANK
+
+With ``--accelerator cuda`` both loops run on ``cuda:LOCAL_RANK`` (NCCL under torchrun), the
+batches come from pinned memory without blocking, and each step's stamp waits for the GPU
+(``torch.cuda.synchronize``, in both loops alike), so the times are of the GPU's work.
 """
 
 from __future__ import annotations
@@ -62,6 +67,19 @@ COLLECTIVES = (
 )
 
 
+def accelerator() -> str:
+    """``cpu`` or ``cuda``: set once by ``--accelerator``, inherited by the torchrun workers."""
+    return os.environ.get("BENCH_ACCELERATOR", "cpu")
+
+
+def device() -> torch.device:
+    if accelerator() != "cuda":
+        return torch.device("cpu")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(dev)
+    return dev
+
+
 def make_data(workload: str, steps: int, world_size: int) -> TensorDataset:
     sizes, batch = WORKLOADS[workload]
     g = torch.Generator().manual_seed(0)
@@ -79,14 +97,19 @@ def make_net(workload: str) -> torch.nn.Module:
 
 
 def hand_written(workload: str, data: TensorDataset, rank: int, world: int) -> list[float]:
-    net = make_net(workload)
-    model = DistributedDataParallel(net) if dist.is_initialized() else net
+    dev = device()
+    net = make_net(workload).to(dev)
+    ids = [dev.index] if dev.type == "cuda" else None
+    model = DistributedDataParallel(net, device_ids=ids) if dist.is_initialized() else net
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     stamps = stamped(opt)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True)
-    loader = DataLoader(data, batch_size=WORKLOADS[workload][1], sampler=sampler)
+    loader = DataLoader(
+        data, batch_size=WORKLOADS[workload][1], sampler=sampler, pin_memory=dev.type == "cuda"
+    )
     sampler.set_epoch(0)
     for x, y in loader:
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
@@ -98,7 +121,15 @@ def stamped(optimizer: torch.optim.Optimizer) -> list[float]:
     """The times at which ``optimizer.step()`` returns: the same clock at the same point of
     both loops, without adding a callback (and its dispatch) to disttrain's."""
     stamps: list[float] = []
-    optimizer.register_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    if accelerator() == "cuda":  # the GPU's time, the same wait in both loops
+
+        def stamp(*_: object) -> None:
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+        optimizer.register_step_post_hook(stamp)
+    else:
+        optimizer.register_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
     return stamps
 
 
@@ -123,7 +154,11 @@ def with_disttrain(workload: str, data: TensorDataset, run_dir: str, **options) 
             return DataLoader(data, batch_size=WORKLOADS[workload][1], shuffle=True)
 
     trainer = disttrain.Trainer(
-        max_epochs=1, num_sanity_val_steps=0, default_root_dir=run_dir, **options
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        default_root_dir=run_dir,
+        accelerator=accelerator(),
+        **options,
     )
     module = MLP()
     trainer.fit(module)
@@ -165,7 +200,7 @@ def measure(workload: str, rounds: int, steps: int) -> dict:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ddp = "RANK" in os.environ  # under torchrun both loops use DDP, at world size 1 too
     if ddp:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device().type == "cuda" else "gloo")
     data = make_data(workload, steps, world)
     times: dict[str, list[float]] = {"hand": [], "disttrain": []}
     paired: list[float] = []  # per round: disttrain's median over the hand-written loop's
@@ -207,7 +242,11 @@ def count_collectives(workload, data, rank, world, run_dir) -> dict:
 
     small = torch.utils.data.Subset(data, range(WORKLOADS[workload][1] * world * 12))
     trainer = disttrain.Trainer(
-        max_epochs=1, num_sanity_val_steps=0, callbacks=[Mark()], default_root_dir=run_dir
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        callbacks=[Mark()],
+        default_root_dir=run_dir,
+        accelerator=accelerator(),
     )
 
     class MLP(disttrain.Module):
@@ -284,7 +323,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workloads", default="tiny,compute")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--accelerator", choices=("cpu", "cuda"), default=None)
     args = parser.parse_args()
+    if args.accelerator:
+        os.environ["BENCH_ACCELERATOR"] = args.accelerator
     if "RANK" in os.environ:  # a torchrun worker
         for workload in args.workloads.split(","):
             result = measure(workload, args.rounds, args.steps)
@@ -295,7 +337,8 @@ def main() -> None:
     for workload in args.workloads.split(","):
         steps = args.steps if workload == "tiny" else max(30, args.steps // 10)
         rows.append(measure(workload, args.rounds, steps))
-    for nproc in (1, 2):  # DDP at world size 1 isolates its cost from two ranks' scheduling
+    gpus = torch.cuda.device_count() if accelerator() == "cuda" else 2
+    for nproc in (1, 2)[: max(1, min(2, gpus))]:  # world size 1: DDP's cost alone
         rows += ddp_rows(nproc, args.rounds, args.steps)
     print(
         f"{'workload':<10}{'ranks':>6}{'DDP':>5}{'hand ms':>10}{'disttrain ms':>14}{'ratio':>8}"
