@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 import torch
-from common import Recorder, RecordingCallback, Regressor, Resumable, write_result
+from common import (
+    IndexedData,
+    Recorder,
+    RecordingCallback,
+    Regressor,
+    Resumable,
+    write_result,
+)
 
 import disttrain
 from disttrain import HookFailed, Trainer
@@ -665,6 +672,82 @@ def plain_stream(outdir):
     trainer = Trainer(max_epochs=2, num_sanity_val_steps=1, enable_checkpointing=False)
     trainer.fit(module)
     write_result(outdir, trainer.global_rank, {"steps": trainer.global_step, "seen": module.seen})
+
+
+class UnevenStream(torch.utils.data.IterableDataset):
+    """Rank 0 reads 10 batches of 2 samples, rank 1 reads 7: a stream that shards itself."""
+
+    shards_by_rank = True
+
+    def __iter__(self):
+        rank = int(os.environ["RANK"])
+        n = 2 * (10 if rank == 0 else 7)
+        data = IndexedData(20)
+        return (data[i] for i in range(n))
+
+
+class UnevenBatches(torch.utils.data.Sampler):
+    """A custom batch sampler with a length: 10 batches on rank 0, 7 on rank 1."""
+
+    def __init__(self):
+        self.n = 10 if int(os.environ["RANK"]) == 0 else 7
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter([[2 * b, 2 * b + 1] for b in range(self.n)])
+
+
+class UnevenRegressor(Regressor):
+    """Records the optimizer steps of every epoch; its data is uneven over the ranks."""
+
+    def __init__(self, kind):
+        super().__init__(n_train=20)
+        self.kind = kind
+        self.steps_at_epoch_end: list[int] = []
+
+    def train_dataloader(self):
+        if self.kind == "stream":
+            return torch.utils.data.DataLoader(UnevenStream(), batch_size=2)
+        return torch.utils.data.DataLoader(IndexedData(20), batch_sampler=UnevenBatches())
+
+    def on_epoch_end(self):
+        self.steps_at_epoch_end.append(self.trainer.global_step)
+
+
+def uneven(outdir):
+    """Rank 0 has 10 batches an epoch, rank 1 has 7 (a stream without a length, a custom
+    batch sampler with one), 2 epochs, with and without accumulation; the strategy comes from
+    the environment. A short collective timeout: a hang fails fast."""
+    result = {}
+    for kind in ("stream", "sampler"):
+        for accumulate in (1, 2):
+            disttrain.seed_everything(0)
+            module = UnevenRegressor(kind)
+            trainer = Trainer(
+                max_epochs=2,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+                enable_checkpointing=False,
+                logger=None,
+                accumulate_grad_batches=accumulate,
+                strategy=os.environ["STRATEGY"],
+                timeout=20,
+                default_root_dir=str(Path(outdir) / f"{kind}{accumulate}"),
+            )
+            trainer.fit(module)
+            weights = {
+                k: (v.full_tensor() if hasattr(v, "full_tensor") else v).tolist()
+                for k, v in module.state_dict().items()
+            }
+            result[f"{kind}/{accumulate}"] = {
+                "steps_at_epoch_end": module.steps_at_epoch_end,
+                "global_step": trainer.global_step,
+                "seen": module.seen,
+                "weights": weights,
+            }
+    write_result(outdir, int(os.environ["RANK"]), result)
 
 
 if __name__ == "__main__":
