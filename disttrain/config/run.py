@@ -21,7 +21,7 @@ import importlib
 import inspect
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,24 @@ def validate(
     model = _class_spec(raw["model"], "model", Module, fail)
     data = None if raw.get("data") is None else _class_spec(raw["data"], "data", DataModule, fail)
 
+    trainer, callbacks, seed, run_dir = _trainer_section(raw, source, fail)
+    launch = _launch(raw.get("launch") or {}, fail)
+
+    resolved = {
+        "model": _spec_dict(model),
+        **({"data": _spec_dict(data)} if data else {}),
+        "trainer": _trainer_dict(trainer, callbacks),
+        "launch": dataclasses.asdict(launch),
+        "seed": seed,
+        "run_dir": run_dir,
+    }
+    return RunConfig(model, data, trainer, launch, seed, run_dir, resolved, source)
+
+
+def _trainer_section(
+    raw: dict, source: str, fail: Callable[[str, str], typing.NoReturn]
+) -> tuple[TrainerConfig, list[ClassSpec], int | None, str]:
+    """The ``trainer:`` section with the top-level keys it depends on (seed, run_dir)."""
     trainer_raw = raw.get("trainer") or {}
     if not isinstance(trainer_raw, dict):
         fail("trainer", f"must be a mapping of trainer options, got {type(trainer_raw).__name__}")
@@ -194,17 +212,7 @@ def validate(
     except ConfigError as err:
         fail(err.key, err.problem)
     trainer = dataclasses.replace(trainer, callbacks=callbacks)
-    launch = _launch(raw.get("launch") or {}, fail)
-
-    resolved = {
-        "model": _spec_dict(model),
-        **({"data": _spec_dict(data)} if data else {}),
-        "trainer": _trainer_dict(trainer, callbacks),
-        "launch": dataclasses.asdict(launch),
-        "seed": seed,
-        "run_dir": run_dir,
-    }
-    return RunConfig(model, data, trainer, launch, seed, run_dir, resolved, source)
+    return trainer, callbacks, seed, run_dir
 
 
 def build_callbacks(config: RunConfig) -> TrainerConfig:
