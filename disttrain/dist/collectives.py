@@ -38,6 +38,10 @@ class Collectives:
         """Agreement: true on every rank if it is true on any rank."""
         return flag
 
+    def agree(self, values: list[int], op: str = "max") -> list[int]:
+        """Agreement on several small integers at once: each one's max (or min) over ranks."""
+        return list(values)
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` in place over all ranks (``sum``, ``max`` or ``min``)."""
         return tensor
@@ -102,6 +106,11 @@ class ProcessGroupCollectives(Collectives):
         value = torch.tensor([int(flag)], dtype=torch.int32)
         self._run("agreement", dist.all_reduce, value, op=dist.ReduceOp.MAX, group=self._control)
         return bool(value.item())
+
+    def agree(self, values: list[int], op: str = "max") -> list[int]:
+        value = torch.tensor(values, dtype=torch.int64)
+        self._run("agreement", dist.all_reduce, value, op=_REDUCE_OPS[op], group=self._control)
+        return [int(v) for v in value.tolist()]
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         # NCCL takes only CUDA tensors, gloo here CPU ones: the tensor goes to the backend's

@@ -9,6 +9,7 @@ follows (``disttrain.ranks.table`` draws the whole loop next to its rank rules).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,7 @@ def start(trainer: Trainer, dispatcher: Dispatcher, module: Module, stopping: St
     if cfg.limit_val_batches == 0:  # decided from the config: the same on every rank
         val_data = None
     n_train = loaders.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
+    n_train = stopping.fewest_batches(n_train)  # every rank ends at the shortest loader
     trainer.num_training_batches = n_train
     hooks = BatchHooks(*map(dispatcher.caller, _BATCH_HOOKS))
     run = FitRun(
@@ -171,9 +173,13 @@ def train_epoch(
     on_batch_start, stopping = run.hooks.on_batch_start, run.stopping
     max_steps = _max_steps(trainer)
     boundary, leave = True, None
-    for batch_idx, batch in zip(batch_indices(first, run.n_train), batches):
+    ends_window = functools.partial(_ends_window, trainer.config.accumulate_grad_batches, run)
+    pairs = zip(batch_indices(first, run.n_train), batches)
+    items = stopping.start_epoch(pairs, first, ends_window)  # read ahead at world size > 1
+    for batch_idx, batch in items:
         if on_batch_start(batch) == -1:  # agreed: every rank ends the epoch at this batch
             break
+        stopping.before_step(items, batch_idx)  # at a window's end: does this rank's data end?
         boundary = train_batch(trainer, run, batch, batch_idx, outputs)
         if not boundary:
             continue
@@ -183,6 +189,8 @@ def train_epoch(
         if stopping.after_step(trainer.should_stop):  # no collective: rides the gradients
             leave = "agreed stop"
             break
+        if stopping.data_ended:  # on the same ride: the shortest rank's data ends here
+            break  # every rank ends the epoch as usual
     if not boundary:  # the epoch ended inside an accumulation window: drop its gradients
         for optimizer in run.optimizers:
             optimizer.zero_grad()
@@ -196,7 +204,7 @@ def train_batch(
     boundary, the optimizer step. Returns whether the optimizers stepped."""
     hooks, accumulate = run.hooks, trainer.config.accumulate_grad_batches
     batch = trainer.reporter.batch = hooks.transfer_batch_to_device(batch, trainer.device)
-    boundary = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == run.n_train
+    boundary = _ends_window(accumulate, run, batch_idx)
     with NULL_CONTEXT if boundary else run.step.no_sync():
         forward_backward(trainer, run, batch, batch_idx, outputs)
     if boundary:
@@ -281,6 +289,11 @@ def finish(trainer: Trainer, run: FitRun) -> None:
     trainer.logger.finalize()
     run.call(Hook.ON_FIT_END)
     run.call(Hook.TEARDOWN, "fit")
+
+
+def _ends_window(accumulate: int, run: FitRun, batch_idx: int) -> bool:
+    """Whether the optimizers step after ``batch_idx``: an accumulation window ends there."""
+    return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == run.n_train
 
 
 def _max_steps(trainer: Trainer) -> float:

@@ -7,6 +7,12 @@
   own), read after every optimizer step; at an epoch's end it rides the epoch's metric
   reduction instead. A signal also writes a checkpoint and raises ``Preempted``.
 - ``max_steps``: a value every rank compares alike, so no vote is needed.
+- Data that ran out on one rank before the others (uneven streams, a custom sampler): the
+  loop reads one accumulation window ahead (``DataAhead``), and a rank without a complete
+  window after this one votes "my data ends" on the same ride as the stop vote; every rank
+  leaves the epoch after the step where the shortest rank's data ends (``Stopping.data_ended``),
+  and the epoch then ends as usual. One agreement at each epoch's start covers a rank whose
+  data ends within the first window(s).
 
 A second Ctrl-C aborts at once (``abort_now``). Exit codes: ``EXIT_PREEMPTED`` (75) after
 SIGTERM, what schedulers requeue on; ``EXIT_INTERRUPTED`` (130) after Ctrl-C."""
@@ -14,40 +20,45 @@ SIGTERM, what schedulers requeue on; ``EXIT_INTERRUPTED`` (130) after Ctrl-C."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 import torch
 
+from disttrain.data.loaders import DataAhead
 from disttrain.observe.flight import FINISH, GRADIENT_SYNC, START
 
 
 class StopVote:
-    """This rank's stop vote as the gradient of one extra parameter of the DDP model.
+    """This rank's votes as the gradient of one extra parameter of the DDP model.
 
-    ``carried_by`` adds ``weight * ballot`` to the loss. The weight is zero and no optimizer
+    ``carried_by`` adds ``weight · ballot`` to the loss. The weight is zero and no optimizer
     owns it, so the loss and every other gradient stay exactly as they were, while the
-    weight's gradient is the ballot (1: stop, 0: go on). DDP averages it with the other
-    gradients in its own bucketed all-reduce (C++: no Python comm hook, no collective of
-    its own). Ballots are never negative, so the weight's gradient, left to accumulate, grows
-    exactly when some rank voted: reading it costs one ``item()``, clearing it nothing.
+    weight's gradient is the ballot: [stop, my data ends] (1: yes, 0: no). DDP averages it
+    with the other gradients in its own bucketed all-reduce (C++: no Python comm hook, no
+    collective of its own). Ballots are never negative, so each slot of the weight's gradient,
+    left to accumulate, grows exactly when some rank voted: reading both costs one
+    ``tolist()``, clearing them nothing.
     """
 
     def __init__(
         self, device: torch.device, recorder: Any = None, timeout: float | None = None
     ) -> None:
-        self.weight = torch.nn.Parameter(torch.zeros((), device=device))
+        self.weight = torch.nn.Parameter(torch.zeros(2, device=device))
         # a tensor, not a float: a compiled model would otherwise recompile when a rank votes
-        self._ballot = torch.zeros((), device=device)
-        self._voting = False  # what _ballot holds: it is rewritten only when the vote changes
-        self._seen = 0.0  # the weight's gradient when it was last read
+        self._ballot = torch.zeros(2, device=device)
+        self._voting = [False, False]  # what _ballot holds: rewritten only when a vote changes
+        self._seen = [0.0, 0.0]  # the weight's gradient when it was last read
+        self.data_ended = False  # read with the stop vote: some rank's data ends at this step
         self._on_gpu = device.type == "cuda"
+        self.lag = 1 if self._on_gpu else 0  # steps between a backward and reading its votes
         self._pending: tuple[Any, torch.Tensor, float] | None = None  # GPU: (event, copy, when)
         self._recorder = recorder
         if timeout is None:  # the collective timeout of the trainer the recorder reports on
@@ -62,24 +73,36 @@ class StopVote:
         if isinstance(output, torch.Tensor):
             if not output.requires_grad:
                 return output
+            votes = (self.weight * self._ballot).sum()  # elementwise: autocast leaves it
             if output.dtype is not self.weight.dtype:  # keep a bf16/fp16 loss in its dtype
-                return output + (self.weight * self._ballot).to(output.dtype)
-            return torch.addcmul(output, self.weight, self._ballot)
+                return output + votes.to(output.dtype)
+            return output + votes
         if isinstance(output, dict) and "loss" in output:
             return {**output, "loss": self.carried_by(output["loss"])}
         return output  # not a loss: loss_of reports it
 
+    def cast(self, slot: int, vote: bool) -> None:
+        if vote is not self._voting[slot]:
+            self._voting[slot] = vote
+            self._ballot[slot].fill_(1.0 if vote else 0.0)
+
+    def new_epoch(self) -> None:
+        """Forget the votes carried so far (every rank, at the same point): a data-ended vote
+        of the epoch before must not end this one. A stop is cast again from its cause."""
+        if self.weight.grad is not None:
+            self.weight.grad.zero_()
+        self._seen, self._pending, self.data_ended = [0.0, 0.0], None, False
+        self.cast(1, False)
+
     def agreed(self, local_vote: bool) -> bool:
         """Cast ``local_vote`` for the next forward; return whether any rank's vote rode a
-        synchronised backward since the last call.
+        synchronised backward since the last call (``data_ended`` says the same of the data).
 
         On a GPU the answer lags one step, read from a copy taken without waiting: reading it
         at once would make the CPU wait for this step's all-reduce every step. Every rank
         reads the same step's votes either way, so every rank decides at the same step.
         """
-        if local_vote is not self._voting:
-            self._voting = local_vote
-            self._ballot.fill_(1.0 if local_vote else 0.0)
+        self.cast(0, local_vote)
         grad = self.weight.grad
         if grad is None:
             return False
@@ -87,15 +110,16 @@ class StopVote:
             grad = self._copied_a_step_ago(grad)
             if grad is None:
                 return False
-        total = grad.item()
-        if total != total:  # NaN (a user's backward scaled by NaN): start over; votes recur
-            self.weight.grad, self._seen, self._pending = None, 0.0, None
+        total = grad.tolist()
+        if any(v != v for v in total):  # NaN (a backward scaled by NaN): start over; votes recur
+            self.weight.grad, self._seen, self._pending = None, [0.0, 0.0], None
             return False
-        voted, self._seen = total > self._seen, total
-        return voted
+        voted = [now > before for now, before in zip(total, self._seen)]
+        self._seen, self.data_ended = total, voted[1]
+        return voted[0]
 
     def _copied_a_step_ago(self, grad: torch.Tensor) -> torch.Tensor | None:
-        host = torch.empty((), pin_memory=True)
+        host = torch.empty(2, pin_memory=True)
         host.copy_(grad, non_blocking=True)
         # blocking: a wait on it sleeps in the driver instead of spinning a CPU core
         event = torch.cuda.Event(blocking=True)
@@ -248,6 +272,8 @@ def agree_on_minus_one(result: Any, any_true: Callable[[bool], bool]) -> Any:
     return -1 if any_true(result == -1) else result
 
 
+_UNKNOWN = 2**62  # a loader without a length, in an integer agreement
+
 _SIGNALS = (None, "SIGTERM", "SIGINT")  # ordered: an agreed stop reports the strongest
 
 
@@ -263,6 +289,51 @@ class Stopping:
     def __init__(self, collectives: Any, watcher: PreemptionWatcher) -> None:
         self.collectives, self.watcher = collectives, watcher
         self.vote: StopVote | None = None
+        self.data_ended = False  # after_step: every rank leaves the epoch after this step
+        self._ends = False  # this rank's data-ended vote, where no StopVote carries it
+        self._steps_left: int | None = None  # set where the epoch-start agreement decides
+
+    def fewest_batches(self, n_train: int | float) -> int | float:
+        """The fewest training batches any rank's loader has (once per fit): with loaders of
+        uneven lengths every rank then ends each epoch at the same batch, with the same
+        windows (FSDP gathers in every micro-batch, so windows must match, not only steps)."""
+        if self.collectives.backend == "none":
+            return n_train
+        fewest = self.collectives.agree([_UNKNOWN if n_train == math.inf else n_train], "min")
+        return math.inf if fewest[0] == _UNKNOWN else fewest[0]
+
+    def start_epoch(
+        self, items: Iterator[tuple[int, Any]], first: int, boundary: Callable[[int], bool]
+    ) -> Iterator[tuple[int, Any]]:
+        """The epoch's ``(batch_idx, batch)`` pairs. At world size > 1 they are read ahead
+        (``DataAhead``) so that a rank votes "my data ends" in the backward of its last step;
+        the votes are read as late as the stop votes (``lag`` steps), so the first windows are
+        agreed once here: the fewest complete windows any rank has, up to 1 + lag."""
+        self._ends, self._steps_left, self.data_ended = False, None, False
+        if self.collectives.backend == "none":  # one process: its loop ends with its data
+            return items
+        if self.vote is not None:
+            self.vote.new_epoch()
+        ahead = DataAhead(items, boundary, 1 + (self.vote.lag if self.vote else 0))
+        windows = self.collectives.agree([ahead.windows_after(first - 1)], "min")[0]
+        if windows == 0:  # a rank has not one complete window: no step this epoch
+            return iter(())
+        if windows < ahead.depth:  # ends before the first vote can be read
+            self._steps_left = windows
+        return ahead  # held by the loop only: a stop's exception must not keep its workers
+
+    def before_step(self, items: Iterator[tuple[int, Any]], batch_idx: int) -> None:
+        """Before a batch's forward: at a step's last batch, cast whether this rank's data
+        ends too soon for another ``1 + lag`` complete windows (then every rank leaves after
+        the step whose votes are read next)."""
+        ahead = items if isinstance(items, DataAhead) else None
+        if ahead is None or not ahead.boundary(batch_idx):
+            return
+        ends = ahead.windows_after(batch_idx) < ahead.depth
+        if self.vote is not None:
+            self.vote.cast(1, ends)
+        else:
+            self._ends = ends
 
     def attach_vote(self, router: Any, device: torch.device) -> None:
         """Carry votes in ``router``'s gradient all-reduce once DDP wraps it (no collective of
@@ -276,11 +347,18 @@ class Stopping:
         return should_stop or self.watcher.requested is not None
 
     def after_step(self, should_stop: bool) -> bool:
-        """Whether any rank voted to stop in the last synchronised step."""
+        """Whether any rank voted to stop in the last synchronised step; ``data_ended`` is
+        read on the same ride: whether a rank's data ends at this step."""
         local = self.local_vote(should_stop)
         if self.vote is None:  # no DDP model to carry it: nothing else synchronised this step
-            return self.collectives.any_true(local)
-        return self.vote.agreed(local)  # rides the next step's gradient all-reduce
+            stop, ended = map(bool, self.collectives.agree([local, self._ends]))
+        else:  # rides the next step's gradient all-reduce
+            stop, ended = self.vote.agreed(local), self.vote.data_ended
+        if self._steps_left is not None:
+            self._steps_left -= 1
+            ended = ended or self._steps_left == 0
+        self.data_ended = ended
+        return stop
 
     def agreed_signal(self) -> str | None:
         """The stop signal any rank got (SIGINT over SIGTERM), the same on every rank."""

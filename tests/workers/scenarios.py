@@ -687,10 +687,12 @@ class UnevenStream(torch.utils.data.IterableDataset):
 
 
 class UnevenBatches(torch.utils.data.Sampler):
-    """A custom batch sampler with a length: 10 batches on rank 0, 7 on rank 1."""
+    """A custom batch sampler with a length, which takes its rank's share (``num_replicas``
+    and ``rank``): 10 batches on rank 0, 7 on rank 1."""
 
     def __init__(self):
-        self.n = 10 if int(os.environ["RANK"]) == 0 else 7
+        self.num_replicas, self.rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        self.n = 10 if self.rank == 0 else 7
 
     def __len__(self):
         return self.n
@@ -715,6 +717,12 @@ class UnevenRegressor(Regressor):
     def on_epoch_end(self):
         self.steps_at_epoch_end.append(self.trainer.global_step)
 
+    def on_fit_end(self):  # while the process group lives: whole tensors, also under FSDP
+        self.weights = {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).tolist()
+            for k, v in self.state_dict().items()
+        }
+
 
 def uneven(outdir):
     """Rank 0 has 10 batches an epoch, rank 1 has 7 (a stream without a length, a custom
@@ -737,15 +745,11 @@ def uneven(outdir):
                 default_root_dir=str(Path(outdir) / f"{kind}{accumulate}"),
             )
             trainer.fit(module)
-            weights = {
-                k: (v.full_tensor() if hasattr(v, "full_tensor") else v).tolist()
-                for k, v in module.state_dict().items()
-            }
             result[f"{kind}/{accumulate}"] = {
                 "steps_at_epoch_end": module.steps_at_epoch_end,
                 "global_step": trainer.global_step,
                 "seen": module.seen,
-                "weights": weights,
+                "weights": module.weights,
             }
     write_result(outdir, int(os.environ["RANK"]), result)
 
