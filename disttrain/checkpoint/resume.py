@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from disttrain.checkpoint.format import LAST_NAME, SUFFIX, CheckpointError, Progress, load, remove
 from disttrain.checkpoint.snapshot import restore
@@ -18,16 +18,28 @@ if TYPE_CHECKING:  # the trainer imports this module
 log = logging.getLogger("disttrain.checkpoint")
 
 
-def resume(trainer: Trainer, dispatcher: Any) -> tuple[Progress | None, dict | None]:
+class Resumed(NamedTuple):
+    progress: Progress | None  # where training goes on
+    rng: dict | None  # this rank's RNG state, to put back
+    data: dict | None  # this rank's stream position (data/positions.py)
+    world_size: int | None  # the checkpoint's
+
+
+def resume(trainer: Trainer, dispatcher: Any) -> Resumed:
     """Restore the checkpoint ``trainer.config.resume`` names (``auto``: the run directory's
-    most advanced one; always ``auto`` after an elastic restart). Returns the progress to go
-    on from and this rank's RNG state to put back."""
+    most advanced one; always ``auto`` after an elastic restart)."""
     state, source = _load_requested(trainer, dispatcher, starting_fit=True)
     if state is None:
-        return None, None
+        return Resumed(None, None, None, None)
     progress = restore(trainer, state, dispatcher.call)
     log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
-    return progress, rng_for_rank(state, trainer.global_rank, trainer.world_size)
+    rng = rng_for_rank(state, trainer.global_rank, trainer.world_size)
+    saved_world_size = state.get("world_size")
+    same_world = saved_world_size == trainer.world_size
+    data = (
+        state.get("data", [None] * trainer.world_size)[trainer.global_rank] if same_world else None
+    )
+    return Resumed(progress, rng, data, saved_world_size)
 
 
 def restore_weights(trainer: Trainer, dispatcher: Any) -> None:
@@ -84,8 +96,10 @@ def rng_for_rank(checkpoint: dict[str, Any], rank: int, world_size: int) -> dict
     """This rank's saved RNG state, or None (with a warning) at another world size."""
     if checkpoint.get("world_size") != world_size:
         log.warning(
-            "resuming a checkpoint from world size %s at world size %s: random streams and the "
-            "data order go on differently than in an uninterrupted run",
+            "resuming a checkpoint from world size %s at world size %s: each rank's random "
+            "streams (dropout) start afresh; a training loader disttrain shards goes on with "
+            "the rest of the epoch's samples, each trained once (README: Resume at another "
+            "world size)",
             checkpoint.get("world_size"),
             world_size,
         )

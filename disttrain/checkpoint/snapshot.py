@@ -37,7 +37,9 @@ def gather_state(
 ) -> dict[str, Any]:
     """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state).
     Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead."""
-    rngs = trainer.collectives.gather_object(rng_state())
+    data_position = trainer._data_position  # a stream's position: data/positions.py
+    mine = (rng_state(), data_position() if data_position is not None else None)
+    rngs, data = zip(*trainer.collectives.gather_object(mine))
     checkpoint = {
         "format": FORMAT,
         "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
@@ -47,7 +49,8 @@ def gather_state(
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
         "progress": dataclasses.asdict(progress),
         "world_size": trainer.world_size,
-        "rng": rngs,
+        "rng": list(rngs),
+        "data": list(data),
         "callbacks": {key: cb.state_dict() for key, cb in callback_keys(trainer).items()},
         "config": plain_config(trainer),
     }

@@ -6,7 +6,6 @@ import collections
 import itertools
 import logging
 import math
-import signal
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,47 +22,16 @@ from torch.utils.data import (
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import overridden
 from disttrain.api.module import Module
+from disttrain.data.positions import StatefulStream, has_state, stateful_loader
+from disttrain.data.sample_seeds import SeededSamples
+from disttrain.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from disttrain.data.streams import ShardedStream, shards_itself
+from disttrain.data.workers import WorkerInit
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
 
 data_log = logging.getLogger("disttrain.data")
-
-
-class UnpaddedDistributedSampler(Sampler[int]):
-    """Rank ``r`` of ``n`` takes indices ``r, r+n, r+2n, ...``: every sample exactly once.
-
-    ``DistributedSampler`` pads the dataset to a multiple of the world size, so an evaluation
-    would count some samples twice; this one does not, and ranks may get one batch more or
-    less than others (evaluation runs no collective per batch, so that is safe).
-    """
-
-    def __init__(self, dataset_len: int, rank: int, world_size: int) -> None:
-        self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.dataset_len, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.dataset_len, self.world_size))
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """A ``DistributedSampler`` that can start an epoch part-way, after a resume."""
-
-    skip = 0  # samples of this epoch's shard already trained
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = super().__iter__()
-        return itertools.islice(indices, self.skip, None) if self.skip else indices
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
 
 
 def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
@@ -79,8 +47,30 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
     if hasattr(dataset, "set_epoch"):  # a stream's shard order (streams.py)
         dataset.set_epoch(epoch)
     if first_batch and isinstance(sampler, ResumableDistributedSampler):
-        sampler.skip = first_batch * loader.batch_size
+        if sampler.resharded is None or sampler.resharded[0] != epoch:
+            sampler.skip = first_batch * loader.batch_size
         return iter(loader)
+    if isinstance(dataset, StatefulStream) and dataset.positions is not None:
+        plan = dataset.plan
+        if first_batch and plan is not None and plan.epoch == epoch:  # its states go on
+            return dataset.positions.batches(iter(loader), epoch, first_batch)
+        replayed = _replayed(loader, first_batch)
+        return dataset.positions.batches(replayed, epoch, first_batch)
+    if first_batch and isinstance(dataset, IterableDataset) and _first("replay", dataset):
+        data_log.warning(
+            "resuming in the middle of epoch %d: %s has no state_dict/load_state_dict, so the "
+            "epoch's first %d batches are read again and dropped. The run goes on as the "
+            "unbroken one only if the stream yields the same batches each time it is read "
+            "(random draws in its loader workers come out differently); give it "
+            "state_dict/load_state_dict for an exact resume.",
+            epoch,
+            type(dataset).__name__,
+            first_batch,
+        )
+    return _replayed(loader, first_batch)
+
+
+def _replayed(loader: Any, first_batch: int) -> Iterator[Any]:
     return itertools.islice(iter(loader), first_batch, None) if first_batch else iter(loader)
 
 
@@ -92,7 +82,12 @@ def train_loader(
     if isinstance(getattr(loader, "dataset", None), ShardedStream):
         loader.dataset.set_seed(seed)
     if not _is_plain_loader(loader) or isinstance(sampler, DistributedSampler):
-        return _checked_custom(loader, world_size, where)
+        loader = _checked_custom(loader, world_size, where)
+        return (
+            stateful_loader(loader, device)
+            if has_state(getattr(loader, "dataset", None))
+            else loader
+        )
     shuffle = isinstance(sampler, RandomSampler)
     new_sampler = ResumableDistributedSampler(
         loader.dataset,
@@ -102,7 +97,10 @@ def train_loader(
         seed=seed,
         drop_last=loader.drop_last,
     )
-    return _rebuild(loader, new_sampler, device)
+    dataset = loader.dataset
+    if loader.num_workers > 0:  # each sample's draws from (seed, epoch, index): sample_seeds.py
+        dataset = SeededSamples(dataset, seed)
+    return _rebuild(loader, new_sampler, device, dataset)
 
 
 def eval_loader(loader: Any, rank: int, world_size: int, device: torch.device, where: str) -> Any:
@@ -116,9 +114,8 @@ def eval_loader(loader: Any, rank: int, world_size: int, device: torch.device, w
             f"{where}: evaluation loaders must not shuffle (got {type(loader.sampler).__name__});"
             " disttrain shards them in order so that each sample is evaluated exactly once"
         )
-    return _rebuild(
-        loader, UnpaddedDistributedSampler(len(loader.dataset), rank, world_size), device
-    )
+    sampler = UnpaddedDistributedSampler(len(loader.dataset), rank, world_size)
+    return _rebuild(loader, sampler, device, loader.dataset)
 
 
 def batch_indices(first: int, limit: int | float) -> Iterator[int]:
@@ -230,27 +227,12 @@ def _first(warning: str, dataset: Any) -> bool:
     return new
 
 
-class WorkerInit:
-    """A loader worker's start: it ignores SIGINT and SIGTERM, then runs the user's
-    ``worker_init_fn``. Launchers signal a rank's whole process group (torchrun's agent,
-    SLURM, a terminal's Ctrl-C): the rank stops after an agreed step and shuts its workers
-    down itself, where a worker killed by the signal would fail the rank instead. (A class,
-    not a closure: spawned workers receive it pickled.)"""
-
-    def __init__(self, user_init: Callable[[int], object] | None) -> None:
-        self.user_init = user_init
-
-    def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if self.user_init is not None:
-            self.user_init(worker_id)
-
-
-def _rebuild(loader: DataLoader, sampler: Sampler, device: torch.device) -> DataLoader:
+def _rebuild(
+    loader: DataLoader, sampler: Sampler, device: torch.device, dataset: Any
+) -> DataLoader:
     workers = loader.num_workers
     return DataLoader(
-        loader.dataset,
+        dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
         num_workers=workers,

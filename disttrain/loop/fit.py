@@ -9,6 +9,7 @@ follows (``disttrain.ranks.table`` draws the whole loop next to its rank rules).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -23,6 +24,8 @@ from disttrain.checkpoint.format import file_name, set_rng_state
 from disttrain.checkpoint.resume import resume
 from disttrain.data import loaders
 from disttrain.data.loaders import batch_indices
+from disttrain.data.positions import track_positions
+from disttrain.data.samplers import reshard
 from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import evaluate
 from disttrain.loop.outputs import detached, loss_of, per_batch
@@ -66,7 +69,7 @@ def start(trainer: Trainer, dispatcher: Dispatcher, module: Module, stopping: St
     step, (optimizers, schedulers) = strategy.build(trainer, module, configure, stopping)
     trainer._step, trainer.optimizers, trainer.schedulers = step, optimizers, schedulers
     trainer.scaler = grad_scaler(cfg.precision, trainer.device)
-    progress, saved_rng = resume(trainer, dispatcher)
+    progress, saved_rng, saved_data, saved_world_size = resume(trainer, dispatcher)
     trainer.logger.resume_from(progress.global_step if progress else None)
     trainer.logger.log_hyperparams(hyperparams(trainer))  # after a purge that would hide it
     forward = step.compiled() if cfg.compile else step.forward
@@ -76,11 +79,16 @@ def start(trainer: Trainer, dispatcher: Dispatcher, module: Module, stopping: St
         for optimizer in optimizers:
             profiler.watch_optimizer(optimizer)
     train_data = loaders.train_loader_for(trainer, module)
+    trained = lambda: trainer._next_batch  # noqa: E731
+    trainer._data_position = track_positions(train_data, trained, saved_data)
     val_data = loaders.eval_loader_for(trainer, module, "val_dataloader", "validation_step")
     if cfg.limit_val_batches == 0:  # decided from the config: the same on every rank
         val_data = None
     n_train = loaders.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
     n_train = stopping.fewest_batches(n_train)  # every rank ends at the shortest loader
+    if progress and saved_world_size and saved_world_size != trainer.world_size:
+        first = reshard(train_data, progress, saved_world_size, trainer.world_size)
+        progress = dataclasses.replace(progress, next_batch=first)
     trainer.num_training_batches = n_train
     hooks = BatchHooks(*map(dispatcher.caller, _BATCH_HOOKS))
     run = FitRun(

@@ -91,6 +91,7 @@ class Trainer:
         self._collectives: Collectives = Collectives()
         self._dispatcher: Dispatcher | None = None
         self._next_batch, self._epoch_finished = 0, False
+        self._data_position: Callable[[], dict] | None = None  # a stream's, for checkpoints
         self._step: strategy.Step | None = None  # how fit reaches the model (set in fit)
 
     @property

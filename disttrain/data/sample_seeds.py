@@ -1,0 +1,81 @@
+"""Random draws of a sample that depend on the sample, not on the loader worker reading it.
+
+A map-style training dataset read by loader workers is wrapped in ``SeededSamples``: before
+``dataset[i]`` the worker seeds torch's, Python's and NumPy's global generators from
+``(run seed, epoch, i)``. Random augmentation in ``__getitem__`` is then a function of the
+sample: the same with 1 or 8 workers, at any world size, and after a mid-epoch resume (where
+a worker would otherwise start from a fresh seed and give a different batch to a different
+worker). Without workers the main process draws, from the generators the checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+_MASK = (1 << 64) - 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed for ``index`` in ``epoch`` (splitmix64 over the three, well mixed)."""
+    z = seed & _MASK
+    for part in (epoch, index):
+        z = (z ^ (part & _MASK)) * 0x9E3779B97F4A7C15 & _MASK
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK
+        z ^= z >> 31
+    return z
+
+
+def seed_draws(seed: int) -> None:
+    """Seed the global generators a dataset draws from: torch (CPU), Python, NumPy."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed & 0xFFFFFFFF)
+
+
+class SeededSamples(Dataset):
+    """``dataset`` with each sample's random draws seeded from ``(seed, epoch, index)``.
+
+    Attributes not defined here are the wrapped dataset's. The seed and epoch live in shared
+    memory, so persistent loader workers see each new epoch.
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset = dataset
+        self._state = torch.tensor([seed, 0], dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._state[1] = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        seed, epoch = self._state.tolist()
+        inner = getattr(self.dataset, "__getitems__", None)
+        if inner is not None:  # a batched reader: one seed per batch, from its first sample
+            seed_draws(sample_seed(seed, epoch, indices[0]))
+            return inner(indices)
+        samples = []
+        for index in indices:
+            seed_draws(sample_seed(seed, epoch, index))
+            samples.append(self.dataset[index])
+        return samples
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
