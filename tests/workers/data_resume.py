@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -132,6 +133,35 @@ def resume(outdir: str) -> None:
             result[kind]["same_with_one_worker"] = epoch0 == one_worker.samples
             result[kind]["samples"] = {f"{e}/{i}": row for (e, i), row in epoch0.items()}
     write_result(outdir, rank, result)
+
+
+class KilledThrice(Job):
+    """For ``disttrain launch``: 2 loader workers and augmentation, ``kind`` of data; at each
+    ``step:rank`` of ``kills`` that rank SIGKILLs itself, once (a marker file remembers)."""
+
+    def __init__(self, report_dir: str, kind: str, kills: str) -> None:
+        super().__init__(kind, workers=2)
+        self.report_dir = Path(report_dir)
+        self.kills = {int(s): int(r) for s, r in (k.split(":") for k in kills.split(","))}
+
+    def on_train_start(self) -> None:
+        env = self.trainer.env
+        (self.report_dir / f"start-rank{env.rank}-attempt{env.restart_count}").touch()
+
+    def on_batch_end(self) -> None:
+        step = self.global_step
+        marker = self.report_dir / f"killed-at-{step}"
+        if self.kills.get(step) == self.global_rank and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_fit_end(self) -> None:  # every rank: whole tensors also under FSDP
+        weights = {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+            for k, v in self.state_dict().items()
+        }
+        if self.global_rank == 0:
+            torch.save(weights, self.report_dir / "final.pt")
 
 
 def reshard(outdir: str) -> None:
