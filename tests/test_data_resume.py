@@ -2,9 +2,10 @@
 
 Random augmentation is drawn inside two loader workers; a run stopped mid-epoch and resumed
 ends with weights bitwise equal to the unbroken run's: map-style data (each sample's draws
-seeded from the run's seed, the epoch and the sample's index) and a stream with
-``state_dict``/``load_state_dict``. A stream without them resumes with a warning that says
-what it cannot restore.
+seeded from the run's seed, the epoch and the sample's index), a stream with
+``state_dict``/``load_state_dict``, and a ``ShardedStream`` with a shuffle buffer. A stream
+without them resumes with a warning that says what it cannot restore. Then resume at another
+world size (point 5) and three SIGKILLs with elastic restarts (point 4).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ def run(tmp_path, kinds: str, nproc: int):
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_mid_epoch_resume_with_two_workers_is_bitwise(tmp_path, nproc):
-    _, results = run(tmp_path, "map,stream", nproc)
+    _, results = run(tmp_path, "map,stream,sharded", nproc)
     for result in results:
         assert result["map"]["bitwise"], "map-style data with 2 workers"
         assert result["map"]["same_with_one_worker"]
         assert result["stream"]["bitwise"], "a stream with state_dict, 2 workers"
+        assert result["sharded"]["bitwise"], "a ShardedStream with a buffer, 2 workers"
 
 
 def test_a_stream_without_state_says_what_resume_cannot_restore(tmp_path):
@@ -98,7 +100,7 @@ def killed_thrice_config(tmp_path: Path, kind: str, strategy: str, kills: str) -
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("kind", ["map", "stream"])
+@pytest.mark.parametrize("kind", ["map", "sharded"])
 def test_three_sigkills_and_restarts_end_bitwise_equal(tmp_path, kind, strategy):
     """World size 2, 2 loader workers per rank, random augmentation in the workers: a run
     whose ranks are SIGKILLed at steps 5, 16 and 29 (each time going on from the checkpoint

@@ -15,6 +15,7 @@ from common import read_results
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 
 from disttrain.data.loaders import batch_indices, limit_batches, train_loader
+from disttrain.data.positions import StatefulStream
 from disttrain.data.streams import ShardedStream
 from disttrain.observe.progress import ProgressBar
 
@@ -43,7 +44,7 @@ def data_warnings():
 def test_every_sample_is_read_by_exactly_one_reader(n_shards, readers):
     stream = ShardedStream(list(range(n_shards)), _shard, seed=4)
     order = stream.shard_order(epoch=2)
-    read = [list(stream._own_samples(order, r, readers)) for r in range(readers)]
+    read = [list(stream._own_samples(order, r, readers, False)) for r in range(readers)]
     everything = [s for shard in range(n_shards) for s in _shard(shard)]
     assert Counter(s for share in read for s in share) == Counter(everything)
     if n_shards >= readers:  # whole shards, in the epoch's order
@@ -101,9 +102,11 @@ def test_loaders_that_shard_themselves_are_accepted_silently(data_warnings):
         def __iter__(self):
             return iter(range(4))
 
-    for dataset in (ShardedStream(list(range(8)), _shard), Declared()):
-        loader = DataLoader(dataset, batch_size=2)
-        assert train_loader(loader, 1, 2, 0, CPU, "M.train_dataloader()") is loader
+    loader = DataLoader(Declared(), batch_size=2)
+    assert train_loader(loader, 1, 2, 0, CPU, "M.train_dataloader()") is loader
+    stream = ShardedStream(list(range(8)), _shard)  # it has state: read with its position
+    got = train_loader(DataLoader(stream, batch_size=2), 1, 2, 0, CPU, "M.train_dataloader()")
+    assert isinstance(got.dataset, StatefulStream) and got.dataset.dataset is stream
     sampler = DistributedSampler(range(8), num_replicas=2, rank=1)
     batched = DataLoader(range(8), batch_sampler=BatchSampler(sampler, 2, False))
     assert train_loader(batched, 1, 2, 0, CPU, "M") is batched

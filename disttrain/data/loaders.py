@@ -50,12 +50,13 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
         if sampler.resharded is None or sampler.resharded[0] != epoch:
             sampler.skip = first_batch * loader.batch_size
         return iter(loader)
-    if isinstance(dataset, StatefulStream) and dataset.positions is not None:
-        plan = dataset.plan
-        if first_batch and plan is not None and plan.epoch == epoch:  # its states go on
-            return dataset.positions.batches(iter(loader), epoch, first_batch)
-        replayed = _replayed(loader, first_batch)
-        return dataset.positions.batches(replayed, epoch, first_batch)
+    if isinstance(dataset, StatefulStream):
+        plan, positions = dataset.plan, dataset.positions
+        resumed = first_batch and plan is not None and plan.epoch == epoch  # states go on
+        envelopes = iter(loader) if resumed else _replayed(loader, first_batch)
+        if positions is None:  # read outside fit: nothing to record
+            return (envelope.batch for envelope in envelopes)
+        return positions.batches(envelopes, epoch, first_batch)
     if first_batch and isinstance(dataset, IterableDataset) and _first("replay", dataset):
         data_log.warning(
             "resuming in the middle of epoch %d: %s has no state_dict/load_state_dict, so the "

@@ -63,6 +63,14 @@ class StatefulStream(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "positions": None}  # a worker needs no bookkeeping
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __getattr__(self, name: str) -> Any:  # the stream's own attributes
+        if name == "dataset":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = epoch
         if hasattr(self.dataset, "set_epoch"):

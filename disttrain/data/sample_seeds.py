@@ -21,10 +21,11 @@ from torch.utils.data import Dataset
 _MASK = (1 << 64) - 1
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 64-bit seed for ``index`` in ``epoch`` (splitmix64 over the three, well mixed)."""
+def sample_seed(seed: int, *where: int) -> int:
+    """A 64-bit seed for the sample at ``where`` (``epoch, index``; a stream's ``epoch,
+    shard, position``): splitmix64 over the parts, well mixed."""
     z = seed & _MASK
-    for part in (epoch, index):
+    for part in where:
         z = (z ^ (part & _MASK)) * 0x9E3779B97F4A7C15 & _MASK
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
         z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK

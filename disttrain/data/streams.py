@@ -22,14 +22,19 @@ exactly one reader.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import logging
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from disttrain.data.sample_seeds import sample_seed, seed_draws
 from disttrain.dist.env import DistEnv
 
 log = logging.getLogger("disttrain.data")
@@ -65,14 +70,19 @@ class ShardedStream(IterableDataset):
       ``shuffle_buffer=n`` yields each reader's samples through a buffer of ``n``, drawn from
       ``(seed, epoch, reader)``.
     - **Seed.** ``seed=None`` takes the run's seed (the trainer's ``seed``, 0 without one).
+    - **Random draws.** In a loader worker, the draws ``read_shard`` makes for each sample
+      (torch, ``random``, NumPy) are seeded from ``(seed, epoch, shard, position in shard)``:
+      the same in whichever worker and rank reads it.
+    - **Resume.** ``state_dict()`` is the pass's position (epoch, reader, samples yielded);
+      ``load_state_dict`` makes the next pass go on after it. The trainer saves it per loader
+      worker with every checkpoint (``disttrain/data/positions.py``): a mid-epoch resume
+      trains the batches the unbroken run would have.
 
     ``read_shard`` is given, or overridden by a subclass. With loader workers started by
     ``spawn`` it must pickle (a module-level function). The trainer gives no length to a
     stream: a fractional ``limit_train_batches`` is refused, an int counts batches, and an
     epoch ends when every reader's share is read. Ranks whose shares hold different numbers
-    of batches would reach the epoch's end at different steps: give every rank the same
-    number (shards of equal size, as many per reader), or an int ``limit_train_batches`` that
-    every rank reaches.
+    of batches all stop at the shortest (README: Uneven inputs).
     """
 
     shards_by_rank = True
@@ -101,6 +111,8 @@ class ShardedStream(IterableDataset):
         # this object, but this tensor is the same memory in every process
         self._state = torch.tensor([seed or 0, 0], dtype=torch.int64).share_memory_()
         self._warned_few_shards = False
+        self._loaded: dict[str, int] | None = None  # a position to go on from (once)
+        self._position: dict[str, int] = {"epoch": 0, "reader": 0, "readers": 1, "read": 0}
 
     def read_shard(self, shard: Any) -> Iterable[Any]:
         """The samples of ``shard``, in order."""
@@ -145,28 +157,96 @@ class ShardedStream(IterableDataset):
                 readers,
             )
 
+    def state_dict(self) -> dict[str, int]:
+        """Where this reader's pass stands: its epoch, reader and samples yielded so far.
+        (The trainer calls it in the loader worker after each batch; see data/positions.py.)"""
+        return dict(self._position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next pass of the same epoch and reader go on after ``state["read"]``
+        samples; the skipped samples are read again (their random draws discarded)."""
+        self._loaded = dict(state)
+
     def __iter__(self) -> Iterator[Any]:
         reader, readers = reader_position()
-        if get_worker_info() is None:
+        in_worker = get_worker_info() is not None
+        if not in_worker:
             self.warn_if_few_shards(readers)
         seed, epoch = self.seed, self.epoch  # read once: the epoch this pass belongs to
-        samples = self._own_samples(self.shard_order(epoch), reader, readers)
+        samples = self._own_samples(self.shard_order(epoch), reader, readers, in_worker)
         if self.shuffle_buffer > 1:
             rng = random.Random(f"disttrain-buffer:{seed}:{epoch}:{reader}")
             samples = _buffer_shuffled(samples, self.shuffle_buffer, rng)
-        return samples
+        here = {"epoch": epoch, "reader": reader, "readers": readers}
+        loaded, self._loaded = self._loaded, None
+        skip = 0
+        if loaded is not None:
+            if {k: loaded.get(k) for k in here} == here:
+                skip = loaded["read"]
+            else:
+                log.warning(
+                    "%s: the loaded position %s is not this pass's (%s): reading it whole",
+                    type(self).__name__,
+                    loaded,
+                    here,
+                )
+        self._position = {**here, "read": skip}
+        return self._counted(samples, skip)
 
-    def _own_samples(self, order: list[int], reader: int, readers: int) -> Iterator[Any]:
+    def _counted(self, samples: Iterator[Any], skip: int) -> Iterator[Any]:
+        if skip:
+            with _generators_kept():
+                collections.deque(itertools.islice(samples, skip), maxlen=0)
+        position = self._position
+        for sample in samples:
+            position["read"] += 1
+            yield sample
+
+    def _own_samples(
+        self, order: list[int], reader: int, readers: int, seeded: bool
+    ) -> Iterator[Any]:
         n = len(order)
         if n >= readers:
             for index in order[reader::readers]:
-                yield from self.read_shard(self.shards[index])
+                yield from self._shard_samples(index, seeded)
             return
         group = len(range(reader % n, readers, n))  # the readers sharing this reader's shard
         mine = reader // n  # this reader's place in that group
-        for k, sample in enumerate(self.read_shard(self.shards[order[reader % n]])):
+        for k, sample in enumerate(self._shard_samples(order[reader % n], seeded)):
             if k % group == mine:
                 yield sample
+
+    def _shard_samples(self, index: int, seeded: bool) -> Iterator[Any]:
+        """Shard ``index``'s samples; in a loader worker each one's random draws are seeded
+        from (seed, epoch, shard, position): the same in whichever worker and rank reads it."""
+        samples = iter(self.read_shard(self.shards[index]))
+        if not seeded:
+            yield from samples
+            return
+        seed, epoch = self.seed, self.epoch
+        for k in itertools.count():
+            seed_draws(sample_seed(seed, epoch, index, k))
+            sample = next(samples, _END)
+            if sample is _END:
+                return
+            yield sample
+
+
+_END = object()
+
+
+@contextlib.contextmanager
+def _generators_kept() -> Iterator[None]:
+    """Random draws inside leave torch's, Python's and NumPy's global generators as found."""
+    numpy = sys.modules.get("numpy")
+    saved = (torch.get_rng_state(), random.getstate(), numpy and numpy.random.get_state())
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        if numpy is not None:
+            numpy.random.set_state(saved[2])
 
 
 def _buffer_shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:

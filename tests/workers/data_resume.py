@@ -78,6 +78,19 @@ class ForgetfulStream(NoisyStream):
             yield x + 0.1 * torch.randn(x.shape), y, idx
 
 
+def read_augmented(shard: tuple[int, int]):
+    """Shard ``(first, n)``: samples ``first .. first + n - 1``, with noise drawn from the
+    worker's global generators (seeded per sample by ShardedStream in loader workers)."""
+    data = Augmented(48)
+    return (data[i] for i in range(shard[0], shard[0] + shard[1]))
+
+
+def sharded_stream() -> disttrain.ShardedStream:
+    """48 samples in 12 shards of 4, a shuffle buffer of 3."""
+    shards = [(4 * s, 4) for s in range(12)]
+    return disttrain.ShardedStream(shards, read_augmented, shuffle_buffer=3)
+
+
 class Job(Resumable):
     """Dropout, momentum, a step-wise schedule, and one of the data kinds above."""
 
@@ -98,7 +111,8 @@ class Job(Resumable):
         if self.kind == "map":
             data = Augmented(self.n_train)
             return DataLoader(data, batch_size=2, shuffle=True, num_workers=self.workers)
-        stream = NoisyStream() if self.kind == "stream" else ForgetfulStream()
+        kinds = {"stream": NoisyStream, "forgetful": ForgetfulStream, "sharded": sharded_stream}
+        stream = kinds[self.kind]()
         return DataLoader(stream, batch_size=2, num_workers=self.workers)
 
 
