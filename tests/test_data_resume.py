@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from common import read_results
 from conftest import WORKERS, assert_same_weights, final_weights, job_config, launch, torchrun
@@ -124,3 +125,20 @@ def test_three_sigkills_and_restarts_end_bitwise_equal(tmp_path, kind, strategy)
     assert (report / "start-rank0-attempt3").exists()  # three restarts
     assert proc.stderr.count("resumed from") >= 3
     assert_same_weights(final_weights(killed), final_weights(unbroken))
+
+
+def test_a_samples_draws_depend_on_seed_epoch_and_index_only():
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.randn(1).item()
+
+    data = SeededSamples(torch.utils.data.Subset(Noise(), range(10)), seed=3)
+    batch = data.__getitems__([4, 2, 7])
+    assert data.__getitems__([2]) == [batch[1]]  # alone or in any batch: the same draw
+    assert data[7] == batch[2]
+    data.set_epoch(1)
+    assert data[2] != batch[1]  # another epoch, other draws
+    assert SeededSamples(Noise(), seed=4)[2] != batch[1]  # another run seed

@@ -66,8 +66,8 @@ class SeededSamples(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         seed, epoch = self._state.tolist()
-        inner = getattr(self.dataset, "__getitems__", None)
-        if inner is not None:  # a batched reader: one seed per batch, from its first sample
+        inner = _batched_reader(self.dataset)
+        if inner is not None:  # your batched reader: one seed per batch, from its first sample
             seed_draws(sample_seed(seed, epoch, indices[0]))
             return inner(indices)
         samples = []
@@ -80,3 +80,12 @@ class SeededSamples(Dataset):
         if name == "dataset":  # not yet set (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def _batched_reader(dataset: Any) -> Any:
+    """``dataset.__getitems__`` if its own class reads batches (torch's ``Subset`` and the
+    like only forward to ``__getitem__``: those are read sample by sample, seeded each)."""
+    method = getattr(type(dataset), "__getitems__", None)
+    if method is None or getattr(method, "__module__", "").startswith("torch.utils.data"):
+        return None
+    return dataset.__getitems__
