@@ -332,7 +332,14 @@ def count_collectives(outdir):
             windows.append(("batch_start", trainer.current_epoch, dict(current)))
             current.clear()
 
-    module = LogsMetrics(n_train=32, batch_size=2)
+    class FromStream(LogsMetrics):  # a ShardedStream read by 2 workers, its position kept
+        def train_dataloader(self):
+            from data_resume import sharded_stream
+
+            return torch.utils.data.DataLoader(sharded_stream(), batch_size=2, num_workers=2)
+
+    stream = os.environ.get("DATA") == "stream"
+    module = (FromStream if stream else LogsMetrics)(n_train=32, batch_size=2)
     trainer = Trainer(
         max_epochs=2,
         num_sanity_val_steps=0,
