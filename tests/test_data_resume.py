@@ -32,12 +32,13 @@ def run(tmp_path, kinds: str, nproc: int):
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_mid_epoch_resume_with_two_workers_is_bitwise(tmp_path, nproc):
-    _, results = run(tmp_path, "map,stream,sharded", nproc)
+    _, results = run(tmp_path, "map,stream,sharded,persistent", nproc)
     for result in results:
         assert result["map"]["bitwise"], "map-style data with 2 workers"
         assert result["map"]["same_with_one_worker"]
         assert result["stream"]["bitwise"], "a stream with state_dict, 2 workers"
         assert result["sharded"]["bitwise"], "a ShardedStream with a buffer, 2 workers"
+        assert result["persistent"]["bitwise"], "the same, its workers persistent"
 
 
 def test_a_stream_without_state_says_what_resume_cannot_restore(tmp_path):

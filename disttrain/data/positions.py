@@ -79,6 +79,8 @@ class StatefulStream(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        if info is not None:  # a persistent worker's id may say an earlier epoch's role
+            worker = self.__dict__.setdefault("_worker", worker)
         epoch, plan = int(self._epoch[0]), self.plan
         resuming = plan is not None and plan.epoch == epoch
         self.role = (worker + plan.next_worker) % workers if resuming and plan else worker
@@ -95,7 +97,7 @@ class StatefulStream(IterableDataset):
 def _act_as(info: Any, role: int) -> None:
     """Make ``get_worker_info().id`` say ``role`` in this worker, so that a stream sharding
     itself by worker id reads the share of the worker whose state it loaded."""
-    if info.id != role or worker_info_module._worker_info is not info:
+    if info.id != role:
         worker_info_module._worker_info = type(info)(
             id=role, num_workers=info.num_workers, seed=info.seed, dataset=info.dataset
         )

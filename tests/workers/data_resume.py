@@ -111,6 +111,10 @@ class Job(Resumable):
         if self.kind == "map":
             data = Augmented(self.n_train)
             return DataLoader(data, batch_size=2, shuffle=True, num_workers=self.workers)
+        if self.kind == "persistent":  # workers that live on: later epochs must not turn
+            return DataLoader(
+                sharded_stream(), batch_size=2, num_workers=2, persistent_workers=True
+            )
         kinds = {"stream": NoisyStream, "forgetful": ForgetfulStream, "sharded": sharded_stream}
         stream = kinds[self.kind]()
         return DataLoader(stream, batch_size=2, num_workers=self.workers)
