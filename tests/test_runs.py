@@ -21,6 +21,12 @@ SHORT = {
         "model.init_args.sample_chars=20",
     ],
     "digits.yaml": ["trainer.max_epochs=3"],
+    "stream.yaml": [  # more in test_stream_example.py
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "model.init_args.sample_chars=20",
+    ],
 }
 
 

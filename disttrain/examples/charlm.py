@@ -38,6 +38,16 @@ def corpus_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+def split(
+    ids: torch.Tensor, val_fraction: float, test_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The corpus cut in three consecutive parts: train, validation, test."""
+    held_out = val_fraction + test_fraction  # 0.1: the 90% trained before
+    train_end = int(len(ids) * (1 - held_out))
+    val_end = train_end + int(len(ids) * val_fraction)
+    return ids[:train_end], ids[train_end:val_end], ids[val_end:]
+
+
 class Windows(Dataset):
     """Non-overlapping windows of ``block + 1`` token ids: input and next-token target."""
 
@@ -102,12 +112,10 @@ class CharLM(disttrain.Module):
 
     def setup(self, stage: str) -> None:
         cached = torch.load(self._cache(), weights_only=True)
-        self.vocab, ids = cached["vocab"], cached["ids"]
-        held_out = self.val_fraction + self.test_fraction  # 0.1: the 90% trained before
-        train_end = int(len(ids) * (1 - held_out))
-        val_end = train_end + int(len(ids) * self.val_fraction)
-        self.train_ids = ids[:train_end]
-        self.val_ids, self.test_ids = ids[train_end:val_end], ids[val_end:]
+        self.vocab = cached["vocab"]
+        self.train_ids, self.val_ids, self.test_ids = split(
+            cached["ids"], self.val_fraction, self.test_fraction
+        )
         counts = torch.bincount(self.train_ids.long(), minlength=len(self.vocab)).double()
         p = counts[counts > 0] / counts.sum()
         self.baseline = float(-(p * p.log()).sum())  # unigram cross-entropy, nats per char
