@@ -19,6 +19,7 @@ from common import read_results
 from conftest import WORKERS, assert_same_weights, final_weights, job_config, launch, torchrun
 
 from disttrain.data.sample_seeds import SeededSamples
+from disttrain.data.streams import ShardedStream
 
 
 def run(tmp_path, kinds: str, nproc: int):
@@ -143,3 +144,15 @@ def test_a_samples_draws_depend_on_seed_epoch_and_index_only():
     data.set_epoch(1)
     assert data[2] != batch[1]  # another epoch, other draws
     assert SeededSamples(Noise(), seed=4)[2] != batch[1]  # another run seed
+
+
+def read_noise(shard):
+    return (torch.randn(1) for _ in range(3))
+
+
+@pytest.mark.parametrize("seed_samples", [True, False])
+def test_a_sharded_stream_seeds_each_samples_draws_in_a_worker_unless_told_not_to(seed_samples):
+    stream = ShardedStream([0, 1], read_noise, seed_samples=seed_samples)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1)
+    first, second = torch.cat(list(loader)), torch.cat(list(loader))  # new worker seeds
+    assert torch.equal(first, second) is seed_samples

@@ -243,15 +243,15 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, mode):
     assert alive.stdout.strip() == "", "workers outlived the second Ctrl-C"
 
 
-def test_sigterm_to_the_launcher_with_loader_workers_stops_cleanly(tmp_path):
+@pytest.mark.parametrize("module", ["common.LoaderWorkers", "common.StreamWorkers"])
+def test_sigterm_to_the_launcher_with_loader_workers_stops_cleanly(tmp_path, module):
     """torchrun's agent signals each rank's whole process group, loader workers included; a
-    worker killed by it would fail the rank. The workers ignore it: the rank stops agreed."""
+    worker killed by it would fail the rank. The workers ignore it: the rank stops agreed.
+    (Map-style data, and a plain stream whose loader disttrain does not rebuild.)"""
     run_dir = tmp_path / "run"
     config = tmp_path / "workers.yaml"
     config.write_text(
-        Path(SMOKE)
-        .read_text()
-        .replace("disttrain.examples.regression.Regression", "common.LoaderWorkers")
+        Path(SMOKE).read_text().replace("disttrain.examples.regression.Regression", module)
     )
     proc = _start("launch", "fit", "--config", str(config), f"run_dir={run_dir}", *LONG)
     _when_training(proc, run_dir)

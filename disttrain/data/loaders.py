@@ -152,8 +152,11 @@ def _is_plain_loader(loader: Any) -> bool:
 
 def _checked_custom(loader: Any, world_size: int, where: str) -> Any:
     """Loaders disttrain cannot shard itself pass through if they shard themselves; an
-    ``IterableDataset`` that does not say so passes with a warning (once per class)."""
+    ``IterableDataset`` that does not say so passes with a warning (once per class). Their
+    workers, too, ignore SIGINT and SIGTERM (``WorkerInit``)."""
     dataset = getattr(loader, "dataset", None)
+    if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, WorkerInit):
+        loader.worker_init_fn = WorkerInit(loader.worker_init_fn)  # a signal stops the rank
     if isinstance(dataset, IterableDataset):
         _check_stream(loader, dataset, world_size, where)
         return loader

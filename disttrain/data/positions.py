@@ -163,7 +163,7 @@ def stateful_loader(loader: DataLoader, device: torch.device) -> DataLoader:
     """A stream with state, read so that its position is known after every batch."""
     assert isinstance(loader.dataset, IterableDataset)  # has_state said so
     stream = StatefulStream(loader.dataset)
-    workers = loader.num_workers
+    workers, init = loader.num_workers, loader.worker_init_fn
     return DataLoader(
         stream,
         batch_size=loader.batch_size,
@@ -172,7 +172,7 @@ def stateful_loader(loader: DataLoader, device: torch.device) -> DataLoader:
         pin_memory=loader.pin_memory or device.type == "cuda",
         drop_last=loader.drop_last,
         timeout=loader.timeout,
-        worker_init_fn=WorkerInit(loader.worker_init_fn),
+        worker_init_fn=init if isinstance(init, WorkerInit) else WorkerInit(init),
         multiprocessing_context=loader.multiprocessing_context,
         generator=loader.generator,
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,

@@ -213,6 +213,33 @@ class LoaderWorkers(disttrain.examples.regression.Regression):
         )
 
 
+class _OwnShare(torch.utils.data.IterableDataset):
+    """A plain stream (no state) of this reader's share of ``data``."""
+
+    shards_by_rank = True
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __iter__(self):
+        from disttrain.data.streams import reader_position
+
+        reader, readers = reader_position()
+        return (self.data[i] for i in range(reader, len(self.data), readers))
+
+
+class StreamWorkers(disttrain.examples.regression.Regression):
+    """Regression whose training data is a plain stream read by two persistent workers."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            _OwnShare(self.train_set),
+            batch_size=self.batch_size,
+            num_workers=2,
+            persistent_workers=True,
+        )
+
+
 class Resumable(Regressor):
     """Uses every piece of state a resume must restore: dropout (RNG), shuffling (sampler),
     momentum (optimizer state) and a step-wise LR schedule (scheduler state)."""
