@@ -56,6 +56,7 @@ COLLECTIVES = (
     "all_gather_object",
     "barrier",
     "broadcast_object_list",
+    "gather_object",
     "reduce_scatter",
     "all_to_all",
     "gather",

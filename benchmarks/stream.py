@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from overhead import CollectiveCounter  # benchmarks/: this script's folder
 
 import disttrain
 from disttrain.config import run as runconfig
@@ -57,39 +58,9 @@ from disttrain.config import run as runconfig
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"map": ROOT / "configs" / "default.yaml", "stream": ROOT / "configs" / "stream.yaml"}
 WARMUP = 10  # steps of each epoch left out of the steady rate
-COLLECTIVES = (
-    "all_reduce",
-    "broadcast",
-    "all_gather",
-    "all_gather_object",
-    "barrier",
-    "broadcast_object_list",
-    "gather_object",
-    "reduce_scatter",
-    "all_to_all",
-    "gather",
-    "scatter",
-    "all_gather_into_tensor",
-    "reduce_scatter_tensor",
-    "send",
-    "recv",
-)
-CALLS: collections.Counter = collections.Counter()  # torch.distributed calls, by name
-
-
-def count_collectives() -> None:
-    """Count every ``torch.distributed`` collective called from Python, in ``CALLS``."""
-
-    def counting(name: str, fn: Any) -> Any:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            CALLS[name] += 1
-            return fn(*args, **kwargs)
-
-        return counted
-
-    for name in COLLECTIVES:
-        if hasattr(dist, name):
-            setattr(dist, name, counting(name, getattr(dist, name)))
+# torch.distributed calls from Python, by name (overhead.py's counter: it wraps every
+# collective, so it is made once, in the worker)
+CALLS: collections.Counter = collections.Counter()
 
 
 class StepClock(disttrain.Callback):
@@ -165,7 +136,8 @@ def worker(args: argparse.Namespace) -> None:
     """A torchrun worker: every round's fits, interleaved; rank 0 prints the results."""
     logging.getLogger("disttrain").setLevel(logging.WARNING)
     dist.init_process_group("gloo")  # kept open over the fits: disttrain uses it
-    count_collectives()
+    global CALLS
+    CALLS = CollectiveCounter().current
     length = (
         [f"trainer.max_epochs={args.epochs}"]
         if args.epochs
