@@ -55,6 +55,14 @@ def test_profiler_reports_hooks_and_phases(tmp_path):
         assert name in report, name
     row = next(line for line in report.splitlines() if line.startswith("forward"))
     assert row.split()[1] == "8"  # 8 batches: one forward each
+    # each phase's share of the training loop (the epochs, their validation included)
+    loop = next(line for line in report.splitlines() if line.startswith("training loop"))
+    assert loop.split()[2] == "1" and loop.split()[-1] == "100.0%"
+    waited = next(line for line in report.splitlines() if line.startswith("data loading"))
+    share = float(waited.split()[-1].rstrip("%"))
+    totals = trainer.profiler.totals
+    expected = 100 * totals["data loading"] / totals["training loop"]
+    assert share == pytest.approx(expected, abs=0.06) and 0 < share < 100
     assert disttrain.Trainer(max_epochs=1).profiler is None  # off: nothing attached
 
 

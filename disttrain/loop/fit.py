@@ -33,7 +33,7 @@ from disttrain.loop.precision import NULL_CONTEXT, grad_scaler
 from disttrain.loop.session import hyperparams, open_session, write_run_files
 from disttrain.loop.state import BatchHooks, FitRun
 from disttrain.loop.stopping import PreemptionWatcher, Stopping
-from disttrain.observe.profiler import report
+from disttrain.observe.profiler import TRAINING_LOOP, report
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
 
@@ -51,7 +51,9 @@ def fit(trainer: Trainer, module: Module, datamodule: DataModule | None) -> None
     ):
         run = start(trainer, dispatcher, module, Stopping(trainer._collectives, watcher))
         sanity_check(trainer, run)
-        train(trainer, run, module)
+        profiler = trainer.profiler  # with it, each phase's share of the training loop
+        train_loop = train if profiler is None else profiler.timed(TRAINING_LOOP, train)
+        train_loop(trainer, run, module)
         finish(trainer, run)
     _say_where_files_went(trainer)  # last, where the eye lands
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+TRAINING_LOOP = "training loop"  # the phase every share is of: all epochs of a fit
+
 
 class SimpleProfiler:
     def __init__(self) -> None:
@@ -132,17 +134,21 @@ def _on_gpu(device: torch.device | None) -> bool:
 
 
 def report(per_rank: list[dict[str, tuple[int, float]]]) -> str:
-    """A table: per phase/hook, calls, total and mean time (rank 0), and the slowest rank."""
+    """A table: per phase/hook, calls, total and mean time (rank 0), the slowest rank, and
+    the share of rank 0's training loop (the epochs, their validation included)."""
     names = sorted({n for summary in per_rank for n in summary},
                    key=lambda n: -per_rank[0].get(n, (0, 0.0))[1])  # fmt: skip
-    rows = [f"{'phase / hook':<40}{'calls':>8}{'total s':>10}{'mean ms':>10}{'slowest rank':>14}"]
+    loop = per_rank[0].get(TRAINING_LOOP, (0, 0.0))[1]
+    rows = [f"{'phase / hook':<40}{'calls':>8}{'total s':>10}{'mean ms':>10}{'slowest rank':>14}"
+            f"{'of loop':>9}"]  # fmt: skip
     for name in names:
         calls, total = per_rank[0].get(name, (0, 0.0))
         slowest = max(range(len(per_rank)), key=lambda r: per_rank[r].get(name, (0, 0.0))[1])
         slow_total = per_rank[slowest].get(name, (0, 0.0))[1]
         mean = 1e3 * total / calls if calls else 0.0
+        share = f"{100 * total / loop:.1f}%" if loop else "-"
         rows.append(f"{name:<40}{calls:>8}{total:>10.3f}{mean:>10.3f}"
-                    f"{f'{slowest} ({slow_total:.3f}s)':>14}")  # fmt: skip
+                    f"{f'{slowest} ({slow_total:.3f}s)':>14}{share:>9}")  # fmt: skip
     return "profile (rank 0's calls and times; the rank with the largest total):\n" + "\n".join(
         rows
     )
