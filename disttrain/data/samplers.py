@@ -37,7 +37,7 @@ class ResumableDistributedSampler(DistributedSampler):
     world size: this rank's shard from ``skip``; at another: see ``reshard``)."""
 
     skip = 0  # samples of this epoch's shard already trained
-    resharded: tuple[int, int] | None = None  # (epoch, samples of its order already trained)
+    resharded: tuple[int, list[int]] | None = None  # (epoch, what is left of its order)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -47,32 +47,31 @@ class ResumableDistributedSampler(DistributedSampler):
         """Start ``epoch`` after the first ``consumed`` samples of its order (trained by the
         checkpoint's ranks, at any world size): the rest is split over this run's ranks as
         ``DistributedSampler`` splits a whole epoch, so each is trained exactly once."""
-        self.resharded = (epoch, consumed)
+        self.resharded = (epoch, self._rest(epoch, consumed))
 
     def __iter__(self) -> Iterator[int]:
         if self.resharded is not None and self.resharded[0] == self.epoch:
-            return iter(self._rest()[self.rank :: self.num_replicas])
+            return iter(self.resharded[1][self.rank :: self.num_replicas])
         indices = super().__iter__()
         return itertools.islice(indices, self.skip, None) if self.skip else indices
 
     def __len__(self) -> int:
         if self.resharded is not None and self.resharded[0] == self.epoch:
-            return len(range(self.rank, len(self._rest()), self.num_replicas))
+            return len(range(self.rank, len(self.resharded[1]), self.num_replicas))
         return self.num_samples - self.skip
 
-    def _rest(self) -> list[int]:
-        """The epoch's order after the trained samples, cut or padded (from its own start)
-        to a multiple of the world size, as ``DistributedSampler`` does with a whole one."""
+    def _rest(self, epoch: int, consumed: int) -> list[int]:
+        """``epoch``'s order after its first ``consumed`` samples, cut or padded (from its own
+        start) to a multiple of the world size, as ``DistributedSampler`` does a whole one."""
         n = len(self.dataset)  # type: ignore[arg-type]
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.shuffle:  # DistributedSampler's permutation of the epoch
+            g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
-        rest = order[self.resharded[1] :] if self.resharded else order
-        extra = len(rest) % self.num_replicas
+        rest = order[consumed:]
         if self.drop_last:
-            return rest[: len(rest) - extra]
+            return rest[: len(rest) - len(rest) % self.num_replicas]
         pad = -len(rest) % self.num_replicas
         return rest + (rest * math.ceil(pad / max(1, len(rest))))[:pad]
 
@@ -99,11 +98,10 @@ def reshard(loader: Any, progress: Any, saved_world_size: int, world_size: int) 
     sampler.set_epoch(progress.epoch)
     full = len(loader)
     sampler.reshard(progress.epoch, consumed)
-    remaining = len(loader)
     data_log.info(
         "epoch %d goes on at world size %d: its remaining %d samples split over the ranks",
         progress.epoch,
         world_size,
-        len(sampler._rest()),
+        len(sampler.resharded[1]) if sampler.resharded else 0,
     )
-    return full - remaining
+    return full - len(loader)

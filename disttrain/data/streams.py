@@ -27,13 +27,13 @@ import contextlib
 import itertools
 import logging
 import random
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from disttrain.checkpoint.format import rng_state, set_rng_state
 from disttrain.data.sample_seeds import sample_seed, seed_draws
 from disttrain.dist.env import DistEnv
 
@@ -241,16 +241,12 @@ _END = object()
 
 @contextlib.contextmanager
 def _generators_kept() -> Iterator[None]:
-    """Random draws inside leave torch's, Python's and NumPy's global generators as found."""
-    numpy = sys.modules.get("numpy")
-    saved = (torch.get_rng_state(), random.getstate(), numpy and numpy.random.get_state())
+    """Random draws inside leave the global generators (those a checkpoint saves) as found."""
+    saved = rng_state()
     try:
         yield
     finally:
-        torch.set_rng_state(saved[0])
-        random.setstate(saved[1])
-        if numpy is not None:
-            numpy.random.set_state(saved[2])
+        set_rng_state(saved)
 
 
 def _buffer_shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
