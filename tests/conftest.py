@@ -184,3 +184,35 @@ def assert_same_weights(got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+# -- a scenario written beside its test ---------------------------------------------------
+def run_beside(
+    test_file: str | Path,
+    name: str,
+    outdir: Path,
+    nproc: int = 2,
+    timeout: float = 120,
+    expect_ok: bool = True,
+    launcher_args: tuple[str, ...] = (),
+    **env: object,
+) -> subprocess.CompletedProcess:
+    """Run the scenario function ``name`` of ``test_file`` on ``nproc`` torchrun ranks.
+
+    The test file ends with ``if __name__ == "__main__": run_scenario(globals())``, so a
+    test's ranks run code written next to its assertions. ``outdir`` is created and passed to
+    the scenario; ``env`` entries are set in the workers' environment.
+    """
+    outdir.mkdir(parents=True, exist_ok=True)
+    proc = torchrun(
+        test_file,
+        name,
+        str(outdir),
+        nproc=nproc,
+        timeout=timeout,
+        env={k: str(v) for k, v in env.items()},
+        launcher_args=launcher_args,
+    )
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-8000:]
+    return proc

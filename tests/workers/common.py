@@ -404,3 +404,12 @@ class SleepsInBatchEnd(Regressor):
     def on_batch_end(self):
         if self.global_rank == 1 and self.global_step == 3:
             time.sleep(self.sleep)
+
+
+def run_scenario(namespace: dict) -> None:
+    """A test file run by torchrun as ``FILE NAME OUTDIR``: call its function ``NAME(OUTDIR)``
+    on this rank (see ``conftest.run_beside``)."""
+    import sys
+
+    name, outdir = sys.argv[1], sys.argv[2]
+    namespace[name](outdir)
