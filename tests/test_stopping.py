@@ -5,6 +5,7 @@ twice in the launcher and in the debug mode."""
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -23,11 +24,13 @@ from conftest import (
     final_weights,
     job_config,
     launch,
+    launch_two,
     worker_env,
 )
 
 import disttrain
 from disttrain import Trainer
+from disttrain.ranks.dispatch import HookRaised
 
 
 def test_minus_one_on_rank_one_stops_every_rank_at_the_same_batch(scenario):
@@ -193,7 +196,7 @@ def _step_of(checkpoint: Path) -> int:
 @pytest.mark.parametrize("mode", ["launch", "debug"])
 def test_ctrl_c_stops_every_rank_checkpoints_and_prints_the_command_that_resumes(tmp_path, mode):
     run_dir = tmp_path / "run"
-    args = ["fit", "--config", SMOKE, f"run_dir={run_dir}", *LONG]
+    args = ["fit", "--config", SMOKE, f"run_dir={run_dir}", *LONG, "trainer.log_every_n_steps=1"]
     command = ["launch", *args] if mode == "launch" else args
     proc = _start(*command)
     _when_training(proc, run_dir)
@@ -205,6 +208,10 @@ def test_ctrl_c_stops_every_rank_checkpoints_and_prints_the_command_that_resumes
     assert len(stops) == 1, err[-4000:]  # one message, from global rank 0
     written = stops[0].split("checkpoint written to ")[1].split(". To resume: ")[0]
     assert Path(written).exists() and _step_of(Path(written)) > 0
+    # the history is kept up to the stop: a row for every step logged (each one here)
+    with (run_dir / "metrics.csv").open() as f:
+        logged = [int(row["step"]) for row in csv.DictReader(f) if row.get("train_loss")]
+    assert logged == list(range(1, _step_of(Path(written)) + 1))
     resume = stops[0].split("To resume: ")[1]
     assert resume == "disttrain " + " ".join(command)
     # the printed command resumes (run it shortened: a step limit just past the checkpoint)
@@ -270,3 +277,36 @@ def test_a_monitored_checkpoint_saves_before_any_validation(tmp_path):
     trainer.fit(module)
     assert monitor.saved == ["epoch=0-step=2.ckpt"] and monitor.best == []
     assert (Path(trainer.config.default_root_dir) / "checkpoints" / "epoch=0-step=2.ckpt").exists()
+
+
+def test_a_monitor_the_run_never_logs_stops_every_rank_naming_what_was_logged(tmp_path):
+    """A typo in ``monitor`` used to run to the end and exit 0 without a word."""
+    callbacks = (
+        "trainer.callbacks=[{class_path: disttrain.callbacks.ModelCheckpoint, "
+        "init_args: {monitor: val_los}}]"
+    )
+    proc = launch_two(SMOKE, f"run_dir={tmp_path / 'run'}", "trainer.max_epochs=4", callbacks)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert "ModelCheckpoint(monitor='val_los'): the run never logged 'val_los'" in proc.stderr
+    assert "(did you mean 'val_loss'?)" in proc.stderr
+    assert "logged: epoch, lr, train_loss, val_loss" in proc.stderr
+    assert "epoch=1-step=" not in proc.stderr  # it stopped after the first epoch
+
+
+@pytest.mark.parametrize("validates", [True, False])
+def test_early_stopping_on_a_metric_never_logged_is_an_error_once_validation_ran(
+    tmp_path, caplog, validates
+):
+    module = Regressor(n_train=16)
+    stopper = disttrain.EarlyStopping(monitor="val_acc")
+    limit = {} if validates else {"limit_val_batches": 0}
+    trainer = Trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=[stopper], **limit)
+    if validates:
+        with pytest.raises(HookRaised) as err:
+            trainer.fit(module)
+        assert "EarlyStopping(monitor='val_acc'): the run never logged 'val_acc'" in str(err.value)
+        assert trainer.current_epoch == 1  # raised as epoch 1 started, not at the end
+    else:  # no validation ever ran: the metric may just not have come round yet
+        trainer.fit(module)
+        assert "the run never logged 'val_acc'" in caplog.text
+        assert "(no validation ran in this fit)" in caplog.text

@@ -25,6 +25,9 @@ class Module(ModelHooks, torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._trainer: Trainer | None = None
+        # torch's seed while the model is built: the start-up one (drawn from the OS) means
+        # its initial weights differ in every run (Trainer.fit warns)
+        self._seed_at_build = torch.initial_seed()
 
     # -- what the trainer calls -------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int, *optimizer_idx: int) -> Any:

@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from disttrain.callbacks.base import Callback
+from disttrain.callbacks.monitor import MonitorWatch
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
@@ -15,7 +16,9 @@ class EarlyStopping(Callback):
     """Stop training when ``monitor`` (in ``trainer.callback_metrics``) stops improving.
 
     Checked after every validation, on each rank with the value that rank sees; the stop is
-    agreed, so a stop decided on any one rank stops every rank after the same step.
+    agreed, so a stop decided on any one rank stops every rank after the same step. A key
+    the run never logs is an error once an epoch with validation has ended, naming the keys
+    that were logged.
     """
 
     def __init__(
@@ -27,8 +30,19 @@ class EarlyStopping(Callback):
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.stopped_epoch: int | None = None
+        self._watch = MonitorWatch("EarlyStopping", monitor)
+
+    def on_epoch_start(self, trainer: Trainer, module: Any) -> None:
+        self._watch.check(trainer)
+
+    def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
+        self._watch.epoch_ended()
+
+    def on_train_end(self, trainer: Trainer, module: Any) -> None:
+        self._watch.check(trainer, at_end=True)
 
     def on_post_performance_check(self, trainer: Trainer, module: Any) -> None:
+        self._watch.validation_ended(trainer)
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[self.monitor])

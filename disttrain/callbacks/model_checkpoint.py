@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from disttrain.callbacks.base import Callback
+from disttrain.callbacks.monitor import MonitorWatch
 from disttrain.checkpoint.atomic import atomic_link
 from disttrain.checkpoint.format import LAST_NAME, file_name, remove
 
@@ -21,10 +22,11 @@ class ModelCheckpoint(Callback):
     """Save checkpoints every N optimizer steps and/or every N epochs; keep the last K, and
     optionally the best K by a monitored metric; keep ``last.ckpt`` naming the newest.
 
-    ``monitor`` names a key of ``trainer.callback_metrics`` (what ``validation_epoch_end``
-    returned); its value is averaged over the ranks before it is compared, so every rank
-    keeps the same files. Files: ``DIRPATH/epoch=E-step=S.ckpt`` (default DIRPATH:
-    ``RUN_DIR/checkpoints``).
+    ``monitor`` names a key of ``trainer.callback_metrics`` (a metric logged with
+    ``self.log``, or what ``validation_epoch_end`` returned); its value is averaged over the
+    ranks before it is compared, so every rank keeps the same files. A key the run never logs
+    is an error once an epoch with validation has ended, naming the keys that were logged.
+    Files: ``DIRPATH/epoch=E-step=S.ckpt`` (default DIRPATH: ``RUN_DIR/checkpoints``).
     """
 
     def __init__(
@@ -49,12 +51,25 @@ class ModelCheckpoint(Callback):
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.keep_last_k, self.save_last = keep_last_k, save_last
         self.monitor, self.mode, self.save_top_k = monitor, mode, save_top_k
+        self._watch = MonitorWatch("ModelCheckpoint", monitor) if monitor else None
         self.saved: list[str] = []  # file names, oldest first
         self.best: list[tuple[float, str]] = []  # (score, file name), best first
         self.last_saved_step = -1
 
     def directory(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.config.default_root_dir) / "checkpoints")
+
+    def on_epoch_start(self, trainer: Trainer, module: Any) -> None:
+        if self._watch is not None:
+            self._watch.check(trainer)
+
+    def on_post_performance_check(self, trainer: Trainer, module: Any) -> None:
+        if self._watch is not None:
+            self._watch.validation_ended(trainer)
+
+    def on_train_end(self, trainer: Trainer, module: Any) -> None:
+        if self._watch is not None:
+            self._watch.check(trainer, at_end=True)
 
     def on_batch_end(self, trainer: Trainer, module: Any) -> None:
         n = self.every_n_steps
@@ -63,6 +78,8 @@ class ModelCheckpoint(Callback):
             self.save(trainer)
 
     def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
+        if self._watch is not None:
+            self._watch.epoch_ended()
         n = self.every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0:
             self.save(trainer)

@@ -26,7 +26,7 @@ from disttrain.config import run as runconfig
 from disttrain.config.options import ConfigError
 from disttrain.dist.env import DistEnv
 from disttrain.dist.launcher import launch_workers, record_failure
-from disttrain.loop.seeding import seed_everything
+from disttrain.loop.seeding import seed_for_run
 from disttrain.loop.stopping import EXIT_INTERRUPTED, Preempted
 from disttrain.loop.trainer import Trainer
 from disttrain.observe.console import configure_logging
@@ -160,8 +160,7 @@ def _worker(stage: str, run: Any) -> int:
     configure_logging(rank)
     log = logging.getLogger("disttrain.cli")
     try:
-        if run.seed is not None:
-            seed_everything(run.seed)  # before the model is built: same initial weights
+        seed_for_run(run.seed)  # before the model is built: the same initial weights
         trainer = Trainer(runconfig.build_callbacks(run), resolved_config=run.resolved)
         module = run.model.build()
         datamodule = run.data.build() if run.data else None

@@ -257,7 +257,7 @@ def train_loader_for(trainer: Trainer, module: Any) -> Any:
     """The training loader of the data module (if it has one) or the module, sharded."""
     source = _loader_source(trainer, module, "train_dataloader")
     where = f"{type(source).__name__}.train_dataloader()"
-    seed = trainer.config.seed if trainer.config.seed is not None else 0
+    seed = trainer.seed if trainer.seed is not None else 0
     env = trainer.env
     return train_loader(
         source.train_dataloader(), env.rank, env.world_size, seed, trainer.device, where

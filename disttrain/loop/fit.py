@@ -30,6 +30,7 @@ from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import evaluate
 from disttrain.loop.outputs import detached, loss_of, per_batch
 from disttrain.loop.precision import NULL_CONTEXT, grad_scaler
+from disttrain.loop.seeding import warn_if_built_unseeded
 from disttrain.loop.session import hyperparams, open_session, write_run_files
 from disttrain.loop.state import BatchHooks, FitRun
 from disttrain.loop.stopping import PreemptionWatcher, Stopping
@@ -53,7 +54,10 @@ def fit(trainer: Trainer, module: Module, datamodule: DataModule | None) -> None
         sanity_check(trainer, run)
         profiler = trainer.profiler  # with it, each phase's share of the training loop
         train_loop = train if profiler is None else profiler.timed(TRAINING_LOOP, train)
-        train_loop(trainer, run, module)
+        try:
+            train_loop(trainer, run, module)
+        finally:  # a stop, a signal or a failure keeps what was logged up to it
+            trainer.logger.save()
         finish(trainer, run)
     _say_where_files_went(trainer)  # last, where the eye lands
 
@@ -61,6 +65,7 @@ def fit(trainer: Trainer, module: Module, datamodule: DataModule | None) -> None
 def start(trainer: Trainer, dispatcher: Dispatcher, module: Module, stopping: Stopping) -> FitRun:
     """Everything before the first batch: data, setup, the wrap, the resume, the loaders."""
     cfg, call = trainer.config, dispatcher.call
+    warn_if_built_unseeded(module, trainer.seed)
     call(Hook.PREPARE_DATA)
     dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, trainer)
     log.info("run directory: %s", Path(cfg.default_root_dir).resolve())

@@ -1,15 +1,91 @@
-"""Seeding every generator a run draws from."""
+"""Seeding every generator a run draws from, without ever undoing a user's own seeding.
+
+A ``Trainer`` seeds Python's, torch's and NumPy's generators when it is built, so a model
+built after ``Trainer(...)`` starts from the same weights in every run, except where the user
+seeded first (``disttrain.seed_everything(s)``, or ``torch.manual_seed(s)`` directly) and the
+trainer's ``seed`` is its default: then the generators are left as they are and ``s`` is the
+run's seed (samplers, per-sample seeds). A ``seed`` given to the trainer explicitly is applied.
+
+torch seeds its default generator from the operating system at start-up, so a model built
+before any seeding gets different weights in every run: ``Trainer.fit`` warns about that.
+"""
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 
 import torch
 
+log = logging.getLogger("disttrain.seeding")
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, torch's (every device) and, if it is loaded, numpy's generators."""
+_STARTUP_SEED = torch.initial_seed()  # drawn by torch from the OS: nobody has seeded yet
+_last: tuple[int, str] | None = None  # (seed, "user" | "trainer") of the last seeding seen
+
+
+def seed_everything(seed: int) -> int:
+    """Seed Python's, torch's (every device) and, if it is loaded, NumPy's generators.
+
+    Call it first in a script, before building the model: the model's initial weights and
+    every later draw are then the same in each run, and a ``Trainer`` built afterwards keeps
+    this seed (it never reseeds what you seeded). Returns ``seed``.
+    """
+    _seed_generators(seed)
+    _record(seed, "user")
+    return seed
+
+
+def seed_for_run(seed: int | None, explicit: bool = True) -> int | None:
+    """What a trainer (or a config run, before it builds the model) does with its ``seed``
+    option: a seed given explicitly is applied; the default one only if the user has not
+    seeded first. Returns the seed the run uses (the user's where it stands), or None when
+    nothing is seeded."""
+    in_effect = current_seed()
+    users = in_effect is not None and _last is not None and _last[1] == "user"
+    if seed is None or (users and not explicit):
+        return in_effect
+    _seed_generators(seed)
+    _record(seed, "trainer")
+    return seed
+
+
+def current_seed() -> int | None:
+    """The seed the generators were last seeded with, or None if nobody seeded them. A
+    ``torch.manual_seed`` called directly counts as the user's seeding."""
+    global _last
+    torch_seed = torch.initial_seed()
+    if _last is not None and torch_seed == _last[0]:
+        return _last[0]
+    if torch_seed != _STARTUP_SEED:  # torch.manual_seed called since, by the user
+        _last = (torch_seed, "user")
+        return torch_seed
+    return None
+
+
+def warn_if_built_unseeded(module: object, seed: int | None) -> None:
+    """Warn when ``module`` was built before anything was seeded: its initial weights come
+    from the operating system's entropy, so no two runs of the script start alike."""
+    built_with = getattr(module, "_seed_at_build", None)
+    if seed is None or built_with != _STARTUP_SEED:
+        return
+    name = type(module).__name__
+    log.warning(
+        "%s was built before any seed was set, so its initial weights differ in every run "
+        "(seed=%d seeds only what comes after). For a reproducible run, build it after "
+        "Trainer(...) or call disttrain.seed_everything(%d) before building it.",
+        name,
+        seed,
+        seed,
+    )
+
+
+def _record(seed: int, by: str) -> None:
+    global _last
+    _last = (seed, by)
+
+
+def _seed_generators(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     numpy = sys.modules.get("numpy")

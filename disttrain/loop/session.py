@@ -13,7 +13,6 @@ import yaml
 from disttrain.checkpoint.atomic import atomic_write_text
 from disttrain.checkpoint.format import plain_config
 from disttrain.dist.collectives import Collectives, connect
-from disttrain.loop.seeding import seed_everything
 from disttrain.loop.stopping import Preempted
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import hook_schedule
@@ -27,8 +26,6 @@ def open_session(trainer: Trainer, module: Any, datamodule: Any) -> Iterator[Dis
     """Everything fit/validate/test share around their hooks; the group is always left, and
     a failure leaves this rank's flight-recorder trace in the run directory."""
     cfg = trainer.config
-    if cfg.seed is not None:
-        seed_everything(cfg.seed)
     flight = trainer.flight
     trainer._collectives = connect(
         trainer.env, trainer.device, cfg.timeout, cfg.prepare_data_timeout, flight

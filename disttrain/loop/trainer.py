@@ -27,6 +27,7 @@ from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
 from disttrain.loop.precision import autocast_context
+from disttrain.loop.seeding import seed_for_run
 from disttrain.observe.console import configure_logging, writes_run_output
 from disttrain.observe.flight import FlightRecorder
 from disttrain.observe.loggers import Logger, make_logger
@@ -45,6 +46,12 @@ class Trainer:
     Options are those of :class:`disttrain.TrainerConfig`, as keyword arguments or as a config
     object (``Trainer(config)``). Ranks, backend and device come from torchrun's environment,
     read once here; without it the trainer runs a single debug process with the same hooks.
+
+    ``seed`` (default 0) seeds Python's, torch's and NumPy's generators here, when the trainer
+    is built; if you seeded them first (``disttrain.seed_everything``, ``torch.manual_seed``)
+    and pass no ``seed``, your seeding stands and is the run's seed. ``trainer.seed`` says
+    which seed the run uses. Build the model after the trainer, or seed before building it,
+    for the same initial weights in every run (``fit`` warns otherwise).
     """
 
     def __init__(
@@ -60,6 +67,8 @@ class Trainer:
         self.resolved_config = resolved_config  # written to the run directory as config.yaml
         self.env = DistEnv.from_environ()
         configure_logging(self.env.rank)
+        explicit = "seed" in options or self.config.seed != TrainerConfig.seed
+        self.seed = seed_for_run(self.config.seed, explicit)  # the user's seeding stands
         self.device = select_device(self.config.accelerator, self.env)
         cfg = self.config
         self.callbacks: list[Callback] = list(cfg.callbacks)
@@ -185,7 +194,9 @@ class Trainer:
         progress = Progress(
             self.current_epoch, self.global_step, self._next_batch, self._epoch_finished
         )
-        return save(self, self._running("save_checkpoint"), path, progress)
+        saved = save(self, self._running("save_checkpoint"), path, progress)
+        self.logger.save()  # the history as far as the checkpoint: a resume keeps it
+        return saved
 
     def export_weights(self, path: str | os.PathLike) -> Path:
         """The whole module's weights as one ``torch.save`` file for inference (under FSDP
