@@ -38,7 +38,20 @@ def test_sigkill_of_rank_one_restarts_and_ends_with_the_uninterrupted_weights(
     restarted = float((report / "start-rank0-attempt1").read_text())
     print(f"SIGKILL at +{killed - start:.1f}s; training resumed {restarted - killed:.1f}s later")
     assert "resumed from" in proc.stderr
+    # the launcher names the rank that died, and says the job restarts
+    restart = "disttrain: rank 1 was killed by SIGKILL; restarting every rank from the last "
+    assert f"{restart}checkpoint (restart 1 of 1)" in proc.stderr, proc.stderr[-4000:]
+    assert "[rank 0] failed" not in proc.stderr  # rank 0 only lost its peer: not the cause
     assert_same_weights(final_weights(tmp_path), uninterrupted)
+
+
+def test_a_sigkilled_rank_is_named_as_the_one_that_died(tmp_path):
+    proc = launch(job_config(tmp_path, signal_at=3, signal_name="SIGKILL"))
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "disttrain: rank 1 was killed by SIGKILL, without an error of its own" in err, err
+    assert "(rank 0 then lost its connection to it: a consequence)" in err, err
+    assert "rank 0 failed first" not in err and "[rank 0] failed" not in err
 
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, uninterrupted):

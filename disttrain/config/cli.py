@@ -25,7 +25,7 @@ from disttrain.checkpoint.format import SUFFIX, CheckpointError, check_path
 from disttrain.config import run as runconfig
 from disttrain.config.options import ConfigError
 from disttrain.dist.env import DistEnv
-from disttrain.dist.launcher import launch_workers, record_failure
+from disttrain.dist.launcher import launch_workers, peer_loss, record_failure
 from disttrain.loop.seeding import seed_for_run
 from disttrain.loop.stopping import EXIT_INTERRUPTED, Preempted
 from disttrain.loop.trainer import Trainer
@@ -178,7 +178,18 @@ def _worker(stage: str, run: Any) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(traceback.format_exc())
         first = (str(error).strip().splitlines() or [""])[0]
-        log.error("failed: %s: %s (traceback: %s)", type(error).__name__, first, path)
+        lost = peer_loss(str(error))
+        if lost is not None:  # the cause is elsewhere: the launcher names that rank
+            where = getattr(error, "hook", None)
+            log.error(
+                "stopped%s: another rank went away while this one waited for it (%s; "
+                "traceback: %s)",
+                f" in '{where.value}'" if where is not None else "",
+                lost,
+                path,
+            )
+        else:
+            log.error("failed: %s: %s (traceback: %s)", type(error).__name__, first, path)
         return 1
     return 0
 
