@@ -1,4 +1,4 @@
-"""Golden tests: the recorded hook order equals spec/lifecycle.md, in one process and at 2 ranks."""
+"""Golden tests: the recorded hook order equals docs/lifecycle.md, in one process and at 2 ranks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from common import NOTIFY_HOOKS, Recorder, RecordingCallback, read_results
 import disttrain
 from disttrain import Hook
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "lifecycle.md"
-CHECKPOINT_HOOKS = {"on_save_checkpoint", "on_load_checkpoint"}  # not in the spec's table
+SPEC = Path(__file__).resolve().parents[1] / "docs" / "lifecycle.md"
+CHECKPOINT_HOOKS = {"on_save_checkpoint", "on_load_checkpoint"}  # not in the table of docs/lifecycle.md
 STEP_METHODS = {
     "training_step",
     "validation_step",
@@ -24,7 +24,7 @@ STEP_METHODS = {
 
 
 class Expected:
-    """Builds the call list the spec prescribes; callbacks come before the module."""
+    """Builds the call list docs/lifecycle.md prescribes; callbacks come before the module."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -46,7 +46,7 @@ class Expected:
 
 def expected_fit(rank: int, epochs: int, train_batches: int, val_batches: int, sanity: int):
     e = Expected()
-    if rank == 0:  # spec row 1: global zero only
+    if rank == 0:  # row 1 of the table: global zero only
         e("prepare_data")
     e("setup", "fit")
     e("on_fit_start")
@@ -97,8 +97,7 @@ def _first_occurrences(names):
     return seen
 
 
-@pytest.mark.skipif(not SPEC.exists(), reason="shared/spec/lifecycle.md is not beside the repo")
-def test_golden_builder_follows_the_spec_table():
+def test_golden_builder_follows_the_lifecycle_page():
     known = ({h.value for h in Hook} - CHECKPOINT_HOOKS) | STEP_METHODS
     spec_names = []
     for line in SPEC.read_text().split("## `trainer.validate")[0].splitlines():

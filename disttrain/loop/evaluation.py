@@ -63,7 +63,7 @@ _STAGES = {  # stage: (loader, kind of step, limit option)
 
 
 def run_evaluation(trainer: Trainer, module: Any, datamodule: Any, stage: str) -> Any:
-    """``Trainer.validate`` / ``test``: the evaluation lifecycle of ``spec/lifecycle.md``, on
+    """``Trainer.validate`` / ``test``: the evaluation lifecycle of ``docs/lifecycle.md``, on
     the weights ``resume`` names (auto or a path). Returns what ``{kind}_epoch_end`` returned."""
     loader_name, kind, option = _STAGES[stage]
     with open_session(trainer, module, datamodule) as dispatcher:

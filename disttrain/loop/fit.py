@@ -45,7 +45,7 @@ log = logging.getLogger("disttrain.trainer")
 
 
 def fit(trainer: Trainer, module: Module, datamodule: DataModule | None) -> None:
-    """The lifecycle of ``spec/lifecycle.md`` on every rank."""
+    """The lifecycle of ``docs/lifecycle.md`` on every rank."""
     with (
         open_session(trainer, module, datamodule) as dispatcher,
         PreemptionWatcher(trainer.flight.dump) as watcher,

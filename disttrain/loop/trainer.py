@@ -214,7 +214,7 @@ class Trainer:
         return self._dispatcher
 
     def fit(self, module: Module, datamodule: DataModule | None = None) -> None:
-        """Train ``module``: the lifecycle of ``spec/lifecycle.md`` on every rank
+        """Train ``module``: the lifecycle of ``docs/lifecycle.md`` on every rank
         (``disttrain.loop.fit``, level by level).
 
         Dataloaders come from ``datamodule`` where it defines them, else from ``module``. With
