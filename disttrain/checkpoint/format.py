@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disttrain.checkpoint.atomic import atomic_write_with
+from disttrain.checkpoint.atomic import atomic_write_with, replace
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
@@ -102,14 +102,14 @@ def sharded_tmp(path: str | os.PathLike) -> Path:
 
 def finish_sharded(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     """Global zero, after every shard and DCP's metadata are written: add the rest, then
-    rename the directory to its final name -- complete only from then on."""
+    put the directory at its final name -- complete only from then on. A checkpoint of the
+    same name (a file or a directory) is replaced without a moment where neither is
+    complete (``atomic.replace``)."""
     path, tmp = Path(path), sharded_tmp(path)
     if not (tmp / ".metadata").exists():
         raise CheckpointError(f"{tmp}: DCP wrote no .metadata; the checkpoint is incomplete")
     write(tmp / META, checkpoint)
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    os.replace(tmp, path)
+    replace(tmp, path)
 
 
 _DCP_GLOBALS = {
