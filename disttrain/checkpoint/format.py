@@ -46,11 +46,15 @@ class Progress:
     global_step: int
     next_batch: int  # the first batch of ``epoch`` not yet trained
     epoch_finished: bool  # validation and the epoch-end hooks of ``epoch`` have run
+    # samples of ``epoch``'s order all ranks together trained, where a resumed run resharded
+    # the epoch at another world size (None: ``next_batch`` batches on each rank)
+    samples: int | None = None
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Progress:
-        """The progress a checkpoint holds (keys of older versions that are gone ignored)."""
-        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+        """The progress a checkpoint holds (keys of older versions that are gone ignored, keys
+        they did not have yet left at their defaults)."""
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
     def resume_point(self) -> tuple[int, int]:
         """(epoch, first batch) at which training goes on."""
