@@ -137,7 +137,7 @@ _AT_FDCWD = -100
 def _load_renameat2() -> Any:
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no renameat2; no C library as None
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
     function.argtypes += [ctypes.c_uint]
