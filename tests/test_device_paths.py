@@ -356,3 +356,24 @@ def test_cuda_rng_is_saved_and_restored_for_the_ranks_own_device(monkeypatch):
     fake.current_device = lambda: 0  # resumed on another layout
     checkpoint.set_rng_state(saved)
     assert calls[-1] == ("set", 0)
+
+
+# -- the object collectives read back payloads of any size -----------------------------------
+@pytest.mark.parametrize("size", [2**31 + 7, 2**32 + 7], ids=["over-2GiB", "over-4GiB"])
+def test_an_object_payload_of_2_gib_and_more_is_read_back_whole(tmp_path, size):
+    """The read path of ``gather_object``/``broadcast_object`` given a payload of ``size``
+    bytes, without allocating it: a sparse file mapped as the received tensor, whose pages
+    are never touched unless read. The pickle sits at the start and pickle ignores what
+    follows its end, so a reader that takes fewer bytes than the pickle (a C int size that
+    wraps) fails, and one that copies the whole payload would touch gigabytes."""
+    import pickle
+
+    from disttrain.dist import collectives as dist_module
+
+    obj = {"train_loss": ("mean", 1.5, 64.0), "blob": b"x" * 4096}
+    path = tmp_path / "payload"
+    with open(path, "wb") as f:
+        f.write(pickle.dumps(obj))
+        f.truncate(size)  # sparse: no disk, no memory
+    payload = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+    assert dist_module._unpickled(payload, size) == obj

@@ -80,10 +80,11 @@ def test_the_stop_vote_leaves_the_loss_exact_and_reads_what_backward_carried():
     vote.carried_by(loss).backward()
     assert vote.agreed(False)  # a vote cast again is seen again
     assert vote.carried_by("not a loss") == "not a loss"
-    (vote.carried_by(loss) * float("nan")).backward()
-    assert not vote.agreed(True) and vote.weight.grad is None  # poisoned: starts over
-    vote.carried_by(loss).backward()
-    assert vote.agreed(False)  # and still hears the next vote
+    for from_above in (float("nan"), 0.0, float("inf")):  # the ballot arrives as it was cast
+        (vote.carried_by(loss) * from_above).backward()
+        assert not vote.agreed(True), from_above  # no vote carried: none read
+        (vote.carried_by(loss) * from_above).backward()
+        assert vote.agreed(False), from_above  # a vote carried: read
     half = torch.tensor(0.5, dtype=torch.bfloat16, requires_grad=True)
     assert vote.carried_by(half).dtype == torch.bfloat16  # the loss keeps its dtype
     frozen = torch.tensor(1.0)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disttrain.checkpoint.atomic import atomic_write_with
+from disttrain.checkpoint.atomic import atomic_write_with, replace
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
@@ -46,11 +46,15 @@ class Progress:
     global_step: int
     next_batch: int  # the first batch of ``epoch`` not yet trained
     epoch_finished: bool  # validation and the epoch-end hooks of ``epoch`` have run
+    # samples of ``epoch``'s order all ranks together trained, where a resumed run resharded
+    # the epoch at another world size (None: ``next_batch`` batches on each rank)
+    samples: int | None = None
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Progress:
-        """The progress a checkpoint holds (keys of older versions that are gone ignored)."""
-        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+        """The progress a checkpoint holds (keys of older versions that are gone ignored, keys
+        they did not have yet left at their defaults)."""
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
     def resume_point(self) -> tuple[int, int]:
         """(epoch, first batch) at which training goes on."""
@@ -102,14 +106,14 @@ def sharded_tmp(path: str | os.PathLike) -> Path:
 
 def finish_sharded(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     """Global zero, after every shard and DCP's metadata are written: add the rest, then
-    rename the directory to its final name -- complete only from then on."""
+    put the directory at its final name -- complete only from then on. A checkpoint of the
+    same name (a file or a directory) is replaced without a moment where neither is
+    complete (``atomic.replace``)."""
     path, tmp = Path(path), sharded_tmp(path)
     if not (tmp / ".metadata").exists():
         raise CheckpointError(f"{tmp}: DCP wrote no .metadata; the checkpoint is incomplete")
     write(tmp / META, checkpoint)
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    os.replace(tmp, path)
+    replace(tmp, path)
 
 
 _DCP_GLOBALS = {

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from disttrain.checkpoint.atomic import recover
 from disttrain.checkpoint.format import LAST_NAME, SUFFIX, CheckpointError, Progress, load, remove
 from disttrain.checkpoint.snapshot import restore
 from disttrain.dist.fsdp import dcp_load
@@ -117,11 +118,13 @@ def most_advanced(directory: str | os.PathLike) -> str | None:
     progress it holds (never by file times: a rerun's early checkpoints are newer files).
 
     Files that fail to load are skipped with a warning naming them; temporary files of
-    interrupted writes (never complete: they were not renamed) are deleted.
+    interrupted writes (never complete: they were not renamed) are deleted, and a checkpoint
+    that an interrupted replace had renamed aside is put back (``atomic.recover``).
     """
     directory = Path(directory)
     if not directory.is_dir():
         return None
+    recover(directory)
     for leftover in directory.glob(".*.tmp"):
         log.warning(
             "removing %s: the leftover of a checkpoint write that never completed", leftover

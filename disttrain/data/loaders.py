@@ -47,7 +47,7 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
     if hasattr(dataset, "set_epoch"):  # a stream's shard order (streams.py)
         dataset.set_epoch(epoch)
     if first_batch and isinstance(sampler, ResumableDistributedSampler):
-        if sampler.resharded is None or sampler.resharded[0] != epoch:
+        if sampler.resharded is None or sampler.resharded.epoch != epoch:
             sampler.skip = first_batch * loader.batch_size
         return iter(loader)
     if isinstance(dataset, StatefulStream):

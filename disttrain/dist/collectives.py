@@ -137,8 +137,9 @@ class ProcessGroupCollectives(Collectives):
 
     def _gather_pickled(self, name: str, obj: Any, group: Any) -> list[Any]:
         """Every rank's ``obj`` on every rank: pickled into a byte tensor on the gloo control
-        group. Not torch's ``all_gather_object``: that one needs numpy, which torch does not
-        declare, and on NCCL it would add a device round trip."""
+        group. Not torch's ``all_gather_object``: the same two all-gathers, but about 25%
+        slower per call at 2 ranks (``benchmarks/object_collectives.py``: 1.5 against
+        1.2 ms), and it reads through numpy."""
         payload = _pickled(obj)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
         size = torch.tensor([payload.numel()], dtype=torch.int64)
@@ -172,8 +173,13 @@ def _pickled(obj: Any) -> torch.Tensor:
 
 
 def _unpickled(payload: torch.Tensor, size: int) -> Any:
-    # ctypes reads the bytes where Tensor.numpy() would need numpy
-    return pickle.loads(ctypes.string_at(payload.data_ptr(), size))
+    """The object pickled in the first ``size`` bytes of ``payload`` (contiguous uint8).
+
+    Read in place through a ctypes array over the tensor's memory, whose length is a
+    ``Py_ssize_t``: correct at any size (``ctypes.string_at`` takes a C int, so 2 GiB and
+    more raised or came back truncated), no copy, and no numpy (``Tensor.numpy()``)."""
+    view = (ctypes.c_ubyte * size).from_address(payload.data_ptr())
+    return pickle.loads(memoryview(view))
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}

@@ -25,7 +25,7 @@ from disttrain.checkpoint.resume import resume
 from disttrain.data import loaders
 from disttrain.data.loaders import batch_indices
 from disttrain.data.positions import track_positions
-from disttrain.data.samplers import reshard
+from disttrain.data.samplers import reshard, sample_counter
 from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import evaluate
 from disttrain.loop.outputs import detached, loss_of, per_batch
@@ -93,9 +93,10 @@ def start(trainer: Trainer, dispatcher: Dispatcher, module: Module, stopping: St
         val_data = None
     n_train = loaders.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
     n_train = stopping.fewest_batches(n_train)  # every rank ends at the shortest loader
-    if progress and saved_world_size and saved_world_size != trainer.world_size:
+    if progress:  # at another world size (now or before): the rest of the epoch, split anew
         first = reshard(train_data, progress, saved_world_size, trainer.world_size)
         progress = dataclasses.replace(progress, next_batch=first)
+    trainer._count_samples = sample_counter(train_data)
     trainer.num_training_batches = n_train
     hooks = BatchHooks(*map(dispatcher.caller, _BATCH_HOOKS))
     run = FitRun(
@@ -153,6 +154,7 @@ def train(trainer: Trainer, run: FitRun, module: Module) -> None:
             cfg.max_epochs,
             cfg.max_steps,
         )
+        return  # (every rank alike: the same config, the same checkpoint)
     run.stopping.before_training()
     module.train()
     for epoch in range(start_epoch, cfg.max_epochs):

@@ -39,13 +39,14 @@ from disttrain.observe.flight import FINISH, GRADIENT_SYNC, START
 class StopVote:
     """This rank's votes as the gradient of one extra parameter of the DDP model.
 
-    ``carried_by`` adds ``weight · ballot`` to the loss. The weight is zero and no optimizer
-    owns it, so the loss and every other gradient stay exactly as they were, while the
-    weight's gradient is the ballot: [stop, my data ends] (1: yes, 0: no). DDP averages it
-    with the other gradients in its own bucketed all-reduce (C++: no Python comm hook, no
-    collective of its own). Ballots are never negative, so each slot of the weight's gradient,
-    left to accumulate, grows exactly when some rank voted: reading both costs one
-    ``tolist()``, clearing them nothing.
+    ``carried_by`` passes the loss through ``_Carried``: the loss and its gradient stay
+    exactly as they were, and the weight's gradient is the ballot, [stop, my data ends]
+    (1: yes, 0: no), whatever gradient reaches the loss from above (GradScaler's 65536, inf
+    in a float16 loss; a user's ``backward`` that scales the loss, zeroes it or makes it NaN).
+    No optimizer owns the weight. DDP averages its gradient with the others in its own
+    bucketed all-reduce (C++: no Python comm hook, no collective of its own). Ballots are
+    never negative, so each slot of the weight's gradient, left to accumulate, grows exactly
+    when some rank voted: reading both costs one ``tolist()``, clearing them nothing.
     """
 
     def __init__(
@@ -68,15 +69,12 @@ class StopVote:
 
     def carried_by(self, output: Any) -> Any:
         """``output`` (a loss, or a dict with one) whose loss also carries this rank's vote:
-        ``loss + weight * ballot``, exactly ``loss``, whose gradient for the weight is the
-        ballot. A loss that needs no gradient is left alone, so backward reports it."""
+        exactly ``loss``, in its dtype, whose backward gives the weight the ballot as its
+        gradient. A loss that needs no gradient is left alone, so backward reports it."""
         if isinstance(output, torch.Tensor):
             if not output.requires_grad:
                 return output
-            votes = (self.weight * self._ballot).sum()  # elementwise: autocast leaves it
-            if output.dtype is not self.weight.dtype:  # keep a bf16/fp16 loss in its dtype
-                return output + votes.to(output.dtype)
-            return output + votes
+            return _Carried.apply(output, self.weight, self._ballot)
         if isinstance(output, dict) and "loss" in output:
             return {**output, "loss": self.carried_by(output["loss"])}
         return output  # not a loss: loss_of reports it
@@ -111,9 +109,6 @@ class StopVote:
             if grad is None:
                 return False
         total = grad.tolist()
-        if any(v != v for v in total):  # NaN (a backward scaled by NaN): start over; votes recur
-            self.weight.grad, self._seen, self._pending = None, [0.0, 0.0], None
-            return False
         voted = [now > before for now, before in zip(total, self._seen)]
         self._seen, self.data_ended = total, voted[1]
         return voted[0]
@@ -159,6 +154,22 @@ class StopVote:
             recorder.record(FINISH, GRADIENT_SYNC)
 
 
+class _Carried(torch.autograd.Function):
+    """``loss`` unchanged in forward; in backward the loss's gradient passes through as it
+    came and ``weight`` gets ``ballot``, never a product with that gradient: a non-finite,
+    zero or scaled gradient from above must not change a vote (``StopVote``)."""
+
+    @staticmethod
+    def forward(ctx: Any, loss: torch.Tensor, weight: torch.Tensor, ballot: torch.Tensor) -> Any:
+        ctx.save_for_backward(ballot.clone())  # the ballot this forward carried
+        return loss.view_as(loss)  # the same values and dtype; a new node for autograd
+
+    @staticmethod
+    def backward(ctx: Any, from_above: torch.Tensor) -> Any:
+        (ballot,) = ctx.saved_tensors
+        return from_above, ballot, None
+
+
 DEFAULT_TIMEOUT = 1800.0  # TrainerConfig.timeout's default, for a vote built without a trainer
 
 
@@ -187,14 +198,8 @@ def wait_for(
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- rerun the same command to resume
-
-
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
 log = logging.getLogger("disttrain.preemption")
 
 

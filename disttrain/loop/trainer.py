@@ -101,6 +101,8 @@ class Trainer:
         self._dispatcher: Dispatcher | None = None
         self._next_batch, self._epoch_finished = 0, False
         self._data_position: Callable[[], dict] | None = None  # a stream's, for checkpoints
+        # a resharded epoch's samples trained, for checkpoints (fit sets it: data/samplers.py)
+        self._count_samples: Callable[[int, int], int | None] | None = None
         self._step: strategy.Step | None = None  # how fit reaches the model (set in fit)
 
     @property
@@ -191,9 +193,9 @@ class Trainer:
         shards and rank 0 completes the directory), and the call returns on every rank once
         the checkpoint is complete.
         """
-        progress = Progress(
-            self.current_epoch, self.global_step, self._next_batch, self._epoch_finished
-        )
+        epoch, batch = self.current_epoch, self._next_batch
+        samples = self._count_samples(epoch, batch) if self._count_samples else None
+        progress = Progress(epoch, self.global_step, batch, self._epoch_finished, samples)
         saved = save(self, self._running("save_checkpoint"), path, progress)
         self.logger.save()  # the history as far as the checkpoint: a resume keeps it
         return saved
