@@ -12,7 +12,7 @@ import disttrain
 from disttrain import Hook
 
 SPEC = Path(__file__).resolve().parents[1] / "docs" / "lifecycle.md"
-CHECKPOINT_HOOKS = {"on_save_checkpoint", "on_load_checkpoint"}  # not in the table of docs/lifecycle.md
+CHECKPOINT_HOOKS = {"on_save_checkpoint", "on_load_checkpoint"}  # not in the page's table
 STEP_METHODS = {
     "training_step",
     "validation_step",
