@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import math
@@ -26,7 +27,7 @@ from disttrain.data.positions import StatefulStream, has_state, stateful_loader
 from disttrain.data.sample_seeds import SeededSamples
 from disttrain.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from disttrain.data.streams import ShardedStream, shards_itself
-from disttrain.data.workers import WorkerInit
+from disttrain.data.workers import WorkerInit, reading
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
@@ -34,8 +35,11 @@ if TYPE_CHECKING:  # the trainer imports this module
 data_log = logging.getLogger("disttrain.data")
 
 
-def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
+@contextlib.contextmanager
+def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Iterator[Any]]:
     """Start ``epoch`` of ``loader`` at batch ``first_batch``: the same order, nothing repeated.
+    The batches are read in a ``with`` block, whose end shuts the loader's workers down
+    (``workers.reading``).
 
     Samplers disttrain built skip without loading anything; other loaders load and drop the
     batches already trained.
@@ -46,18 +50,16 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
     dataset: Any = getattr(loader, "dataset", None)
     if hasattr(dataset, "set_epoch"):  # a stream's shard order (streams.py)
         dataset.set_epoch(epoch)
+    dropped = first_batch  # batches read again and dropped
     if first_batch and isinstance(sampler, ResumableDistributedSampler):
         if sampler.resharded is None or sampler.resharded[0] != epoch:
             sampler.skip = first_batch * loader.batch_size
-        return iter(loader)
-    if isinstance(dataset, StatefulStream):
-        plan, positions = dataset.plan, dataset.positions
-        resumed = first_batch and plan is not None and plan.epoch == epoch  # states go on
-        envelopes = iter(loader) if resumed else _replayed(loader, first_batch)
-        if positions is None:  # read outside fit: nothing to record
-            return (envelope.batch for envelope in envelopes)
-        return positions.batches(envelopes, epoch, first_batch)
-    if first_batch and isinstance(dataset, IterableDataset) and _first("replay", dataset):
+        dropped = 0
+    elif isinstance(dataset, StatefulStream):
+        plan = dataset.plan
+        if first_batch and plan is not None and plan.epoch == epoch:  # states go on
+            dropped = 0
+    elif first_batch and isinstance(dataset, IterableDataset) and _first("replay", dataset):
         data_log.warning(
             "resuming in the middle of epoch %d: %s has no state_dict/load_state_dict, so the "
             "epoch's first %d batches are read again and dropped. The run goes on as the "
@@ -68,11 +70,20 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
             type(dataset).__name__,
             first_batch,
         )
-    return _replayed(loader, first_batch)
+    with reading(loader) as batches:
+        if dropped:
+            batches = itertools.islice(batches, dropped, None)
+        yield _unpacked(dataset, batches, epoch, first_batch)
 
 
-def _replayed(loader: Any, first_batch: int) -> Iterator[Any]:
-    return itertools.islice(iter(loader), first_batch, None) if first_batch else iter(loader)
+def _unpacked(dataset: Any, batches: Iterator[Any], epoch: int, first: int) -> Iterator[Any]:
+    """The batches of a ``StatefulStream`` out of their envelopes (their positions recorded
+    where fit tracks them); other loaders' batches as they are."""
+    if not isinstance(dataset, StatefulStream):
+        return batches
+    if dataset.positions is None:  # read outside fit: nothing to record
+        return (envelope.batch for envelope in batches)
+    return dataset.positions.batches(batches, epoch, first)
 
 
 def train_loader(

@@ -1,9 +1,29 @@
-"""How disttrain starts a DataLoader's worker processes."""
+"""How disttrain starts a DataLoader's worker processes, and how it ends them.
+
+Workers ignore SIGINT and SIGTERM (``WorkerInit``), so that a signal stops the rank after
+an agreed step instead of killing its data. The price: multiprocessing's exit handler,
+which SIGTERMs a process's daemonic children and then joins them, would wait forever for
+workers nobody shut down. Two things make sure nobody waits:
+
+- the loop reads every loader through ``reading``, which shuts the workers down when its
+  block ends however it ends (an exception, ``Preempted``, a break, the epoch's end), and
+  ``ended``, which ends persistent workers when fit, validate or test ends;
+- a backstop at the process's exit (``_end_daemonic_children``), for workers a path the
+  loop does not own left running: it runs before multiprocessing's handler and kills
+  (SIGKILL) the daemonic children that outlive a SIGTERM by a second.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import multiprocessing.util  # registers multiprocessing's exit handler (before ours)
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+_GRACE = 1.0  # seconds a daemonic child has at exit to end on SIGTERM before SIGKILL
 
 
 class WorkerInit:
@@ -21,3 +41,69 @@ class WorkerInit:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.user_init is not None:
             self.user_init(worker_id)
+
+
+@contextlib.contextmanager
+def reading(loader: Any) -> Iterator[Iterator[Any]]:
+    """``iter(loader)`` for the ``with`` block; its worker processes are shut down when the
+    block ends. A loader's persistent workers stay for its next epoch after a block that
+    ended without an exception (``ended`` ends them); after an exception they end too."""
+    batches = iter(loader)
+    failed = True
+    try:
+        yield batches
+        failed = False
+    finally:
+        if failed or not getattr(loader, "persistent_workers", False):
+            end_workers(loader, batches)
+
+
+@contextlib.contextmanager
+def ended(*loaders: Any) -> Iterator[None]:
+    """The persistent workers of ``loaders`` (None: no loader) end when the block ends."""
+    try:
+        yield
+    finally:
+        for loader in loaders:
+            if loader is not None:
+                # where torch keeps a loader's persistent iterator (no public accessor)
+                end_workers(loader, getattr(loader, "_iterator", None))
+
+
+def end_workers(loader: Any, batches: Any) -> None:
+    """Shut down the worker processes of ``batches``, an iterator of ``loader``.
+
+    torch's multi-process iterator has no public way to do this: its workers end when it is
+    exhausted or garbage-collected, and an exception's traceback (or a generator around the
+    iterator) keeps it alive past the interpreter's exit. ``_shutdown_workers`` is what its
+    own ``__del__`` calls: it sends each worker its end-of-work sentinel and joins it.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    if getattr(loader, "_iterator", None) is batches and batches is not None:
+        loader._iterator = None  # a persistent loader's next iter() starts new workers
+
+
+def _end_daemonic_children() -> None:
+    """What multiprocessing's exit handler does to daemonic children, with a deadline: each
+    gets SIGTERM, and those alive a second later (loader workers that ignore it) SIGKILL."""
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + _GRACE
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+# Exit handlers run newest first. Registered when disttrain is imported, after
+# multiprocessing's (imported above) and before torch's own for persistent workers with
+# pinned memory (registered with the first such loader iterator), ours runs between the
+# two: torch shuts its workers down cleanly, then ours ends what is left, then
+# multiprocessing joins nothing. (``multiprocessing.util.get_logger()`` moves
+# multiprocessing's handler to the front; call it before importing disttrain, if at all.)
+atexit.register(_end_daemonic_children)

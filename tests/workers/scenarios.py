@@ -604,8 +604,9 @@ def stream_counts(outdir):
             loader = loaders.train_loader(loader, rank, world, 7, torch.device("cpu"), "S")
             for epoch in (0, 1):
                 read = []
-                for _, _, sid, worker in loaders.epoch_batches(loader, epoch, 0):
-                    read += zip(sid.tolist(), worker.tolist())
+                with loaders.epoch_batches(loader, epoch, 0) as batches:
+                    for _, _, sid, worker in batches:
+                        read += zip(sid.tolist(), worker.tolist())
                 result[f"{kind}/{workers}/{epoch}"] = {
                     "read": read,
                     "order": loader.dataset.shard_order(epoch),

@@ -1,0 +1,168 @@
+"""DataLoader worker processes on real processes: a failure with workers alive ends every
+rank within seconds.
+
+The scenarios run on torchrun ranks (``conftest.run_beside``) or as one plain debug-mode
+process (``conftest.run_alone``); they are the functions at the end of this file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from common import IndexedData
+from conftest import run_alone, run_beside
+from torch.utils.data import DataLoader, Dataset
+
+import disttrain
+from disttrain.data import loaders
+from disttrain.examples.regression import Regression
+
+HERE = Path(__file__)
+
+# far longer than any test here waits: a rank that waits for it fails the test, not the job
+COLLECTIVE_TIMEOUT = 300
+
+
+# -- a failure with loader workers alive ---------------------------------------------------
+FAILURES = {  # what breaks: (the error, the message the output must name)
+    "train": ("ValueError", "sample 65 is broken"),
+    "val": ("ValueError", "sample 33 is broken"),
+    "validate": ("ValueError", "sample 33 is broken"),  # Trainer.validate
+    "step": ("TypeError", "a dict with 'loss'; got NoneType"),  # loss_of's message
+}
+
+
+def _assert_named(proc, where: str) -> None:
+    error, message = FAILURES[where]
+    assert proc.returncode != 0
+    assert error in proc.stdout and message in proc.stdout, proc.stdout[-6000:]
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent"])
+@pytest.mark.parametrize("where", ["train", "val", "step", "validate"])
+def test_a_failure_with_loader_workers_ends_the_debug_run_within_seconds(
+    tmp_path, where, persistent
+):
+    start = time.monotonic()
+    proc = run_alone(
+        HERE, "fails", tmp_path, timeout=60, expect_ok=False, BREAK=where, PERSISTENT=persistent
+    )
+    elapsed = time.monotonic() - start
+    _assert_named(proc, where)
+    assert elapsed < 30, elapsed
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent"])
+@pytest.mark.parametrize("where", ["train", "val", "step"])
+def test_a_failure_with_loader_workers_on_one_rank_ends_every_rank_within_seconds(
+    tmp_path, where, persistent
+):
+    start = time.monotonic()
+    proc = run_beside(
+        HERE, "fails", tmp_path, timeout=60, expect_ok=False, BREAK=where, PERSISTENT=persistent
+    )
+    elapsed = time.monotonic() - start
+    _assert_named(proc, where)
+    assert elapsed < 45, elapsed
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent"])
+def test_workers_no_loop_ended_do_not_hold_the_process_at_its_exit(tmp_path, persistent):
+    """The backstop: a training loader's workers (which ignore SIGTERM) left running by an
+    iterator the loop never owned, referenced by the traceback of an error."""
+    start = time.monotonic()
+    proc = run_alone(HERE, "leaks", tmp_path, timeout=60, expect_ok=False, PERSISTENT=persistent)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0 and "RuntimeError: left with workers running" in proc.stdout
+    assert elapsed < 30, elapsed
+
+
+class Breaks(Dataset):
+    """``samples`` (a dataset of ``(x, y)``) whose sample ``bad`` raises ValueError."""
+
+    def __init__(self, samples, bad: int = -1) -> None:
+        self.samples, self.bad = samples, bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        if i == self.bad:
+            raise ValueError(f"sample {i} is broken")
+        return self.samples[i]
+
+
+class FailsWithWorkers(Regression):
+    """Regression (192 training samples, 64 validation samples, batches of 16) read by 2
+    loader workers; ``where`` breaks: a training sample (65: rank 1's third batch at world
+    size 2), a validation sample (33: rank 1's second batch; "val" in fit, "validate" in
+    ``Trainer.validate``), or ``training_step``, which returns None on the last rank at its
+    third batch."""
+
+    def __init__(self, where: str, persistent: bool) -> None:
+        super().__init__()
+        self.where, self.persistent = where, persistent
+
+    def training_step(self, batch, batch_idx):
+        last_rank = self.global_rank == self.trainer.world_size - 1
+        if self.where == "step" and last_rank and batch_idx == 2:
+            return None
+        return super().training_step(batch, batch_idx)
+
+    def _loader(self, samples, bad: int) -> DataLoader:
+        return DataLoader(
+            Breaks(samples, bad),
+            batch_size=self.batch_size,
+            num_workers=2,
+            persistent_workers=self.persistent,
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, 65 if self.where == "train" else -1)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, 33 if self.where in ("val", "validate") else -1)
+
+
+def _trainer(outdir: str | Path, **options) -> disttrain.Trainer:
+    options.setdefault("timeout", COLLECTIVE_TIMEOUT)
+    return disttrain.Trainer(
+        default_root_dir=str(Path(outdir) / "run"), enable_progress_bar=False, **options
+    )
+
+
+# -- the scenarios -------------------------------------------------------------------------
+def fails(outdir: str) -> None:
+    """2 epochs of ``FailsWithWorkers`` (``BREAK``, ``PERSISTENT``); validation after the
+    first epoch, no sanity check (or ``Trainer.validate`` first)."""
+    module = FailsWithWorkers(os.environ["BREAK"], os.environ["PERSISTENT"] == "True")
+    trainer = _trainer(outdir, max_epochs=2, num_sanity_val_steps=0)
+    if module.where == "validate":
+        trainer.validate(module)
+    trainer.fit(module)
+
+
+def leaks(outdir: str) -> None:
+    """A training loader (2 workers, ``PERSISTENT``) read by a plain ``iter`` and left
+    running by an error."""
+    data = DataLoader(
+        IndexedData(64),
+        batch_size=2,
+        shuffle=True,
+        num_workers=2,
+        persistent_workers=os.environ["PERSISTENT"] == "True",
+    )
+    batches = iter(loaders.train_loader(data, 0, 1, 0, torch.device("cpu"), "leaks"))
+    next(batches)
+    raise RuntimeError(f"left with workers running: {batches}")
+
+
+if __name__ == "__main__":
+    from common import run_scenario
+
+    torch.set_num_threads(1)
+    run_scenario(globals())
