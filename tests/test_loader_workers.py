@@ -1,5 +1,5 @@
 """DataLoader worker processes on real processes: a failure with workers alive ends every
-rank within seconds.
+rank within seconds; a user's sampler chain gets each epoch.
 
 The scenarios run on torchrun ranks (``conftest.run_beside``) or as one plain debug-mode
 process (``conftest.run_alone``); they are the functions at the end of this file.
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import IndexedData
+from common import IndexedData, Regressor, read_results, write_result
 from conftest import run_alone, run_beside
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 import disttrain
 from disttrain.data import loaders
@@ -128,6 +128,70 @@ class FailsWithWorkers(Regression):
         return self._loader(self.val_set, 33 if self.where in ("val", "validate") else -1)
 
 
+# -- a user's sampler chain ----------------------------------------------------------------
+@pytest.mark.parametrize("chain", ["torch's", "user's"])
+def test_every_sampler_of_a_users_batch_sampler_gets_each_epoch(tmp_path, chain):
+    """``BatchSampler(DistributedSampler(shuffle=True))``, and the same with the user's own
+    sampler between the two: each epoch's order is DistributedSampler's for that epoch."""
+    run_beside(HERE, "batch_samplers", tmp_path, timeout=120, CHAIN=chain)
+    for rank, result in enumerate(read_results(tmp_path, 2)):
+        orders = [result[str(epoch)] for epoch in range(3)]
+        assert len({tuple(order) for order in orders}) == 3, orders
+        for epoch, order in enumerate(orders):
+            expected = _distributed_order(epoch, rank)
+            if chain == "user's":  # Reversing reverses odd epochs
+                expected = expected[::-1] if epoch % 2 else expected
+            assert order == expected, (rank, epoch)
+
+
+SAMPLER_SEED = 11
+
+
+def _distributed_order(epoch: int, rank: int, n: int = 24) -> list[int]:
+    sampler = DistributedSampler(range(n), num_replicas=2, rank=rank, seed=SAMPLER_SEED)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+class Reversing(Sampler):
+    """A user's sampler with ``set_epoch``: ``sampler``'s order, reversed in odd epochs."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:  # does not pass it on: disttrain must
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(self.sampler)
+        return iter(order[::-1] if self.epoch % 2 else order)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class OwnBatchSampler(Regressor):
+    """24 samples in batches of 4 from a user's ``BatchSampler`` (2 loader workers);
+    ``trained[epoch]`` lists the samples in the order trained."""
+
+    def __init__(self, chain: str) -> None:
+        super().__init__(n_train=24)
+        self.chain = chain
+        self.trained: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.trained.setdefault(self.current_epoch, []).extend(batch[2].tolist())
+        return super().training_step(batch, batch_idx)
+
+    def train_dataloader(self):
+        data = IndexedData(self.n_train)
+        sampler = DistributedSampler(data, shuffle=True, seed=SAMPLER_SEED)
+        if self.chain == "user's":
+            sampler = Reversing(sampler)
+        batches = BatchSampler(sampler, batch_size=4, drop_last=False)
+        return DataLoader(data, batch_sampler=batches, num_workers=2)
+
+
 def _trainer(outdir: str | Path, **options) -> disttrain.Trainer:
     options.setdefault("timeout", COLLECTIVE_TIMEOUT)
     return disttrain.Trainer(
@@ -159,6 +223,13 @@ def leaks(outdir: str) -> None:
     batches = iter(loaders.train_loader(data, 0, 1, 0, torch.device("cpu"), "leaks"))
     next(batches)
     raise RuntimeError(f"left with workers running: {batches}")
+
+
+def batch_samplers(outdir: str) -> None:
+    """3 epochs of ``OwnBatchSampler(CHAIN)``; writes the order of each epoch."""
+    module = OwnBatchSampler(os.environ["CHAIN"])
+    _trainer(outdir, max_epochs=3).fit(module)
+    write_result(outdir, int(os.environ["RANK"]), module.trained)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Iterato
     Samplers disttrain built skip without loading anything; other loaders load and drop the
     batches already trained.
     """
+    for chained in sampling_chain(loader):  # a user's BatchSampler(DistributedSampler(...))
+        if callable(getattr(chained, "set_epoch", None)):
+            chained.set_epoch(epoch)
     sampler: Any = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
     dataset: Any = getattr(loader, "dataset", None)
     if hasattr(dataset, "set_epoch"):  # a stream's shard order (streams.py)
         dataset.set_epoch(epoch)
@@ -185,18 +186,27 @@ def _checked_custom(loader: Any, world_size: int, where: str) -> Any:
 
 def _distributed_like(loader: Any) -> bool:
     """A sampler or batch sampler that takes a rank's share (a DistributedSampler, or one
-    with its ``num_replicas`` and ``rank``), or a batch sampler wrapping one."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    candidates = (
-        getattr(loader, "sampler", None),
-        batch_sampler,
-        getattr(batch_sampler, "sampler", None),
-    )
+    with its ``num_replicas`` and ``rank``), or one wrapping such a sampler."""
     return any(
         isinstance(c, (DistributedSampler, UnpaddedDistributedSampler))
         or (hasattr(c, "num_replicas") and hasattr(c, "rank"))
-        for c in candidates
+        for c in sampling_chain(loader)
     )
+
+
+def sampling_chain(loader: Any) -> list[Any]:
+    """Every sampler that decides ``loader``'s order, each once: its ``sampler`` and
+    ``batch_sampler``, and the ``sampler`` each of them wraps, down the chain (a
+    ``BatchSampler`` over a user's sampler over a ``DistributedSampler``)."""
+    chain: list[Any] = []
+    todo = [getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)]
+    while todo:
+        sampler = todo.pop(0)
+        if sampler is None or any(sampler is seen for seen in chain):
+            continue
+        chain.append(sampler)
+        todo.append(getattr(sampler, "sampler", None))
+    return chain
 
 
 _warned: set[tuple[str, type]] = set()  # (warning, IterableDataset class) already given
