@@ -66,7 +66,7 @@ def disttrain() -> str:
     def make():
         torch.manual_seed(0)
         loader = DataLoader(Augmented(), batch_size=2, shuffle=True, num_workers=2)
-        return train_loader(loader, 0, 1, 1, torch.device("cpu"), "Augmented")
+        return train_loader(loader, 0, 1, 1, "Augmented")
 
     with epoch_batches(make(), 0, 0) as batches:
         full = list(batches)

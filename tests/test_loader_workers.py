@@ -1,5 +1,6 @@
 """DataLoader worker processes on real processes: a failure with workers alive ends every
-rank within seconds; a user's sampler chain gets each epoch.
+rank within seconds; a user's sampler chain gets each epoch; the user's loader options are
+kept.
 
 The scenarios run on torchrun ranks (``conftest.run_beside``) or as one plain debug-mode
 process (``conftest.run_alone``); they are the functions at the end of this file.
@@ -7,6 +8,7 @@ process (``conftest.run_alone``); they are the functions at the end of this file
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -15,10 +17,18 @@ import pytest
 import torch
 from common import IndexedData, Regressor, read_results, write_result
 from conftest import run_alone, run_beside
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    Sampler,
+)
 
 import disttrain
 from disttrain.data import loaders
+from disttrain.data.workers import ended
 from disttrain.examples.regression import Regression
 
 HERE = Path(__file__)
@@ -192,6 +202,119 @@ class OwnBatchSampler(Regressor):
         return DataLoader(data, batch_sampler=batches, num_workers=2)
 
 
+# -- the user's loader options -------------------------------------------------------------
+def test_rebuilt_loaders_keep_the_users_worker_options(tmp_path):
+    """``persistent_workers`` and ``pin_memory`` as the user set them, also where a GPU
+    would have had them forced (the training, evaluation and stream loaders)."""
+    for persistent, pin in [(False, False), (True, False), (False, True)]:
+        module = UserOptions(persistent, pin)
+        trainer = disttrain.Trainer(default_root_dir=str(tmp_path))
+        trainer.device = torch.device("cuda")  # only read to decide on pinning
+        built = [
+            loaders.train_loader_for(trainer, module),
+            loaders.eval_loader_for(trainer, module, "val_dataloader", "validation_step"),
+        ]
+        module.stream = True
+        built.append(loaders.train_loader_for(trainer, module))
+        for loader in built:
+            assert (loader.persistent_workers, loader.pin_memory) == (persistent, pin)
+            assert (loader.prefetch_factor, loader.timeout) == (3, 7.0)
+
+
+class RangeStream(IterableDataset):
+    """torch's documented example (``IterableDataset``, example 2): samples ``start`` to
+    ``end``, split over the loader workers by ``worker_init_fn``; here with a state."""
+
+    shards_by_rank = True  # the worker_init_fn splits by rank too
+
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__()
+        self.start, self.end = start, end
+        self.data = IndexedData(end)
+        self.now, self.resume_at = start, None
+
+    def state_dict(self) -> dict:
+        return {"next": self.now}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at = state["next"]
+
+    def __iter__(self):
+        first = self.start if self.resume_at is None else self.resume_at
+        self.resume_at = None
+        for i in range(first, self.end):
+            self.now = i + 1
+            yield (*self.data[i], torch.initial_seed())  # the reading worker's seed
+
+
+class UserOptions(Regressor):
+    """Loaders with 2 workers, ``persistent_workers`` and ``pin_memory`` as given."""
+
+    def __init__(self, persistent: bool, pin: bool, val_workers: int = 2) -> None:
+        super().__init__(n_train=16)
+        self.options = {
+            "num_workers": 2,
+            "persistent_workers": persistent,
+            "pin_memory": pin,
+            "prefetch_factor": 3,
+            "timeout": 7.0,
+        }
+        self.val_workers, self.stream = val_workers, False
+        self.alive_in_validation: list[int] = []
+
+    def train_dataloader(self):
+        if self.stream:
+            return DataLoader(RangeStream(0, self.n_train), batch_size=2, **self.options)
+        return DataLoader(IndexedData(self.n_train), batch_size=2, shuffle=True, **self.options)
+
+    def val_dataloader(self):
+        options = {**self.options, "num_workers": self.val_workers}
+        if not self.val_workers:
+            options = {"pin_memory": options["pin_memory"]}
+        return DataLoader(IndexedData(self.n_val), batch_size=2, **options)
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.alive_in_validation.append(len(multiprocessing.active_children()))
+        return super().validation_step(batch, batch_idx)
+
+
+class EpochOnly(Dataset):
+    """Each sample is the epoch its worker's copy was last given."""
+
+    def __init__(self) -> None:
+        self.epoch = -1
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> int:
+        return self.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def test_the_epoch_reaches_a_map_datasets_persistent_workers():
+    """Persistent workers, as the user set them, read each epoch with their copy's
+    ``set_epoch`` called (2 real workers in this process)."""
+    built = DataLoader(EpochOnly(), batch_size=2, num_workers=2, persistent_workers=True)
+    loader = loaders.train_loader(built, 0, 1, 0, "M.train_dataloader()")
+    assert loader.persistent_workers
+    with ended(loader):
+        for epoch in range(3):
+            with loaders.epoch_batches(loader, epoch, 0) as batches:
+                assert {v for batch in batches for v in batch.tolist()} == {epoch}
+
+
+def test_training_workers_are_not_kept_alive_through_validation_unless_persistent(tmp_path):
+    """Counted from ``validation_step`` at world size 2 (the validation loader has no
+    workers): the training loader's 2 workers are alive only if they are persistent."""
+    run_beside(HERE, "alive_in_validation", tmp_path, timeout=120)
+    for result in read_results(tmp_path, 2):
+        assert result == {"False": [0, 0], "True": [2, 2]}
+
+
 def _trainer(outdir: str | Path, **options) -> disttrain.Trainer:
     options.setdefault("timeout", COLLECTIVE_TIMEOUT)
     return disttrain.Trainer(
@@ -220,7 +343,7 @@ def leaks(outdir: str) -> None:
         num_workers=2,
         persistent_workers=os.environ["PERSISTENT"] == "True",
     )
-    batches = iter(loaders.train_loader(data, 0, 1, 0, torch.device("cpu"), "leaks"))
+    batches = iter(loaders.train_loader(data, 0, 1, 0, "leaks"))
     next(batches)
     raise RuntimeError(f"left with workers running: {batches}")
 
@@ -230,6 +353,17 @@ def batch_samplers(outdir: str) -> None:
     module = OwnBatchSampler(os.environ["CHAIN"])
     _trainer(outdir, max_epochs=3).fit(module)
     write_result(outdir, int(os.environ["RANK"]), module.trained)
+
+
+def alive_in_validation(outdir: str) -> None:
+    """2 epochs of ``UserOptions`` without and with persistent training workers; writes the
+    live child processes counted in each validation."""
+    result = {}
+    for persistent in (False, True):
+        module = UserOptions(persistent, pin=False, val_workers=0)
+        _trainer(Path(outdir) / str(persistent), max_epochs=2, num_sanity_val_steps=0).fit(module)
+        result[str(persistent)] = module.alive_in_validation
+    write_result(outdir, int(os.environ["RANK"]), result)
 
 
 if __name__ == "__main__":

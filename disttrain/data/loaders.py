@@ -10,13 +10,11 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch.utils.data import (
     DataLoader,
     DistributedSampler,
     IterableDataset,
     RandomSampler,
-    Sampler,
     SequentialSampler,
 )
 
@@ -27,7 +25,7 @@ from disttrain.data.positions import StatefulStream, has_state, stateful_loader
 from disttrain.data.sample_seeds import SeededSamples
 from disttrain.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from disttrain.data.streams import ShardedStream, shards_itself
-from disttrain.data.workers import WorkerInit, reading
+from disttrain.data.workers import WorkerInit, reading, rebuilt
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
@@ -87,20 +85,19 @@ def _unpacked(dataset: Any, batches: Iterator[Any], epoch: int, first: int) -> I
     return dataset.positions.batches(batches, epoch, first)
 
 
-def train_loader(
-    loader: Any, rank: int, world_size: int, seed: int, device: torch.device, where: str
-) -> Any:
-    """``loader`` with its sampler replaced by a ``DistributedSampler`` (same shuffle)."""
+def train_loader(loader: Any, rank: int, world_size: int, seed: int, where: str) -> Any:
+    """``loader`` with its sampler replaced by a ``DistributedSampler`` (same shuffle). The
+    user's options (``num_workers``, ``persistent_workers``, ``pin_memory``, ...) are kept."""
     sampler = getattr(loader, "sampler", None)
-    if isinstance(getattr(loader, "dataset", None), ShardedStream):
-        loader.dataset.set_seed(seed)
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, ShardedStream):
+        dataset.set_seed(seed)
     if not _is_plain_loader(loader) or isinstance(sampler, DistributedSampler):
         loader = _checked_custom(loader, world_size, where)
-        return (
-            stateful_loader(loader, device)
-            if has_state(getattr(loader, "dataset", None))
-            else loader
-        )
+        if has_state(dataset):  # its epoch reaches persistent workers (positions.py)
+            return stateful_loader(loader)
+        _check_epoch_reaches_workers(loader, dataset, where)
+        return loader
     shuffle = isinstance(sampler, RandomSampler)
     new_sampler = ResumableDistributedSampler(
         loader.dataset,
@@ -110,14 +107,14 @@ def train_loader(
         seed=seed,
         drop_last=loader.drop_last,
     )
-    dataset = loader.dataset
-    if loader.num_workers > 0:  # each sample's draws from (seed, epoch, index): sample_seeds.py
-        dataset = SeededSamples(dataset, seed)
-    return _rebuild(loader, new_sampler, device, dataset)
+    if loader.num_workers > 0:  # each sample's draws from (seed, epoch, index), and its
+        dataset = SeededSamples(dataset, seed)  # epoch in every worker: sample_seeds.py
+    return rebuilt(loader, dataset=dataset, sampler=new_sampler)
 
 
-def eval_loader(loader: Any, rank: int, world_size: int, device: torch.device, where: str) -> Any:
-    """``loader`` sharded without padding, in order: each sample evaluated exactly once."""
+def eval_loader(loader: Any, rank: int, world_size: int, where: str) -> Any:
+    """``loader`` sharded without padding, in order: each sample evaluated exactly once. The
+    user's options are kept."""
     if loader is None:
         return None
     if not _is_plain_loader(loader) or isinstance(loader.sampler, DistributedSampler):
@@ -128,7 +125,7 @@ def eval_loader(loader: Any, rank: int, world_size: int, device: torch.device, w
             " disttrain shards them in order so that each sample is evaluated exactly once"
         )
     sampler = UnpaddedDistributedSampler(len(loader.dataset), rank, world_size)
-    return _rebuild(loader, sampler, device, loader.dataset)
+    return rebuilt(loader, sampler=sampler)
 
 
 def batch_indices(first: int, limit: int | float) -> Iterator[int]:
@@ -228,20 +225,6 @@ def _check_stream(loader: Any, dataset: IterableDataset, world_size: int, where:
             name,
             world_size,
         )
-    if (
-        hasattr(dataset, "set_epoch")
-        and getattr(loader, "persistent_workers", False)
-        and not isinstance(dataset, ShardedStream)
-        and _first("persistent", dataset)
-    ):
-        data_log.warning(
-            "%s: %s has set_epoch, but its loader keeps persistent_workers: the trainer "
-            "calls set_epoch in the main process and the workers keep the copy they started "
-            "with. Build the loader with persistent_workers=False, or derive from ShardedStream "
-            "(its epoch is shared with the workers).",
-            where,
-            name,
-        )
 
 
 def _first(warning: str, dataset: Any) -> bool:
@@ -252,26 +235,25 @@ def _first(warning: str, dataset: Any) -> bool:
     return new
 
 
-def _rebuild(
-    loader: DataLoader, sampler: Sampler, device: torch.device, dataset: Any
-) -> DataLoader:
-    workers = loader.num_workers
-    return DataLoader(
-        dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory or device.type == "cuda",
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=WorkerInit(loader.worker_init_fn),
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
-        # workers hold a copy of the dataset: a new one each epoch sees the epoch set
-        persistent_workers=workers > 0 and not hasattr(loader.dataset, "set_epoch"),
-    )
+def _check_epoch_reaches_workers(loader: Any, dataset: Any, where: str) -> None:
+    """Say it (once per class) where ``set_epoch`` cannot reach a loader's persistent
+    workers: a loader disttrain passes on as it is, whose dataset keeps its epoch in the
+    worker's own copy (``ShardedStream`` shares its epoch; the loaders disttrain rebuilds
+    give the epoch to each worker themselves)."""
+    if (
+        hasattr(dataset, "set_epoch")
+        and getattr(loader, "persistent_workers", False)
+        and not isinstance(dataset, ShardedStream)
+        and _first("persistent", dataset)
+    ):
+        data_log.warning(
+            "%s: %s has set_epoch, but its loader keeps persistent_workers: the trainer "
+            "calls set_epoch in the main process and the workers keep the copy they started "
+            "with. Build the loader with persistent_workers=False, or keep the epoch in "
+            "shared memory as disttrain.ShardedStream does.",
+            where,
+            type(dataset).__name__,
+        )
 
 
 def train_loader_for(trainer: Trainer, module: Any) -> Any:
@@ -280,9 +262,7 @@ def train_loader_for(trainer: Trainer, module: Any) -> Any:
     where = f"{type(source).__name__}.train_dataloader()"
     seed = trainer.config.seed if trainer.config.seed is not None else 0
     env = trainer.env
-    return train_loader(
-        source.train_dataloader(), env.rank, env.world_size, seed, trainer.device, where
-    )
+    return train_loader(source.train_dataloader(), env.rank, env.world_size, seed, where)
 
 
 def eval_loader_for(trainer: Trainer, module: Any, loader_name: str, step_name: str) -> Any:
@@ -292,7 +272,7 @@ def eval_loader_for(trainer: Trainer, module: Any, loader_name: str, step_name: 
     source = _loader_source(trainer, module, loader_name)
     where = f"{type(source).__name__}.{loader_name}()"
     loader = getattr(source, loader_name)()
-    return eval_loader(loader, trainer.env.rank, trainer.env.world_size, trainer.device, where)
+    return eval_loader(loader, trainer.env.rank, trainer.env.world_size, where)
 
 
 def _loader_source(trainer: Trainer, module: Any, loader_name: str) -> Any:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils import worker as worker_info_module
 
-from disttrain.data.workers import WorkerInit
+from disttrain.data.workers import rebuilt
 
 data_log = logging.getLogger("disttrain.data")
 
@@ -159,25 +159,12 @@ class StreamPositions:
             self.states[self.last] = state
 
 
-def stateful_loader(loader: DataLoader, device: torch.device) -> DataLoader:
-    """A stream with state, read so that its position is known after every batch."""
+def stateful_loader(loader: DataLoader) -> DataLoader:
+    """A stream with state, read so that its position is known after every batch (the
+    user's options kept)."""
     assert isinstance(loader.dataset, IterableDataset)  # has_state said so
     stream = StatefulStream(loader.dataset)
-    workers, init = loader.num_workers, loader.worker_init_fn
-    return DataLoader(
-        stream,
-        batch_size=loader.batch_size,
-        num_workers=workers,
-        collate_fn=EnvelopingCollate(loader.collate_fn, stream),
-        pin_memory=loader.pin_memory or device.type == "cuda",
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=init if isinstance(init, WorkerInit) else WorkerInit(init),
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
-        persistent_workers=loader.persistent_workers,
-    )
+    return rebuilt(loader, dataset=stream, collate_fn=EnvelopingCollate(loader.collate_fn, stream))
 
 
 def track_positions(

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from torch.utils.data import DataLoader
+
 _GRACE = 1.0  # seconds a daemonic child has at exit to end on SIGTERM before SIGKILL
 
 
@@ -41,6 +43,34 @@ class WorkerInit:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.user_init is not None:
             self.user_init(worker_id)
+
+
+def rebuilt(loader: Any, **changes: Any) -> DataLoader:
+    """A ``DataLoader`` with ``loader``'s options but ``changes`` (``dataset``, ``sampler``,
+    ``collate_fn``, ``persistent_workers``): the user's ``num_workers``,
+    ``persistent_workers``, ``pin_memory`` and the rest are kept as set. Its workers start
+    with ``WorkerInit`` (the user's ``worker_init_fn`` inside it)."""
+    init = loader.worker_init_fn
+    options: dict[str, Any] = {
+        "dataset": loader.dataset,
+        "batch_size": loader.batch_size,
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "drop_last": loader.drop_last,
+        "timeout": loader.timeout,
+        "worker_init_fn": init if isinstance(init, WorkerInit) else WorkerInit(init),
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "prefetch_factor": loader.prefetch_factor,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+        "in_order": loader.in_order,
+        **changes,
+    }
+    if not options["num_workers"]:
+        options["prefetch_factor"] = None  # torch refuses one without workers
+    return DataLoader(**options)
 
 
 @contextlib.contextmanager
