@@ -1,6 +1,6 @@
 """DataLoader worker processes on real processes: a failure with workers alive ends every
-rank within seconds; a user's sampler chain gets each epoch; the user's loader options are
-kept.
+rank within seconds; samplers, ``worker_init_fn`` sharding and the user's loader options
+reach the workers as torch documents them.
 
 The scenarios run on torchrun ranks (``conftest.run_beside``) or as one plain debug-mode
 process (``conftest.run_alone``); they are the functions at the end of this file.
@@ -8,6 +8,7 @@ process (``conftest.run_alone``); they are the functions at the end of this file
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import time
@@ -24,6 +25,7 @@ from torch.utils.data import (
     DistributedSampler,
     IterableDataset,
     Sampler,
+    get_worker_info,
 )
 
 import disttrain
@@ -202,23 +204,34 @@ class OwnBatchSampler(Regressor):
         return DataLoader(data, batch_sampler=batches, num_workers=2)
 
 
-# -- the user's loader options -------------------------------------------------------------
-def test_rebuilt_loaders_keep_the_users_worker_options(tmp_path):
-    """``persistent_workers`` and ``pin_memory`` as the user set them, also where a GPU
-    would have had them forced (the training, evaluation and stream loaders)."""
-    for persistent, pin in [(False, False), (True, False), (False, True)]:
-        module = UserOptions(persistent, pin)
-        trainer = disttrain.Trainer(default_root_dir=str(tmp_path))
-        trainer.device = torch.device("cuda")  # only read to decide on pinning
-        built = [
-            loaders.train_loader_for(trainer, module),
-            loaders.eval_loader_for(trainer, module, "val_dataloader", "validation_step"),
-        ]
-        module.stream = True
-        built.append(loaders.train_loader_for(trainer, module))
-        for loader in built:
-            assert (loader.persistent_workers, loader.pin_memory) == (persistent, pin)
-            assert (loader.prefetch_factor, loader.timeout) == (3, 7.0)
+# -- torch's worker_init_fn sharding -------------------------------------------------------
+STOP = 5  # steps of the stopped run: after an odd batch, the second worker reads next
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent"])
+def test_torchs_worker_init_fn_sharding_reads_each_sample_once_also_after_a_resume(
+    tmp_path, persistent
+):
+    """torch's documented range stream split in ``worker_init_fn`` (by rank and worker),
+    with ``state_dict``/``load_state_dict``: unbroken, and stopped after step 5 and
+    resumed, each epoch trains each sample once, the resumed run the unbroken run's
+    batches (and in the next epoch, workers seeded alike)."""
+    run_beside(HERE, "range_streams", tmp_path, timeout=180, PERSISTENT=persistent)
+    results = read_results(tmp_path, 2)
+    for epoch in (0, 1):
+        trained = [i for r in results for b in r["unbroken"] if b[0] == epoch for i in b[1:]]
+        assert sorted(trained) == list(range(48)), epoch
+    broken = [b for r in results for run in ("stopped", "resumed") for b in r[run] if b[0] == 0]
+    assert sorted(i for b in broken for i in b[1:]) == list(range(48))
+    per_epoch = 12
+    for result in results:
+        assert result["stopped"] == result["unbroken"][:STOP]
+        assert result["resumed"] == result["unbroken"][STOP:]
+        # the epoch after the resumed one is read by workers seeded as the unbroken run's
+        epoch1 = result["unbroken seeds"][per_epoch:]
+        assert result["resumed seeds"][per_epoch - STOP :] == epoch1
+    inits = (tmp_path / "inits").read_text().split()
+    assert inits and set(inits) == {"ok"}, inits
 
 
 class RangeStream(IterableDataset):
@@ -245,6 +258,117 @@ class RangeStream(IterableDataset):
         for i in range(first, self.end):
             self.now = i + 1
             yield (*self.data[i], torch.initial_seed())  # the reading worker's seed
+
+
+def split_by_rank_and_worker(worker_id: int) -> None:
+    """torch's documented ``worker_init_fn``, the readers being (rank, worker); it notes in
+    ``INITS`` whether ``worker_id`` and the dataset it sees are what torch says."""
+    worker_info = get_worker_info()
+    dataset = worker_info.dataset  # the dataset copy in this worker process
+    overall_start, overall_end = dataset.start, dataset.end
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    readers = world * worker_info.num_workers
+    per_reader = int(math.ceil((overall_end - overall_start) / float(readers)))  # noqa: RUF046
+    reader = rank * worker_info.num_workers + worker_info.id
+    dataset.start = overall_start + reader * per_reader
+    dataset.end = min(dataset.start + per_reader, overall_end)
+    ok = worker_id == worker_info.id and isinstance(dataset, RangeStream)
+    with open(os.environ["INITS"], "a") as notes:
+        notes.write("ok\n" if ok else f"{worker_id}/{worker_info.id}/{type(dataset)}\n")
+
+
+class RangeJob(Regressor):
+    """48 samples of ``RangeStream`` in batches of 2, 2 loader workers; ``batches`` lists
+    ``[epoch, *samples]`` per trained batch, ``seeds`` the seeds of the workers."""
+
+    def __init__(self, persistent: bool) -> None:
+        super().__init__(n_train=48)
+        self.persistent = persistent
+        self.batches: list[list[int]] = []
+        self.seeds: list[list[int]] = []  # per batch: the seeds of the workers that read it
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append([self.current_epoch, *batch[2].tolist()])
+        self.seeds.append(batch[3].tolist())
+        return super().training_step(batch[:3], batch_idx)
+
+    def train_dataloader(self):
+        return DataLoader(
+            RangeStream(0, self.n_train),
+            batch_size=2,
+            num_workers=2,
+            worker_init_fn=split_by_rank_and_worker,
+            persistent_workers=self.persistent,
+        )
+
+
+def test_a_worker_init_fn_sets_up_the_users_own_map_dataset(tmp_path):
+    """A map-style dataset read by 2 workers through a file handle its ``worker_init_fn``
+    opens on ``get_worker_info().dataset`` (debug mode: one process, real workers)."""
+    run_alone(HERE, "handles", tmp_path, timeout=60)
+    (result,) = read_results(tmp_path, 1)
+    assert sorted(result["read"]) == [7 * i for i in range(16)]
+
+
+class LinesOnDisk(Dataset):
+    """Sample i: ``IndexedData``'s, with the number on line i of ``path`` (7 i) as its
+    index, read through ``handle``, which ``open_handle`` opens in each worker."""
+
+    def __init__(self, path: str, n: int) -> None:
+        self.path, self.data = path, IndexedData(n)
+        self.handle = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y, _ = self.data[i]
+        self.handle.seek(8 * i)
+        return x, y, int(self.handle.read(8))
+
+
+def open_handle(worker_id: int) -> None:
+    dataset = get_worker_info().dataset
+    assert isinstance(dataset, LinesOnDisk), type(dataset)
+    dataset.handle = open(dataset.path)  # noqa: SIM115 (open as long as the worker)
+
+
+class ReadsLines(Regressor):
+    """16 samples of ``LinesOnDisk``; ``read`` lists the numbers read."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(n_train=16, shuffle=True)
+        self.path = path
+        self.read: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.read.extend(batch[2].tolist())
+        return super().training_step(batch, batch_idx)
+
+    def train_dataloader(self):
+        data = LinesOnDisk(self.path, self.n_train)
+        return DataLoader(
+            data, batch_size=2, shuffle=True, num_workers=2, worker_init_fn=open_handle
+        )
+
+
+# -- the user's loader options -------------------------------------------------------------
+def test_rebuilt_loaders_keep_the_users_worker_options(tmp_path):
+    """``persistent_workers`` and ``pin_memory`` as the user set them, also where a GPU
+    would have had them forced (the training, evaluation and stream loaders)."""
+    for persistent, pin in [(False, False), (True, False), (False, True)]:
+        module = UserOptions(persistent, pin)
+        trainer = disttrain.Trainer(default_root_dir=str(tmp_path))
+        trainer.device = torch.device("cuda")  # only read to decide on pinning
+        built = [
+            loaders.train_loader_for(trainer, module),
+            loaders.eval_loader_for(trainer, module, "val_dataloader", "validation_step"),
+        ]
+        module.stream = True
+        built.append(loaders.train_loader_for(trainer, module))
+        for loader in built:
+            assert (loader.persistent_workers, loader.pin_memory) == (persistent, pin)
+            assert (loader.prefetch_factor, loader.timeout) == (3, 7.0)
 
 
 class UserOptions(Regressor):
@@ -353,6 +477,31 @@ def batch_samplers(outdir: str) -> None:
     module = OwnBatchSampler(os.environ["CHAIN"])
     _trainer(outdir, max_epochs=3).fit(module)
     write_result(outdir, int(os.environ["RANK"]), module.trained)
+
+
+def range_streams(outdir: str) -> None:
+    """``RangeJob`` (``PERSISTENT``) for 2 epochs unbroken, then stopped after ``STOP``
+    steps and resumed; writes each run's batches."""
+    persistent = os.environ["PERSISTENT"] == "True"
+    os.environ["INITS"] = str(Path(outdir) / "inits")  # for the workers
+    runs = {}
+    for name, options in [("unbroken", {}), ("stopped", {"max_steps": STOP}), ("resumed", {})]:
+        module = RangeJob(persistent)
+        directory = Path(outdir) / ("unbroken" if name == "unbroken" else "broken")
+        resume = "auto" if name == "resumed" else None
+        _trainer(directory, max_epochs=2, resume=resume, **options).fit(module)
+        runs[name] = module.batches
+        runs[f"{name} seeds"] = module.seeds
+    write_result(outdir, int(os.environ["RANK"]), runs)
+
+
+def handles(outdir: str) -> None:
+    """One epoch of ``ReadsLines`` over a file of 16 lines, 7 i on line i."""
+    path = Path(outdir) / "lines.txt"
+    path.write_text("".join(f"{7 * i:07d}\n" for i in range(16)))
+    module = ReadsLines(str(path))
+    _trainer(outdir, max_epochs=1).fit(module)
+    write_result(outdir, 0, {"read": module.read})
 
 
 def alive_in_validation(outdir: str) -> None:

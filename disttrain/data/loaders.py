@@ -21,7 +21,13 @@ from torch.utils.data import (
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import overridden
 from disttrain.api.module import Module
-from disttrain.data.positions import StatefulStream, has_state, stateful_loader
+from disttrain.data.positions import (
+    StatefulStream,
+    has_state,
+    opened,
+    resumed_epoch_loader,
+    stateful_loader,
+)
 from disttrain.data.sample_seeds import SeededSamples
 from disttrain.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from disttrain.data.streams import ShardedStream, shards_itself
@@ -49,7 +55,7 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Iterato
     dataset: Any = getattr(loader, "dataset", None)
     if hasattr(dataset, "set_epoch"):  # a stream's shard order (streams.py)
         dataset.set_epoch(epoch)
-    dropped = first_batch  # batches read again and dropped
+    dropped, source = first_batch, loader  # batches read again and dropped; what reads
     if first_batch and isinstance(sampler, ResumableDistributedSampler):
         if sampler.resharded is None or sampler.resharded[0] != epoch:
             sampler.skip = first_batch * loader.batch_size
@@ -57,7 +63,7 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Iterato
     elif isinstance(dataset, StatefulStream):
         plan = dataset.plan
         if first_batch and plan is not None and plan.epoch == epoch:  # states go on
-            dropped = 0
+            dropped, source = 0, resumed_epoch_loader(loader)
     elif first_batch and isinstance(dataset, IterableDataset) and _first("replay", dataset):
         data_log.warning(
             "resuming in the middle of epoch %d: %s has no state_dict/load_state_dict, so the "
@@ -69,7 +75,7 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Iterato
             type(dataset).__name__,
             first_batch,
         )
-    with reading(loader) as batches:
+    with reading(source, opened) as batches:
         if dropped:
             batches = itertools.islice(batches, dropped, None)
         yield _unpacked(dataset, batches, epoch, first_batch)

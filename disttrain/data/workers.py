@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import multiprocessing.util  # registers multiprocessing's exit handler (before ours)
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data._utils import worker as torch_worker
 
 _GRACE = 1.0  # seconds a daemonic child has at exit to end on SIGTERM before SIGKILL
 
@@ -33,7 +35,13 @@ class WorkerInit:
     ``worker_init_fn``. Launchers signal a rank's whole process group (torchrun's agent,
     SLURM, a terminal's Ctrl-C): the rank stops after an agreed step and shuts its workers
     down itself, where a worker killed by the signal would fail the rank instead. (A class,
-    not a closure: spawned workers receive it pickled.)"""
+    not a closure: spawned workers receive it pickled.)
+
+    Where disttrain wraps the dataset (``Wrapper``), the user's function sees what torch
+    documents: ``get_worker_info().dataset`` is the user's own dataset object (this worker's
+    copy, to read and to set up), and ``get_worker_info().id``, like the ``worker_id`` it is
+    called with, is the worker whose part this one reads: itself, or after a mid-epoch
+    resume the worker whose place it takes (``positions.py``)."""
 
     def __init__(self, user_init: Callable[[int], object] | None) -> None:
         self.user_init = user_init
@@ -41,8 +49,56 @@ class WorkerInit:
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        info = get_worker_info()
+        wrapper = getattr(info, "dataset", None)
+        if info is not None and isinstance(wrapper, Wrapper):
+            worker_id = wrapper.worker_role(info.id, info.num_workers)
+            _act_as(info, worker_id, wrapper.dataset)
         if self.user_init is not None:
             self.user_init(worker_id)
+
+
+class Wrapper:
+    """Base of disttrain's wrappers of a user's dataset (``SeededSamples``,
+    ``StatefulStream``): every attribute the wrapper does not own (``_own``) is the user's
+    dataset's, to read and to write, so code written for the user's dataset (a
+    ``worker_init_fn`` setting ``dataset.start``) reaches it."""
+
+    _own: ClassVar[frozenset[str]] = frozenset({"dataset"})
+    dataset: Any  # the user's dataset
+
+    def __getattr__(self, name: str) -> Any:  # only for names not found on the wrapper
+        if name == "dataset":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._own:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.dataset, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in self._own:
+            object.__delattr__(self, name)
+        else:
+            delattr(self.dataset, name)
+
+    def worker_role(self, worker: int, workers: int) -> int:
+        """The worker whose part loader worker ``worker`` of ``workers`` reads: itself."""
+        return worker
+
+
+def _act_as(info: Any, role: int, dataset: Any) -> None:
+    """Make ``get_worker_info()`` in this worker say ``role`` and ``dataset``. torch's
+    ``WorkerInfo`` is frozen, and ``get_worker_info`` reads a module global, which its
+    worker loop sets before calling ``worker_init_fn``: the global is replaced."""
+    changed: Any
+    if dataclasses.is_dataclass(info) and not isinstance(info, type):
+        changed = dataclasses.replace(info, id=role, dataset=dataset)
+    else:  # torch before WorkerInfo became a dataclass
+        changed = type(info)(id=role, num_workers=info.num_workers, seed=info.seed, dataset=dataset)
+    torch_worker._worker_info = changed
 
 
 def rebuilt(loader: Any, **changes: Any) -> DataLoader:
@@ -74,11 +130,12 @@ def rebuilt(loader: Any, **changes: Any) -> DataLoader:
 
 
 @contextlib.contextmanager
-def reading(loader: Any) -> Iterator[Iterator[Any]]:
-    """``iter(loader)`` for the ``with`` block; its worker processes are shut down when the
-    block ends. A loader's persistent workers stay for its next epoch after a block that
-    ended without an exception (``ended`` ends them); after an exception they end too."""
-    batches = iter(loader)
+def reading(loader: Any, opener: Callable[[Any], Iterator[Any]] = iter) -> Iterator[Iterator[Any]]:
+    """``opener(loader)`` (``iter``) for the ``with`` block; its worker processes are shut
+    down when the block ends. A loader's persistent workers stay for its next epoch after a
+    block that ended without an exception (``ended`` ends them); after an exception they
+    end too."""
+    batches = opener(loader)
     failed = True
     try:
         yield batches
