@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,15 @@ def torchrun(
 
 
 def _run_group(
-    cmd: list[str], env: dict[str, str], timeout: float, what: str
+    cmd: list[str],
+    env: dict[str, str],
+    timeout: float,
+    what: str,
+    meanwhile: Callable[[subprocess.Popen], object] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in a session of its own (stdout and stderr together); the whole process
-    group, loader workers included, is killed if it outlives ``timeout``."""
+    """Run ``cmd`` in a session of its own (stdout and stderr together), calling
+    ``meanwhile(proc)`` once it started; every process below it, loader workers included,
+    is killed if it outlives ``timeout``."""
     full_env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
@@ -65,12 +71,16 @@ def _run_group(
         start_new_session=True,
     )
     try:
+        if meanwhile is not None:
+            meanwhile(proc)
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException as failed:
         for pid in [proc.pid, *_descendants(proc.pid)]:  # ranks: sessions of their own
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate()
+        if not isinstance(failed, subprocess.TimeoutExpired):
+            raise
         pytest.fail(f"{what} did not finish within {timeout}s:\n{out[-5000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
@@ -251,17 +261,20 @@ def run_alone(
     outdir: Path,
     timeout: float = 120,
     expect_ok: bool = True,
+    meanwhile: Callable[[subprocess.Popen], object] | None = None,
     **env: object,
 ) -> subprocess.CompletedProcess:
     """Run the scenario function ``name`` of ``test_file`` as a plain ``python FILE NAME
     OUTDIR`` (disttrain's debug mode: one process, no launcher), with ``run_beside``'s hard
-    timeout on the whole process group."""
+    timeout on the whole process group; ``meanwhile(proc)`` is called once it started (its
+    process group's id is ``proc.pid``)."""
     outdir.mkdir(parents=True, exist_ok=True)
     launch_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
     if any(var in os.environ for var in launch_vars):
         pytest.fail(f"the debug mode needs an environment without {launch_vars}")
     cmd = [sys.executable, str(test_file), name, str(outdir)]
-    proc = _run_group(cmd, {k: str(v) for k, v in env.items()}, timeout, "the debug run")
+    env_vars = {k: str(v) for k, v in env.items()}
+    proc = _run_group(cmd, env_vars, timeout, "the debug run", meanwhile)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-8000:]
     return proc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from torch.utils.data import (
     Sampler,
     get_worker_info,
 )
+from torch.utils.data._utils import signal_handling
 
 import disttrain
 from disttrain.data import loaders
@@ -91,6 +93,33 @@ def test_workers_no_loop_ended_do_not_hold_the_process_at_its_exit(tmp_path, per
     elapsed = time.monotonic() - start
     assert proc.returncode != 0 and "RuntimeError: left with workers running" in proc.stdout
     assert elapsed < 30, elapsed
+
+
+def test_a_signal_while_workers_start_stops_the_run_after_an_agreed_step(tmp_path):
+    """SIGTERM to the process group (as a launcher sends it) while a new loader worker is
+    still starting, after torch's worker loop installed its own SIGTERM handler and before
+    any ``worker_init_fn`` ran: the run stops after an agreed step with its checkpoint, and
+    the worker does not die of it. (That moment is short; the scenario makes it a second.)"""
+    marker = tmp_path / "starting"
+
+    def signal_when_a_worker_starts(proc) -> None:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+
+    proc = run_alone(
+        HERE,
+        "slow_starts",
+        tmp_path,
+        timeout=90,
+        expect_ok=False,
+        meanwhile=signal_when_a_worker_starts,
+        MARKER=marker,
+    )
+    assert proc.returncode == disttrain.EXIT_PREEMPTED, proc.stdout[-6000:]
+    assert "stopped on SIGTERM after step" in proc.stdout
+    assert "killed by signal" not in proc.stdout
 
 
 class Breaks(Dataset):
@@ -470,6 +499,21 @@ def leaks(outdir: str) -> None:
     batches = iter(loaders.train_loader(data, 0, 1, 0, "leaks"))
     next(batches)
     raise RuntimeError(f"left with workers running: {batches}")
+
+
+def slow_starts(outdir: str) -> None:
+    """Many epochs of 32 samples read by 2 loader workers, each of which takes a second to
+    start once torch installed its SIGTERM handler (it touches ``MARKER`` then)."""
+    install = signal_handling._set_worker_signal_handlers
+
+    def slowly() -> None:  # runs in the worker, first thing in torch's worker loop
+        install()
+        Path(os.environ["MARKER"]).touch()
+        time.sleep(1.0)
+
+    signal_handling._set_worker_signal_handlers = slowly
+    module = UserOptions(persistent=False, pin=False, val_workers=0)
+    _trainer(outdir, max_epochs=100, num_sanity_val_steps=0).fit(module)
 
 
 def batch_samplers(outdir: str) -> None:

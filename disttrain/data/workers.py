@@ -1,9 +1,10 @@
 """How disttrain starts a DataLoader's worker processes, and how it ends them.
 
 Workers ignore SIGINT and SIGTERM (``WorkerInit``), so that a signal stops the rank after
-an agreed step instead of killing its data. The price: multiprocessing's exit handler,
-which SIGTERMs a process's daemonic children and then joins them, would wait forever for
-workers nobody shut down. Two things make sure nobody waits:
+an agreed step instead of killing its data; the two signals are held back while ``reading``
+starts (forks) workers, so that a worker is not killed before it ignores them. The price:
+multiprocessing's exit handler, which SIGTERMs a process's daemonic children and then joins
+them, would wait forever for workers nobody shut down. Two things make sure nobody waits:
 
 - the loop reads every loader through ``reading``, which shuts the workers down when its
   block ends however it ends (an exception, ``Preempted``, a break, the epoch's end), and
@@ -29,6 +30,8 @@ from torch.utils.data._utils import worker as torch_worker
 
 _GRACE = 1.0  # seconds a daemonic child has at exit to end on SIGTERM before SIGKILL
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # what launchers send a rank's process group
+
 
 class WorkerInit:
     """A loader worker's start: it ignores SIGINT and SIGTERM, then runs the user's
@@ -47,8 +50,9 @@ class WorkerInit:
         self.user_init = user_init
 
     def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for stop in _STOP_SIGNALS:  # one that came while the worker started is dropped
+            signal.signal(stop, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # see _workers_starting
         info = get_worker_info()
         wrapper = getattr(info, "dataset", None)
         if info is not None and isinstance(wrapper, Wrapper):
@@ -135,7 +139,8 @@ def reading(loader: Any, opener: Callable[[Any], Iterator[Any]] = iter) -> Itera
     down when the block ends. A loader's persistent workers stay for its next epoch after a
     block that ended without an exception (``ended`` ends them); after an exception they
     end too."""
-    batches = opener(loader)
+    with _workers_starting():  # no signal kills a worker before it ignores them
+        batches = opener(loader)
     failed = True
     try:
         yield batches
@@ -170,6 +175,22 @@ def end_workers(loader: Any, batches: Any) -> None:
         shutdown()
     if getattr(loader, "_iterator", None) is batches and batches is not None:
         loader._iterator = None  # a persistent loader's next iter() starts new workers
+
+
+@contextlib.contextmanager
+def _workers_starting() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (blocked) in this thread while the block starts loader
+    workers: a forked worker starts with them blocked, so that it gets one only after
+    ``WorkerInit`` made it ignore them (torch's worker loop first installs its own SIGTERM
+    handler, which ends the worker). A spawned worker starts with an empty mask: it can
+    still be killed while it starts. In this process a signal that comes meanwhile is taken
+    by another thread, or waits for the block's end; it is never lost (no handler changes
+    here: the disposition is the process's, for every thread)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _end_daemonic_children() -> None:
