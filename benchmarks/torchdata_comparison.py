@@ -66,11 +66,13 @@ def disttrain() -> str:
     def make():
         torch.manual_seed(0)
         loader = DataLoader(Augmented(), batch_size=2, shuffle=True, num_workers=2)
-        return train_loader(loader, 0, 1, 1, torch.device("cpu"), "Augmented")
+        return train_loader(loader, 0, 1, 1, "Augmented")
 
-    full = list(epoch_batches(make(), 0, 0))
+    with epoch_batches(make(), 0, 0) as batches:
+        full = list(batches)
     first = full[:STOP]  # a checkpoint after 3 batches; the resumed run starts at batch 3
-    return verdict(full, first, list(epoch_batches(make(), 0, STOP)))
+    with epoch_batches(make(), 0, STOP) as batches:
+        return verdict(full, first, list(batches))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,12 +42,25 @@ def torchrun(
         str(script),
         *args,
     ]
+    return _run_group(cmd, env or {}, timeout, "torchrun")
+
+
+def _run_group(
+    cmd: list[str],
+    env: dict[str, str],
+    timeout: float,
+    what: str,
+    meanwhile: Callable[[subprocess.Popen], object] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a session of its own (stdout and stderr together), calling
+    ``meanwhile(proc)`` once it started; every process below it, loader workers included,
+    is killed if it outlives ``timeout``."""
     full_env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-        **(env or {}),
+        **env,
     }
     proc = subprocess.Popen(
         cmd,
@@ -56,12 +71,34 @@ def torchrun(
         start_new_session=True,
     )
     try:
+        if meanwhile is not None:
+            meanwhile(proc)
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except BaseException as failed:
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # ranks: sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout}s:\n{out[-5000:]}")
+        if not isinstance(failed, subprocess.TimeoutExpired):
+            raise
+        pytest.fail(f"{what} did not finish within {timeout}s:\n{out[-5000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc): torchrun starts each rank in a session of
+    its own, out of reach of a kill of the launcher's process group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 def worker_env(**extra: str) -> dict[str, str]:
@@ -213,6 +250,31 @@ def run_beside(
         env={k: str(v) for k, v in env.items()},
         launcher_args=launcher_args,
     )
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-8000:]
+    return proc
+
+
+def run_alone(
+    test_file: str | Path,
+    name: str,
+    outdir: Path,
+    timeout: float = 120,
+    expect_ok: bool = True,
+    meanwhile: Callable[[subprocess.Popen], object] | None = None,
+    **env: object,
+) -> subprocess.CompletedProcess:
+    """Run the scenario function ``name`` of ``test_file`` as a plain ``python FILE NAME
+    OUTDIR`` (disttrain's debug mode: one process, no launcher), with ``run_beside``'s hard
+    timeout on the whole process group; ``meanwhile(proc)`` is called once it started (its
+    process group's id is ``proc.pid``)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    launch_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+    if any(var in os.environ for var in launch_vars):
+        pytest.fail(f"the debug mode needs an environment without {launch_vars}")
+    cmd = [sys.executable, str(test_file), name, str(outdir)]
+    env_vars = {k: str(v) for k, v in env.items()}
+    proc = _run_group(cmd, env_vars, timeout, "the debug run", meanwhile)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-8000:]
     return proc

@@ -19,8 +19,6 @@ from disttrain.data.positions import StatefulStream
 from disttrain.data.streams import ShardedStream
 from disttrain.observe.progress import ProgressBar
 
-CPU = torch.device("cpu")
-
 
 def _shard(shard):
     return range(shard * 100, shard * 100 + 3 + shard % 4)
@@ -103,13 +101,13 @@ def test_loaders_that_shard_themselves_are_accepted_silently(data_warnings):
             return iter(range(4))
 
     loader = DataLoader(Declared(), batch_size=2)
-    assert train_loader(loader, 1, 2, 0, CPU, "M.train_dataloader()") is loader
+    assert train_loader(loader, 1, 2, 0, "M.train_dataloader()") is loader
     stream = ShardedStream(list(range(8)), _shard)  # it has state: read with its position
-    got = train_loader(DataLoader(stream, batch_size=2), 1, 2, 0, CPU, "M.train_dataloader()")
+    got = train_loader(DataLoader(stream, batch_size=2), 1, 2, 0, "M.train_dataloader()")
     assert isinstance(got.dataset, StatefulStream) and got.dataset.dataset is stream
     sampler = DistributedSampler(range(8), num_replicas=2, rank=1)
     batched = DataLoader(range(8), batch_sampler=BatchSampler(sampler, 2, False))
-    assert train_loader(batched, 1, 2, 0, CPU, "M") is batched
+    assert train_loader(batched, 1, 2, 0, "M") is batched
     assert data_warnings == []
 
 
@@ -120,19 +118,19 @@ def test_a_plain_iterable_dataset_is_accepted_with_one_warning(data_warnings):
 
     for where in ("M.train_dataloader()", "M.val_dataloader()"):
         loader = DataLoader(Stream(), batch_size=2)
-        assert train_loader(loader, 0, 2, 0, CPU, where) is loader
+        assert train_loader(loader, 0, 2, 0, where) is loader
     assert len(data_warnings) == 1
     assert "every rank may read the same data" in data_warnings[0]
     assert "shards_by_rank = True" in data_warnings[0] and "ShardedStream" in data_warnings[0]
     loader = DataLoader(Stream(), batch_size=2)
-    assert train_loader(loader, 0, 1, 0, CPU, "M") is loader
+    assert train_loader(loader, 0, 1, 0, "M") is loader
 
 
 def test_other_custom_batch_samplers_are_still_refused_at_world_size_two():
     loader = DataLoader(range(8), batch_sampler=BatchSampler(range(8), 2, False))
     with pytest.raises(ValueError, match="would give every rank the same data"):
-        train_loader(loader, 0, 2, 0, CPU, "M.train_dataloader()")
-    assert train_loader(loader, 0, 1, 0, CPU, "M") is loader
+        train_loader(loader, 0, 2, 0, "M.train_dataloader()")
+    assert train_loader(loader, 0, 1, 0, "M") is loader
 
 
 def test_the_epoch_reaches_workers_of_a_map_dataset_with_set_epoch():
@@ -147,7 +145,7 @@ def test_the_epoch_reaches_workers_of_a_map_dataset_with_set_epoch():
             pass
 
     loader = DataLoader(Epochs(), batch_size=2, num_workers=1)
-    assert not train_loader(loader, 0, 1, 0, CPU, "M").persistent_workers
+    assert not train_loader(loader, 0, 1, 0, "M").persistent_workers
 
 
 def test_an_epoch_that_cannot_reach_persistent_workers_is_warned_about(data_warnings):
@@ -159,10 +157,10 @@ def test_an_epoch_that_cannot_reach_persistent_workers_is_warned_about(data_warn
             pass
 
     loader = DataLoader(Epochs(), batch_size=2, num_workers=1, persistent_workers=True)
-    assert train_loader(loader, 0, 1, 0, CPU, "M") is loader
+    assert train_loader(loader, 0, 1, 0, "M") is loader
     assert len(data_warnings) == 1 and "persistent_workers=False" in data_warnings[0]
     stream = ShardedStream(list(range(4)), _shard)  # shares its epoch with the workers
-    train_loader(DataLoader(stream, num_workers=1, persistent_workers=True), 0, 1, 0, CPU, "M")
+    train_loader(DataLoader(stream, num_workers=1, persistent_workers=True), 0, 1, 0, "M")
     assert len(data_warnings) == 1
 
 
@@ -170,7 +168,7 @@ def test_fewer_shards_than_readers_warn_once(data_warnings):
     stream = ShardedStream([0, 1], _shard)
     loader = DataLoader(stream, batch_size=2, num_workers=2)
     for _ in range(2):
-        train_loader(loader, 0, 2, 0, CPU, "M")
+        train_loader(loader, 0, 2, 0, "M")
     list(stream)
     assert len(data_warnings) == 1 and "2 shards for 4 readers" in data_warnings[0]
 

@@ -3,30 +3,35 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch.utils.data import (
     DataLoader,
     DistributedSampler,
     IterableDataset,
     RandomSampler,
-    Sampler,
     SequentialSampler,
 )
 
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import overridden
 from disttrain.api.module import Module
-from disttrain.data.positions import StatefulStream, has_state, stateful_loader
+from disttrain.data.positions import (
+    StatefulStream,
+    has_state,
+    opened,
+    resumed_epoch_loader,
+    stateful_loader,
+)
 from disttrain.data.sample_seeds import SeededSamples
 from disttrain.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from disttrain.data.streams import ShardedStream, shards_itself
-from disttrain.data.workers import WorkerInit
+from disttrain.data.workers import WorkerInit, reading, rebuilt
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
@@ -34,30 +39,32 @@ if TYPE_CHECKING:  # the trainer imports this module
 data_log = logging.getLogger("disttrain.data")
 
 
-def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
+@contextlib.contextmanager
+def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Iterator[Any]]:
     """Start ``epoch`` of ``loader`` at batch ``first_batch``: the same order, nothing repeated.
+    The batches are read in a ``with`` block, whose end shuts the loader's workers down
+    (``workers.reading``).
 
     Samplers disttrain built skip without loading anything; other loaders load and drop the
     batches already trained.
     """
+    for chained in sampling_chain(loader):  # a user's BatchSampler(DistributedSampler(...))
+        if callable(getattr(chained, "set_epoch", None)):
+            chained.set_epoch(epoch)
     sampler: Any = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
     dataset: Any = getattr(loader, "dataset", None)
     if hasattr(dataset, "set_epoch"):  # a stream's shard order (streams.py)
         dataset.set_epoch(epoch)
+    dropped, source = first_batch, loader  # batches read again and dropped; what reads
     if first_batch and isinstance(sampler, ResumableDistributedSampler):
         if sampler.resharded is None or sampler.resharded.epoch != epoch:
             sampler.skip = first_batch * loader.batch_size
-        return iter(loader)
-    if isinstance(dataset, StatefulStream):
-        plan, positions = dataset.plan, dataset.positions
-        resumed = first_batch and plan is not None and plan.epoch == epoch  # states go on
-        envelopes = iter(loader) if resumed else _replayed(loader, first_batch)
-        if positions is None:  # read outside fit: nothing to record
-            return (envelope.batch for envelope in envelopes)
-        return positions.batches(envelopes, epoch, first_batch)
-    if first_batch and isinstance(dataset, IterableDataset) and _first("replay", dataset):
+        dropped = 0
+    elif isinstance(dataset, StatefulStream):
+        plan = dataset.plan
+        if first_batch and plan is not None and plan.epoch == epoch:  # states go on
+            dropped, source = 0, resumed_epoch_loader(loader)
+    elif first_batch and isinstance(dataset, IterableDataset) and _first("replay", dataset):
         data_log.warning(
             "resuming in the middle of epoch %d: %s has no state_dict/load_state_dict, so the "
             "epoch's first %d batches are read again and dropped. The run goes on as the "
@@ -68,27 +75,35 @@ def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Any]:
             type(dataset).__name__,
             first_batch,
         )
-    return _replayed(loader, first_batch)
+    with reading(source, opened) as batches:
+        if dropped:
+            batches = itertools.islice(batches, dropped, None)
+        yield _unpacked(dataset, batches, epoch, first_batch)
 
 
-def _replayed(loader: Any, first_batch: int) -> Iterator[Any]:
-    return itertools.islice(iter(loader), first_batch, None) if first_batch else iter(loader)
+def _unpacked(dataset: Any, batches: Iterator[Any], epoch: int, first: int) -> Iterator[Any]:
+    """The batches of a ``StatefulStream`` out of their envelopes (their positions recorded
+    where fit tracks them); other loaders' batches as they are."""
+    if not isinstance(dataset, StatefulStream):
+        return batches
+    if dataset.positions is None:  # read outside fit: nothing to record
+        return (envelope.batch for envelope in batches)
+    return dataset.positions.batches(batches, epoch, first)
 
 
-def train_loader(
-    loader: Any, rank: int, world_size: int, seed: int, device: torch.device, where: str
-) -> Any:
-    """``loader`` with its sampler replaced by a ``DistributedSampler`` (same shuffle)."""
+def train_loader(loader: Any, rank: int, world_size: int, seed: int, where: str) -> Any:
+    """``loader`` with its sampler replaced by a ``DistributedSampler`` (same shuffle). The
+    user's options (``num_workers``, ``persistent_workers``, ``pin_memory``, ...) are kept."""
     sampler = getattr(loader, "sampler", None)
-    if isinstance(getattr(loader, "dataset", None), ShardedStream):
-        loader.dataset.set_seed(seed)
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, ShardedStream):
+        dataset.set_seed(seed)
     if not _is_plain_loader(loader) or isinstance(sampler, DistributedSampler):
         loader = _checked_custom(loader, world_size, where)
-        return (
-            stateful_loader(loader, device)
-            if has_state(getattr(loader, "dataset", None))
-            else loader
-        )
+        if has_state(dataset):  # its epoch reaches persistent workers (positions.py)
+            return stateful_loader(loader)
+        _check_epoch_reaches_workers(loader, dataset, where)
+        return loader
     shuffle = isinstance(sampler, RandomSampler)
     new_sampler = ResumableDistributedSampler(
         loader.dataset,
@@ -98,14 +113,14 @@ def train_loader(
         seed=seed,
         drop_last=loader.drop_last,
     )
-    dataset = loader.dataset
-    if loader.num_workers > 0:  # each sample's draws from (seed, epoch, index): sample_seeds.py
-        dataset = SeededSamples(dataset, seed)
-    return _rebuild(loader, new_sampler, device, dataset)
+    if loader.num_workers > 0:  # each sample's draws from (seed, epoch, index), and its
+        dataset = SeededSamples(dataset, seed)  # epoch in every worker: sample_seeds.py
+    return rebuilt(loader, dataset=dataset, sampler=new_sampler)
 
 
-def eval_loader(loader: Any, rank: int, world_size: int, device: torch.device, where: str) -> Any:
-    """``loader`` sharded without padding, in order: each sample evaluated exactly once."""
+def eval_loader(loader: Any, rank: int, world_size: int, where: str) -> Any:
+    """``loader`` sharded without padding, in order: each sample evaluated exactly once. The
+    user's options are kept."""
     if loader is None:
         return None
     if not _is_plain_loader(loader) or isinstance(loader.sampler, DistributedSampler):
@@ -116,7 +131,7 @@ def eval_loader(loader: Any, rank: int, world_size: int, device: torch.device, w
             " disttrain shards them in order so that each sample is evaluated exactly once"
         )
     sampler = UnpaddedDistributedSampler(len(loader.dataset), rank, world_size)
-    return _rebuild(loader, sampler, device, loader.dataset)
+    return rebuilt(loader, sampler=sampler)
 
 
 def batch_indices(first: int, limit: int | float) -> Iterator[int]:
@@ -174,18 +189,27 @@ def _checked_custom(loader: Any, world_size: int, where: str) -> Any:
 
 def _distributed_like(loader: Any) -> bool:
     """A sampler or batch sampler that takes a rank's share (a DistributedSampler, or one
-    with its ``num_replicas`` and ``rank``), or a batch sampler wrapping one."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    candidates = (
-        getattr(loader, "sampler", None),
-        batch_sampler,
-        getattr(batch_sampler, "sampler", None),
-    )
+    with its ``num_replicas`` and ``rank``), or one wrapping such a sampler."""
     return any(
         isinstance(c, (DistributedSampler, UnpaddedDistributedSampler))
         or (hasattr(c, "num_replicas") and hasattr(c, "rank"))
-        for c in candidates
+        for c in sampling_chain(loader)
     )
+
+
+def sampling_chain(loader: Any) -> list[Any]:
+    """Every sampler that decides ``loader``'s order, each once: its ``sampler`` and
+    ``batch_sampler``, and the ``sampler`` each of them wraps, down the chain (a
+    ``BatchSampler`` over a user's sampler over a ``DistributedSampler``)."""
+    chain: list[Any] = []
+    todo = [getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)]
+    while todo:
+        sampler = todo.pop(0)
+        if sampler is None or any(sampler is seen for seen in chain):
+            continue
+        chain.append(sampler)
+        todo.append(getattr(sampler, "sampler", None))
+    return chain
 
 
 _warned: set[tuple[str, type]] = set()  # (warning, IterableDataset class) already given
@@ -207,20 +231,6 @@ def _check_stream(loader: Any, dataset: IterableDataset, world_size: int, where:
             name,
             world_size,
         )
-    if (
-        hasattr(dataset, "set_epoch")
-        and getattr(loader, "persistent_workers", False)
-        and not isinstance(dataset, ShardedStream)
-        and _first("persistent", dataset)
-    ):
-        data_log.warning(
-            "%s: %s has set_epoch, but its loader keeps persistent_workers: the trainer "
-            "calls set_epoch in the main process and the workers keep the copy they started "
-            "with. Build the loader with persistent_workers=False, or derive from ShardedStream "
-            "(its epoch is shared with the workers).",
-            where,
-            name,
-        )
 
 
 def _first(warning: str, dataset: Any) -> bool:
@@ -231,26 +241,25 @@ def _first(warning: str, dataset: Any) -> bool:
     return new
 
 
-def _rebuild(
-    loader: DataLoader, sampler: Sampler, device: torch.device, dataset: Any
-) -> DataLoader:
-    workers = loader.num_workers
-    return DataLoader(
-        dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory or device.type == "cuda",
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=WorkerInit(loader.worker_init_fn),
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
-        # workers hold a copy of the dataset: a new one each epoch sees the epoch set
-        persistent_workers=workers > 0 and not hasattr(loader.dataset, "set_epoch"),
-    )
+def _check_epoch_reaches_workers(loader: Any, dataset: Any, where: str) -> None:
+    """Say it (once per class) where ``set_epoch`` cannot reach a loader's persistent
+    workers: a loader disttrain passes on as it is, whose dataset keeps its epoch in the
+    worker's own copy (``ShardedStream`` shares its epoch; the loaders disttrain rebuilds
+    give the epoch to each worker themselves)."""
+    if (
+        hasattr(dataset, "set_epoch")
+        and getattr(loader, "persistent_workers", False)
+        and not isinstance(dataset, ShardedStream)
+        and _first("persistent", dataset)
+    ):
+        data_log.warning(
+            "%s: %s has set_epoch, but its loader keeps persistent_workers: the trainer "
+            "calls set_epoch in the main process and the workers keep the copy they started "
+            "with. Build the loader with persistent_workers=False, or keep the epoch in "
+            "shared memory as disttrain.ShardedStream does.",
+            where,
+            type(dataset).__name__,
+        )
 
 
 def train_loader_for(trainer: Trainer, module: Any) -> Any:
@@ -259,9 +268,7 @@ def train_loader_for(trainer: Trainer, module: Any) -> Any:
     where = f"{type(source).__name__}.train_dataloader()"
     seed = trainer.seed if trainer.seed is not None else 0
     env = trainer.env
-    return train_loader(
-        source.train_dataloader(), env.rank, env.world_size, seed, trainer.device, where
-    )
+    return train_loader(source.train_dataloader(), env.rank, env.world_size, seed, where)
 
 
 def eval_loader_for(trainer: Trainer, module: Any, loader_name: str, step_name: str) -> Any:
@@ -271,7 +278,7 @@ def eval_loader_for(trainer: Trainer, module: Any, loader_name: str, step_name: 
     source = _loader_source(trainer, module, loader_name)
     where = f"{type(source).__name__}.{loader_name}()"
     loader = getattr(source, loader_name)()
-    return eval_loader(loader, trainer.env.rank, trainer.env.world_size, trainer.device, where)
+    return eval_loader(loader, trainer.env.rank, trainer.env.world_size, where)
 
 
 def _loader_source(trainer: Trainer, module: Any, loader_name: str) -> Any:

@@ -8,9 +8,12 @@ state of the last batch *trained* (not merely read ahead) and which worker reads
 goes into the checkpoint.
 
 On resume, worker ``k`` of the new loader takes the role of worker ``(k + next) % workers`` of
-the old one (``get_worker_info().id`` says the role) and loads that worker's state: the
-DataLoader hands batches out round-robin from worker 0, so the roles turn to make the batch
-after the checkpoint the one the unbroken run would train next.
+the old one and loads that worker's state: the DataLoader hands batches out round-robin from
+worker 0, so the roles turn to make the batch after the checkpoint the one the unbroken run
+would train next. The role is in place before the user's ``worker_init_fn`` runs: it is the
+``worker_id`` the function receives and what ``get_worker_info().id`` says (``WorkerInit``).
+The resumed epoch of a loader with persistent workers is read by a one-off copy of it
+(``resumed_epoch_loader``), so that its own workers start at the next epoch in their roles.
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torch.utils.data._utils import worker as worker_info_module
 
-from disttrain.data.workers import WorkerInit
+from disttrain.data.workers import Wrapper, rebuilt
 
 data_log = logging.getLogger("disttrain.data")
 
@@ -50,15 +52,21 @@ class ResumePlan(NamedTuple):
     states: dict[int, Any]  # by worker role
 
 
-class StatefulStream(IterableDataset):
-    """``dataset`` read by loader workers in turned roles, its state loaded on resume."""
+class StatefulStream(Wrapper, IterableDataset):
+    """``dataset`` read by loader workers in turned roles, its state loaded on resume.
+
+    Its attributes are the user's stream's (``Wrapper``), read and written; in a loader
+    worker ``get_worker_info()`` says the role and gives the user's stream (``WorkerInit``).
+    """
+
+    _own = frozenset({"dataset", "_epoch", "plan", "positions", "seed_state"})
 
     def __init__(self, dataset: IterableDataset) -> None:
         self.dataset: Any = dataset  # with state_dict and load_state_dict (has_state)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # reaches workers
         self.plan: ResumePlan | None = None
-        self.role = 0  # the worker this copy reads as, set when iteration starts
         self.positions: StreamPositions | None = None  # main process only
+        self.seed_state: torch.Tensor | None = None  # main process only: resumed_epoch_loader
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "positions": None}  # a worker needs no bookkeeping
@@ -66,41 +74,29 @@ class StatefulStream(IterableDataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
-    def __getattr__(self, name: str) -> Any:  # the stream's own attributes
-        if name == "dataset":  # not yet set (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
+    def worker_role(self, worker: int, workers: int) -> int:
+        """In the epoch a resume goes on in, worker ``k`` reads as ``(k + next) % workers``
+        (the module's docstring); in any other epoch, as itself."""
+        plan = self.plan
+        if plan is not None and plan.epoch == int(self._epoch[0]):
+            return (worker + plan.next_worker) % workers
+        return worker
+
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
-        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        if info is not None:  # a persistent worker's id may say an earlier epoch's role
-            worker = self.__dict__.setdefault("_worker", worker)
+        role = 0 if info is None else info.id  # in a worker, WorkerInit set the role
         epoch, plan = int(self._epoch[0]), self.plan
-        resuming = plan is not None and plan.epoch == epoch
-        self.role = (worker + plan.next_worker) % workers if resuming and plan else worker
-        if info is not None:
-            _act_as(info, self.role)
-            if hasattr(self.dataset, "set_epoch"):  # a persistent worker's own copy
-                self.dataset.set_epoch(epoch)
-        if resuming and plan is not None and self.role in plan.states:
-            self.dataset.load_state_dict(plan.states[self.role])
+        if info is not None and hasattr(self.dataset, "set_epoch"):  # a persistent worker
+            self.dataset.set_epoch(epoch)  # keeps the copy it started with: give it the epoch
+        if plan is not None and plan.epoch == epoch and role in plan.states:
+            self.dataset.load_state_dict(plan.states[role])
         self.plan = None  # once: the next epoch starts from its beginning
         return iter(self.dataset)
-
-
-def _act_as(info: Any, role: int) -> None:
-    """Make ``get_worker_info().id`` say ``role`` in this worker, so that a stream sharding
-    itself by worker id reads the share of the worker whose state it loaded."""
-    if info.id != role:
-        worker_info_module._worker_info = type(info)(
-            id=role, num_workers=info.num_workers, seed=info.seed, dataset=info.dataset
-        )
 
 
 class EnvelopingCollate:
@@ -110,9 +106,10 @@ class EnvelopingCollate:
         self.collate, self.stream = collate, stream
 
     def __call__(self, samples: Any) -> Envelope:
-        info = get_worker_info()
-        stream: Any = self.stream if info is None else info.dataset  # the worker's own copy
-        return Envelope(self.collate(samples), stream.role, stream.dataset.state_dict())
+        info = get_worker_info()  # in a worker: the role, and the user's stream (WorkerInit)
+        stream: Any
+        role, stream = (0, self.stream.dataset) if info is None else (info.id, info.dataset)
+        return Envelope(self.collate(samples), role, stream.state_dict())
 
 
 class StreamPositions:
@@ -159,25 +156,51 @@ class StreamPositions:
             self.states[self.last] = state
 
 
-def stateful_loader(loader: DataLoader, device: torch.device) -> DataLoader:
-    """A stream with state, read so that its position is known after every batch."""
+def stateful_loader(loader: DataLoader) -> DataLoader:
+    """A stream with state, read so that its position is known after every batch (the
+    user's options kept)."""
     assert isinstance(loader.dataset, IterableDataset)  # has_state said so
     stream = StatefulStream(loader.dataset)
-    workers, init = loader.num_workers, loader.worker_init_fn
-    return DataLoader(
-        stream,
-        batch_size=loader.batch_size,
-        num_workers=workers,
-        collate_fn=EnvelopingCollate(loader.collate_fn, stream),
-        pin_memory=loader.pin_memory or device.type == "cuda",
-        drop_last=loader.drop_last,
-        timeout=loader.timeout,
-        worker_init_fn=init if isinstance(init, WorkerInit) else WorkerInit(init),
-        multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator,
-        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
-        persistent_workers=loader.persistent_workers,
-    )
+    return rebuilt(loader, dataset=stream, collate_fn=EnvelopingCollate(loader.collate_fn, stream))
+
+
+def resumed_epoch_loader(loader: DataLoader) -> DataLoader:
+    """The loader to read the epoch a resume goes on in: ``loader`` itself, or for persistent
+    workers a one-off copy whose workers end with the epoch. Workers read that epoch in
+    turned roles (the module's docstring) and a ``worker_init_fn`` runs once per worker
+    start: the persistent workers then start at the next epoch, in their own roles."""
+    if not loader.persistent_workers:
+        return loader
+    stream = loader.dataset
+    assert isinstance(stream, StatefulStream)  # stateful_loader built it
+    # the copy's workers draw their seed where the unbroken run's persistent ones did
+    stream.seed_state = _seed_source(loader).get_state()
+    return rebuilt(loader, persistent_workers=False)
+
+
+def opened(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)``. The persistent workers of a loader whose resumed epoch a one-off
+    copy read start one epoch later than the unbroken run's: they draw their seed from the
+    state the copy drew from (the unbroken run's), and the generator is left as it was, so
+    that the run's random numbers go on as in the unbroken run."""
+    stream = loader.dataset
+    if not loader.persistent_workers or not isinstance(stream, StatefulStream):
+        return iter(loader)  # the one-off copy too: it is not persistent
+    state, stream.seed_state = stream.seed_state, None
+    if state is None:
+        return iter(loader)
+    source = _seed_source(loader)
+    now = source.get_state()
+    source.set_state(state)
+    try:
+        return iter(loader)
+    finally:
+        source.set_state(now)
+
+
+def _seed_source(loader: DataLoader) -> torch.Generator:
+    """The generator a loader's iterator draws its workers' base seed from."""
+    return loader.generator if loader.generator is not None else torch.default_generator
 
 
 def track_positions(

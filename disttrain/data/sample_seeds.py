@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from disttrain.data.workers import Wrapper
+
 _MASK = (1 << 64) - 1
 
 
@@ -42,21 +44,31 @@ def seed_draws(seed: int) -> None:
         numpy.random.seed(seed & 0xFFFFFFFF)
 
 
-class SeededSamples(Dataset):
+class SeededSamples(Wrapper, Dataset):
     """``dataset`` with each sample's random draws seeded from ``(seed, epoch, index)``.
 
-    Attributes not defined here are the wrapped dataset's. The seed and epoch live in shared
-    memory, so persistent loader workers see each new epoch.
+    Attributes not defined here are the wrapped dataset's, to read and to write
+    (``Wrapper``); in a loader worker ``get_worker_info().dataset`` is the user's dataset.
+    The seed and epoch live in shared memory, so persistent loader workers see each new
+    epoch, and a dataset's own ``set_epoch`` is called in each worker when the epoch is new
+    there.
     """
+
+    _own = frozenset({"dataset", "_state", "_epoch_given"})
 
     def __init__(self, dataset: Any, seed: int) -> None:
         self.dataset = dataset
         self._state = torch.tensor([seed, 0], dtype=torch.int64).share_memory_()
+        self._epoch_given = 0  # the epoch this copy's dataset was last given
 
     def set_epoch(self, epoch: int) -> None:
         self._state[1] = epoch
+        self._give_epoch(epoch)
+
+    def _give_epoch(self, epoch: int) -> None:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+        self._epoch_given = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -66,6 +78,8 @@ class SeededSamples(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         seed, epoch = self._state.tolist()
+        if epoch != self._epoch_given:  # a persistent worker's copy, in a new epoch
+            self._give_epoch(epoch)
         inner = _batched_reader(self.dataset)
         if inner is not None:  # your batched reader: one seed per batch, from its first sample
             seed_draws(sample_seed(seed, epoch, indices[0]))
@@ -75,11 +89,6 @@ class SeededSamples(Dataset):
             seed_draws(sample_seed(seed, epoch, index))
             samples.append(self.dataset[index])
         return samples
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # not yet set (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 def _batched_reader(dataset: Any) -> Any:

@@ -12,6 +12,7 @@ import torch
 from disttrain.checkpoint.resume import restore_weights
 from disttrain.data import loaders
 from disttrain.data.loaders import batch_indices
+from disttrain.data.workers import ended, reading
 from disttrain.loop.outputs import scalar_metrics
 from disttrain.loop.session import open_session, write_run_files
 from disttrain.ranks.table import Action, Hook
@@ -27,7 +28,9 @@ def evaluate(
     under DDP, the module unsharded for the whole loop under FSDP: ranks may hold different
     numbers of batches), then
     ``{kind}_epoch_end``; its logged epoch values are reduced over all ranks in one collective
-    (not for the sanity check). Returns what ``{kind}_epoch_end`` returned."""
+    (not for the sanity check). Returns what ``{kind}_epoch_end`` returned. The loader's
+    workers end with the loop (persistent ones stay for the next validation, see
+    ``workers.reading``)."""
     module = trainer.running_module
     fit_step = trainer._step  # under FSDP, steps go through the sharded root's __call__
     step = fit_step.call(f"{kind}_step") if fit_step else getattr(module, f"{kind}_step")
@@ -38,8 +41,8 @@ def evaluate(
     reporter = trainer.reporter
     reporter.evaluating = True
     evaluating = fit_step.evaluating() if fit_step else contextlib.nullcontext()
-    with torch.no_grad(), trainer._autocast, evaluating:
-        for batch_idx, batch in zip(batch_indices(0, limit), loader):
+    with torch.no_grad(), trainer._autocast, evaluating, reading(loader) as batches:
+        for batch_idx, batch in zip(batch_indices(0, limit), batches):
             batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, trainer.device)
             outputs.append(step(batch, batch_idx))
     result = getattr(module, f"{kind}_epoch_end")(outputs)
@@ -81,7 +84,8 @@ def run_evaluation(trainer: Trainer, module: Any, datamodule: Any, stage: str) -
             )
         limit = loaders.limit_batches(loader, getattr(trainer.config, option), option)
         before = dict(trainer.logged_metrics)
-        result = evaluate(trainer, call, loader, limit, kind)
+        with ended(loader):  # its persistent workers
+            result = evaluate(trainer, call, loader, limit, kind)
         trainer.logger.finalize()
         call(Hook.TEARDOWN, stage)
     found = {**trainer.logged_metrics, **scalar_metrics(result)}

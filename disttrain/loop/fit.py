@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from disttrain.data import loaders
 from disttrain.data.loaders import batch_indices
 from disttrain.data.positions import track_positions
 from disttrain.data.samplers import reshard, sample_counter
+from disttrain.data.workers import ended
 from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import evaluate
 from disttrain.loop.outputs import detached, loss_of, per_batch
@@ -51,13 +53,14 @@ def fit(trainer: Trainer, module: Module, datamodule: DataModule | None) -> None
         PreemptionWatcher(trainer.flight.dump) as watcher,
     ):
         run = start(trainer, dispatcher, module, Stopping(trainer._collectives, watcher))
-        sanity_check(trainer, run)
-        profiler = trainer.profiler  # with it, each phase's share of the training loop
-        train_loop = train if profiler is None else profiler.timed(TRAINING_LOOP, train)
-        try:
-            train_loop(trainer, run, module)
-        finally:  # a stop, a signal or a failure keeps what was logged up to it
-            trainer.logger.save()
+        with ended(run.train_data, run.val_data):  # their persistent workers, on any exit
+            sanity_check(trainer, run)
+            profiler = trainer.profiler  # with it, each phase's share of the training loop
+            train_loop = train if profiler is None else profiler.timed(TRAINING_LOOP, train)
+            try:
+                train_loop(trainer, run, module)
+            finally:  # a stop, a signal or a failure keeps what was logged up to it
+                trainer.logger.save()
         finish(trainer, run)
     _say_where_files_went(trainer)  # last, where the eye lands
 
@@ -173,26 +176,40 @@ def train_epoch(
     trainer: Trainer, run: FitRun, epoch: int, first: int
 ) -> tuple[list[Any], str | None]:
     """One epoch's batches from ``first``; returns the steps' outputs (for
-    ``training_epoch_end``) and why training leaves early, if it does."""
+    ``training_epoch_end``) and why training leaves early, if it does. The loader's workers
+    end with the epoch's ``with`` block, however it ends (``workers.reading``)."""
     trainer.current_epoch = epoch
     trainer._next_batch, trainer._epoch_finished = first, False
     if run.saved_rng is not None and first == 0:
         set_rng_state(run.saved_rng)  # where the checkpoint was taken: after the epoch
         run.saved_rng = None
     run.call(Hook.ON_EPOCH_START)
-    batches = loaders.epoch_batches(run.train_data, epoch, first)
-    if trainer.profiler is not None:
-        batches = trainer.profiler.timed_iter("data loading", batches)
-    if run.saved_rng is not None:
-        set_rng_state(run.saved_rng)  # mid-epoch: after the loader drew its seed
-        run.saved_rng = None
     outputs: list[Any] = []
+    with loaders.epoch_batches(run.train_data, epoch, first) as batches:
+        if trainer.profiler is not None:
+            batches = trainer.profiler.timed_iter("data loading", batches)
+        if run.saved_rng is not None:
+            set_rng_state(run.saved_rng)  # mid-epoch: after the loader drew its seed
+            run.saved_rng = None
+        ends_window = functools.partial(_ends_window, trainer.config.accumulate_grad_batches, run)
+        pairs = zip(batch_indices(first, run.n_train), batches)
+        items = run.stopping.start_epoch(pairs, first, ends_window)  # read ahead if world > 1
+        boundary, leave = train_batches(trainer, run, items, outputs)
+    if not boundary:  # the epoch ended inside an accumulation window: drop its gradients
+        for optimizer in run.optimizers:
+            optimizer.zero_grad()
+    return outputs, leave
+
+
+def train_batches(
+    trainer: Trainer, run: FitRun, items: Iterator[tuple[int, Any]], outputs: list[Any]
+) -> tuple[bool, str | None]:
+    """The epoch's ``(batch_idx, batch)`` pairs until its data or an agreed stop ends it;
+    returns whether the last batch ended an accumulation window, and why training leaves
+    early, if it does."""
     on_batch_start, stopping = run.hooks.on_batch_start, run.stopping
     max_steps = _max_steps(trainer)
     boundary, leave = True, None
-    ends_window = functools.partial(_ends_window, trainer.config.accumulate_grad_batches, run)
-    pairs = zip(batch_indices(first, run.n_train), batches)
-    items = stopping.start_epoch(pairs, first, ends_window)  # read ahead at world size > 1
     for batch_idx, batch in items:
         if on_batch_start(batch) == -1:  # agreed: every rank ends the epoch at this batch
             break
@@ -208,10 +225,7 @@ def train_epoch(
             break
         if stopping.data_ended:  # on the same ride: the shortest rank's data ends here
             break  # every rank ends the epoch as usual
-    if not boundary:  # the epoch ended inside an accumulation window: drop its gradients
-        for optimizer in run.optimizers:
-            optimizer.zero_grad()
-    return outputs, leave
+    return boundary, leave
 
 
 def train_batch(

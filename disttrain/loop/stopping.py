@@ -325,7 +325,7 @@ class Stopping:
             return iter(())
         if windows < ahead.depth:  # ends before the first vote can be read
             self._steps_left = windows
-        return ahead  # held by the loop only: a stop's exception must not keep its workers
+        return ahead  # its loader's workers end with the epoch's block (workers.reading)
 
     def before_step(self, items: Iterator[tuple[int, Any]], batch_idx: int) -> None:
         """Before a batch's forward: at a step's last batch, cast whether this rank's data

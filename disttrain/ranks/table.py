@@ -14,7 +14,7 @@ The whole of ``Trainer.fit``, with every hook in place (``[v]`` verdict, ``[a]``
         validation_epoch_end(outputs)
     on_post_performance_check()
     for epoch:
-        sampler.set_epoch(epoch); dataset.set_epoch(epoch)  # those that have it (streams)
+        set_epoch(epoch) of each sampler in the loader's chain and of the dataset, if any
         on_epoch_start()
         for batch_idx, batch in loader:
             on_batch_start(batch)                            # [a] -1 on any rank ends the epoch

@@ -182,6 +182,12 @@ def gpu(outdir):
     seen = {}
 
     class OnGpu(Regressor):
+        def train_dataloader(self):  # pinned because asked for: disttrain keeps the option
+            loader = super().train_dataloader()
+            return torch.utils.data.DataLoader(
+                loader.dataset, batch_size=loader.batch_size, pin_memory=True
+            )
+
         def on_batch_start(self, batch):
             seen["pinned"] = batch[0].is_pinned()
 
@@ -601,11 +607,12 @@ def stream_counts(outdir):
             ("few", [(s, 5 + s) for s in range(few)], 3),
         ):
             loader = _stream_loader(shards, workers, buffer)
-            loader = loaders.train_loader(loader, rank, world, 7, torch.device("cpu"), "S")
+            loader = loaders.train_loader(loader, rank, world, 7, "S")
             for epoch in (0, 1):
                 read = []
-                for _, _, sid, worker in loaders.epoch_batches(loader, epoch, 0):
-                    read += zip(sid.tolist(), worker.tolist())
+                with loaders.epoch_batches(loader, epoch, 0) as batches:
+                    for _, _, sid, worker in batches:
+                        read += zip(sid.tolist(), worker.tolist())
                 result[f"{kind}/{workers}/{epoch}"] = {
                     "read": read,
                     "order": loader.dataset.shard_order(epoch),
