@@ -278,3 +278,16 @@ def run_alone(
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-8000:]
     return proc
+
+
+@pytest.fixture
+def disttrain_log(caplog):
+    """``caplog`` that also hears the ``disttrain`` logger (which does not propagate)."""
+    import logging
+
+    logger = logging.getLogger("disttrain")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

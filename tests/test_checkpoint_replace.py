@@ -128,3 +128,14 @@ def test_an_exchange_that_the_filesystem_refuses_falls_back(tmp_path, monkeypatc
     _save(path, "directory", "old")
     _save(path, "file", "new")
     assert _which(path) == "new" and sorted(os.listdir(tmp_path)) == [NAME]
+
+
+def test_a_sharded_checkpoint_removes_a_last_link_that_names_older_weights(tmp_path):
+    from disttrain.callbacks.model_checkpoint import _rotate
+
+    (tmp_path / "epoch=0-step=2.ckpt").write_bytes(b"an earlier unsharded run's file")
+    (tmp_path / "last.ckpt").write_bytes(b"an earlier unsharded run's file")
+    sharded = tmp_path / "epoch=1-step=4.ckpt"
+    sharded.mkdir()
+    _rotate(tmp_path, sharded, [], save_last=True)
+    assert not (tmp_path / "last.ckpt").exists()

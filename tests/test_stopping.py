@@ -296,7 +296,7 @@ def test_a_monitor_the_run_never_logs_stops_every_rank_naming_what_was_logged(tm
 
 @pytest.mark.parametrize("validates", [True, False])
 def test_early_stopping_on_a_metric_never_logged_is_an_error_once_validation_ran(
-    tmp_path, caplog, validates
+    tmp_path, disttrain_log, validates
 ):
     module = Regressor(n_train=16)
     stopper = disttrain.EarlyStopping(monitor="val_acc")
@@ -309,5 +309,26 @@ def test_early_stopping_on_a_metric_never_logged_is_an_error_once_validation_ran
         assert trainer.current_epoch == 1  # raised as epoch 1 started, not at the end
     else:  # no validation ever ran: the metric may just not have come round yet
         trainer.fit(module)
-        assert "the run never logged 'val_acc'" in caplog.text
-        assert "(no validation ran in this fit)" in caplog.text
+        assert "the run never logged 'val_acc'" in disttrain_log.text
+        assert "(no validation ran in this fit)" in disttrain_log.text
+
+
+class NaNValidation(Regressor):
+    """Validation loss NaN from epoch 1 on."""
+
+    def validation_epoch_end(self, outputs):
+        value = float("nan") if self.current_epoch >= 1 else 1.0
+        return {"val_loss": torch.tensor(value)}
+
+
+def test_a_nan_metric_stops_early_stopping_and_is_not_ranked_by_checkpoints(
+    tmp_path, disttrain_log
+):
+    module = NaNValidation(n_train=8)
+    best = disttrain.ModelCheckpoint(monitor="val_loss", save_top_k=2, keep_last_k=1)
+    stopper = disttrain.EarlyStopping(monitor="val_loss", patience=10)
+    trainer = Trainer(max_epochs=6, num_sanity_val_steps=0, callbacks=[best, stopper])
+    trainer.fit(module)
+    assert stopper.stopped_epoch == 1 and trainer.current_epoch == 1  # not after 10 more
+    assert "EarlyStopping: val_loss is nan at epoch 1: stopping" in disttrain_log.text
+    assert [name for _, name in best.best] == ["epoch=0-step=4.ckpt"]  # the NaN one unranked

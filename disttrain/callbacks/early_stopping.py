@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
 from disttrain.callbacks.base import Callback
 from disttrain.callbacks.monitor import MonitorWatch
+
+log = logging.getLogger("disttrain.callbacks")
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
@@ -18,15 +21,22 @@ class EarlyStopping(Callback):
     Checked after every validation, on each rank with the value that rank sees; the stop is
     agreed, so a stop decided on any one rank stops every rank after the same step. A key
     the run never logs is an error once an epoch with validation has ended, naming the keys
-    that were logged.
+    that were logged. With ``check_finite`` (the default) a NaN or infinite value stops
+    training at once, with a warning, instead of counting towards ``patience``.
     """
 
     def __init__(
-        self, monitor: str, patience: int = 3, mode: str = "min", min_delta: float = 0.0
+        self,
+        monitor: str,
+        patience: int = 3,
+        mode: str = "min",
+        min_delta: float = 0.0,
+        check_finite: bool = True,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
+        self.check_finite = check_finite
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.stopped_epoch: int | None = None
@@ -46,6 +56,16 @@ class EarlyStopping(Callback):
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[self.monitor])
+        if self.check_finite and not math.isfinite(value):
+            log.warning(
+                "EarlyStopping: %s is %s at epoch %d: stopping (check_finite=True)",
+                self.monitor,
+                value,
+                trainer.current_epoch,
+            )
+            self.stopped_epoch = trainer.current_epoch
+            trainer.should_stop = True
+            return
         better = (
             value < self.best - self.min_delta
             if self.mode == "min"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,7 @@ if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
 
 LAST = LAST_NAME
+log = logging.getLogger("disttrain.callbacks")
 
 
 class ModelCheckpoint(Callback):
@@ -93,6 +96,9 @@ class ModelCheckpoint(Callback):
         trainer.save_checkpoint(path)
         if name not in self.saved:
             self.saved.append(name)
+        if score is not None and math.isnan(score):
+            log.warning("ModelCheckpoint: '%s' is NaN at %s: not ranked", self.monitor, name)
+            score = None
         if score is not None and self.save_top_k:
             self.best = [b for b in self.best if b[1] != name] + [(score, name)]
             self.best.sort(key=lambda b: b[0], reverse=self.mode == "max")
@@ -132,8 +138,11 @@ class ModelCheckpoint(Callback):
 
 def _rotate(directory: Path, newest: Path, doomed: list[str], save_last: bool) -> None:
     """Global zero's file work after a save: point last.ckpt at it, delete what is not kept.
-    (A sharded checkpoint is a directory: it gets no last.ckpt; auto-resume finds it anyway.)"""
+    (A sharded checkpoint is a directory: it gets no last.ckpt, and a last.ckpt left by an
+    earlier unsharded run goes; auto-resume finds the newest by its progress anyway.)"""
     if save_last and newest.is_file():
         atomic_link(newest, directory / LAST)
+    elif (directory / LAST).exists():  # an earlier run's file: it would name older weights
+        remove(directory / LAST)
     for name in doomed:
         remove(directory / name)
