@@ -41,7 +41,7 @@ class StopVote:
 
     ``carried_by`` adds ``weight · ballot`` to the loss: the weight is zero, so the loss and
     every other gradient stay exactly as they were. A gradient hook on the weight replaces
-    what backward computes for it (``ballot ×`` the loss's gradient) by the ballot itself,
+    what backward computes for it (the ballot times the loss's gradient) by the ballot itself,
     [stop, my data ends] (1: yes, 0: no), whatever gradient reaches the loss from above
     (GradScaler's 65536, inf in a float16 loss; a user's ``backward`` that scales the loss,
     zeroes it or makes it NaN). The hook is one Python call per backward (a custom autograd
