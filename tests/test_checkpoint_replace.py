@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from disttrain.checkpoint import atomic
 from disttrain.checkpoint import format as checkpoint
 from disttrain.checkpoint.resume import most_advanced
+from disttrain.storage import atomic
 
 NAME = "epoch=0-step=4.ckpt"
 LAYOUTS = ["file", "directory"]

@@ -11,8 +11,8 @@ import torch
 
 from disttrain.callbacks.base import Callback
 from disttrain.callbacks.monitor import MonitorWatch
-from disttrain.checkpoint.atomic import atomic_link
 from disttrain.checkpoint.format import LAST_NAME, file_name, remove
+from disttrain.storage.atomic import atomic_link
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer

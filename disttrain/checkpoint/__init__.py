@@ -1,2 +1,2 @@
 """Checkpoints: the format and safe reading, taking and restoring one, choosing where to
-resume from, and the atomic file writes every run file goes through."""
+resume from."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disttrain.checkpoint.atomic import atomic_write_with, replace
+from disttrain.storage.atomic import atomic_write_with, replace
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer

@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from disttrain.checkpoint.atomic import recover
 from disttrain.checkpoint.format import LAST_NAME, SUFFIX, CheckpointError, Progress, load, remove
 from disttrain.checkpoint.snapshot import restore
 from disttrain.dist.fsdp import dcp_load
 from disttrain.ranks.table import Action, Hook
+from disttrain.storage.atomic import recover
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from disttrain.checkpoint.atomic import atomic_write_text
 from disttrain.checkpoint.format import plain_config
 from disttrain.dist.collectives import Collectives, connect
 from disttrain.loop.stopping import Preempted
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import hook_schedule
+from disttrain.storage.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer

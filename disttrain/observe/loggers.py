@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from disttrain.checkpoint.atomic import atomic_write_text
 from disttrain.observe.console import writes_run_output
+from disttrain.storage.atomic import atomic_write_text
 
 LOGGERS = ("csv", "tensorboard")
 log = logging.getLogger("disttrain.loggers")
