@@ -9,11 +9,11 @@ from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.checkpoint.format import CheckpointError
 from disttrain.config.options import ConfigError, TrainerConfig
 from disttrain.data.streams import ShardedStream
-from disttrain.loop.seeding import seed_everything
 from disttrain.loop.stopping import EXIT_PREEMPTED, Preempted
 from disttrain.loop.trainer import Trainer
 from disttrain.ranks.dispatch import HookFailed
 from disttrain.ranks.table import HOOK_TABLE, Hook, Ranks, Sync
+from disttrain.rng import seed_everything
 from disttrain.version import __version__
 
 __all__ = [

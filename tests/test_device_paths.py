@@ -339,7 +339,7 @@ def test_cuda_rng_is_saved_and_restored_for_the_ranks_own_device(monkeypatch):
     """Saved on local device 3 of a 4-GPU node, restored where only one device is visible
     (the rank's device is then index 0): the state goes to the current device, never to an
     index that the new layout does not have."""
-    from disttrain.checkpoint import format as checkpoint
+    from disttrain import rng
 
     calls: list[tuple[str, Any]] = []
     state = torch.arange(8, dtype=torch.uint8)
@@ -351,10 +351,10 @@ def test_cuda_rng_is_saved_and_restored_for_the_ranks_own_device(monkeypatch):
         set_rng_state=lambda value, device: calls.append(("set", device)),
     )
     monkeypatch.setattr(torch, "cuda", fake)
-    saved = checkpoint.rng_state()
+    saved = rng.rng_state()
     assert calls == [("get", 3)] and torch.equal(saved["cuda"], state)
     fake.current_device = lambda: 0  # resumed on another layout
-    checkpoint.set_rng_state(saved)
+    rng.set_rng_state(saved)
     assert calls[-1] == ("set", 0)
 
 

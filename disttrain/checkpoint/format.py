@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import random
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,31 +57,6 @@ class Progress:
     def resume_point(self) -> tuple[int, int]:
         """(epoch, first batch) at which training goes on."""
         return (self.epoch + 1, 0) if self.epoch_finished else (self.epoch, self.next_batch)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # this rank's own device only: on resume the rank's device may have another index
-        # (2 nodes x 4 GPUs -> 1 x 8), or fewer devices may be visible
-        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
-        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuples(state["python"]))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
-    numpy = sys.modules.get("numpy")
-    if "numpy" in state and numpy is not None:
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
 def write(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
@@ -241,7 +214,3 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
-
-
-def _as_tuples(value: Any) -> Any:
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

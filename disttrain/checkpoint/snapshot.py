@@ -18,12 +18,12 @@ from disttrain.checkpoint.format import (
     callback_keys,
     finish_sharded,
     plain_config,
-    rng_state,
     sharded_tmp,
     write,
 )
 from disttrain.dist.fsdp import dcp_load, dcp_save, full_state_dict
 from disttrain.ranks.table import Action, Hook
+from disttrain.rng import rng_state
 from disttrain.version import __version__
 
 if TYPE_CHECKING:  # the trainer imports this module

@@ -10,8 +10,6 @@ worker). Without workers the main process draws, from the generators the checkpo
 
 from __future__ import annotations
 
-import random
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,29 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from disttrain.data.workers import Wrapper
-
-_MASK = (1 << 64) - 1
-
-
-def sample_seed(seed: int, *where: int) -> int:
-    """A 64-bit seed for the sample at ``where`` (``epoch, index``; a stream's ``epoch,
-    shard, position``): splitmix64 over the parts, well mixed."""
-    z = seed & _MASK
-    for part in where:
-        z = (z ^ (part & _MASK)) * 0x9E3779B97F4A7C15 & _MASK
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK
-        z ^= z >> 31
-    return z
-
-
-def seed_draws(seed: int) -> None:
-    """Seed the global generators a dataset draws from: torch (CPU), Python, NumPy."""
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed(seed & 0xFFFFFFFF)
+from disttrain.rng import sample_seed, seed_draws
 
 
 class SeededSamples(Wrapper, Dataset):

@@ -33,9 +33,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from disttrain.checkpoint.format import rng_state, set_rng_state
-from disttrain.data.sample_seeds import sample_seed, seed_draws
 from disttrain.dist.env import DistEnv
+from disttrain.rng import rng_state, sample_seed, seed_draws, set_rng_state
 
 log = logging.getLogger("disttrain.data")
 

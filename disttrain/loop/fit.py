@@ -21,7 +21,7 @@ import torch
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import overridden
 from disttrain.api.module import Module
-from disttrain.checkpoint.format import file_name, set_rng_state
+from disttrain.checkpoint.format import file_name
 from disttrain.checkpoint.resume import resume
 from disttrain.data import loaders
 from disttrain.data.loaders import batch_indices
@@ -32,13 +32,13 @@ from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import evaluate
 from disttrain.loop.outputs import detached, loss_of, per_batch
 from disttrain.loop.precision import NULL_CONTEXT, grad_scaler
-from disttrain.loop.seeding import warn_if_built_unseeded
 from disttrain.loop.session import hyperparams, open_session, write_run_files
 from disttrain.loop.state import BatchHooks, FitRun
 from disttrain.loop.stopping import PreemptionWatcher, Stopping
 from disttrain.observe.profiler import TRAINING_LOOP, report
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
+from disttrain.rng import set_rng_state, warn_if_built_unseeded
 
 if TYPE_CHECKING:  # the trainer calls fit: importing it here would be a cycle
     from disttrain.loop.trainer import Trainer

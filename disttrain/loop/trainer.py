@@ -27,7 +27,6 @@ from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
 from disttrain.loop.precision import autocast_context
-from disttrain.loop.seeding import seed_for_run
 from disttrain.observe.console import configure_logging, writes_run_output
 from disttrain.observe.flight import FlightRecorder
 from disttrain.observe.loggers import Logger, make_logger
@@ -36,6 +35,7 @@ from disttrain.observe.profiler import SimpleProfiler
 from disttrain.observe.progress import ProgressBar
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action
+from disttrain.rng import seed_for_run
 
 log = logging.getLogger("disttrain.trainer")
 
