@@ -9,7 +9,8 @@ from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.checkpoint.format import CheckpointError
 from disttrain.config.options import ConfigError, TrainerConfig
 from disttrain.data.streams import ShardedStream
-from disttrain.loop.stopping import EXIT_PREEMPTED, Preempted
+from disttrain.dist.exits import EXIT_PREEMPTED
+from disttrain.loop.signals import Preempted
 from disttrain.loop.trainer import Trainer
 from disttrain.ranks.dispatch import HookFailed
 from disttrain.ranks.table import HOOK_TABLE, Hook, Ranks, Sync

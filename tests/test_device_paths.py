@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch.distributed.utils import _to_kwargs  # what DDP(device_ids=...) and FSDP run
 
-from disttrain.loop import stopping as steps
 from disttrain.loop import strategy
+from disttrain.loop import vote as steps
 from disttrain.observe import profiler
 from disttrain.observe.metrics import MetricStore, reduce_epoch
 

@@ -61,7 +61,7 @@ def test_max_steps_stops_inside_an_epoch():
 
 
 def test_the_stop_vote_leaves_the_loss_exact_and_reads_what_backward_carried():
-    from disttrain.loop.stopping import StopVote
+    from disttrain.loop.vote import StopVote
 
     vote = StopVote(torch.device("cpu"))
     loss = torch.tensor(0.123456789, requires_grad=True)

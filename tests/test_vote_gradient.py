@@ -18,7 +18,7 @@ from conftest import run_beside
 
 import disttrain
 from disttrain import Trainer
-from disttrain.loop.stopping import StopVote
+from disttrain.loop.vote import StopVote
 
 # what arrives at the loss from above: (precision, the user's backward, the loss's dtype)
 UPSTREAM = {

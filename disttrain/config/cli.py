@@ -25,11 +25,12 @@ from disttrain.checkpoint.format import SUFFIX, CheckpointError, check_path
 from disttrain.config import run as runconfig
 from disttrain.config.options import ConfigError
 from disttrain.dist.env import DistEnv
+from disttrain.dist.exits import EXIT_INTERRUPTED
+from disttrain.dist.flight import diagnose
 from disttrain.dist.launcher import launch_workers, peer_loss, record_failure
-from disttrain.loop.stopping import EXIT_INTERRUPTED, Preempted
+from disttrain.loop.signals import Preempted
 from disttrain.loop.trainer import Trainer
 from disttrain.observe.console import configure_logging
-from disttrain.observe.flight import diagnose
 from disttrain.observe.plot import PlotError, plot_runs
 from disttrain.ranks.schedule import describe_schedule
 from disttrain.rng import seed_for_run

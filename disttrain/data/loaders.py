@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import (
@@ -284,33 +283,3 @@ def eval_loader_for(trainer: Trainer, module: Any, loader_name: str, step_name: 
 def _loader_source(trainer: Trainer, module: Any, loader_name: str) -> Any:
     dm = trainer.datamodule
     return dm if dm is not None and overridden(dm, loader_name, DataModule) else module
-
-
-class DataAhead:
-    """An epoch's ``(batch_idx, batch)`` pairs, read ahead far enough to tell whether
-    ``depth`` complete accumulation windows (each ending where ``boundary`` is true) follow a
-    batch. The same batches in the same order: a batch is only drawn a window or two earlier,
-    held here (host memory) until its turn."""
-
-    def __init__(
-        self, items: Iterator[tuple[int, Any]], boundary: Callable[[int], bool], depth: int
-    ) -> None:
-        self._items, self.boundary, self.depth = items, boundary, depth
-        self._read: collections.deque[tuple[int, Any]] = collections.deque()
-
-    def __iter__(self) -> DataAhead:
-        return self
-
-    def __next__(self) -> tuple[int, Any]:
-        return self._read.popleft() if self._read else next(self._items)
-
-    def windows_after(self, batch_idx: int) -> int:
-        """How many complete windows (at most ``depth``) end after ``batch_idx``."""
-        count = sum(1 for i, _ in self._read if i > batch_idx and self.boundary(i))
-        while count < self.depth:
-            item = next(self._items, None)
-            if item is None:
-                break
-            self._read.append(item)
-            count += item[0] > batch_idx and self.boundary(item[0])
-        return min(count, self.depth)

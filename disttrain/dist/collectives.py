@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from disttrain.dist.env import DistEnv
-from disttrain.observe.flight import FINISH, START
+from disttrain.dist.flight import FINISH, START
 
 
 class Collectives:

@@ -14,7 +14,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, get_error_handler
 from torch.distributed.run import get_args_parser, parse_args, run
 
-from disttrain.loop.stopping import abort_now, exit_code_for
+from disttrain.dist.exits import abort_now, exit_code_for
 
 
 def record_failure(error: BaseException) -> None:

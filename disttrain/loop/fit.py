@@ -33,8 +33,9 @@ from disttrain.loop.evaluation import evaluate
 from disttrain.loop.outputs import detached, loss_of, per_batch
 from disttrain.loop.precision import NULL_CONTEXT, grad_scaler
 from disttrain.loop.session import hyperparams, open_session, write_run_files
+from disttrain.loop.signals import PreemptionWatcher
 from disttrain.loop.state import BatchHooks, FitRun
-from disttrain.loop.stopping import PreemptionWatcher, Stopping
+from disttrain.loop.stopping import EpochEnd, Stopping
 from disttrain.observe.profiler import TRAINING_LOOP, report
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
@@ -162,11 +163,11 @@ def train(trainer: Trainer, run: FitRun, module: Module) -> None:
     module.train()
     for epoch in range(start_epoch, cfg.max_epochs):
         first = start_batch if epoch == start_epoch else 0
-        outputs, leave = train_epoch(trainer, run, epoch, first)
-        if leave == "agreed stop":
+        outputs, end = train_epoch(trainer, run, epoch, first)
+        if end is EpochEnd.AGREED_STOP:
             trainer.should_stop = True
             run.stopping.for_signal(trainer.global_step, lambda: _save_now(trainer), cfg.resume)
-        if leave:
+        if end.leaves_training:
             break
         if end_epoch(trainer, run, module, epoch, outputs):
             break
@@ -174,9 +175,9 @@ def train(trainer: Trainer, run: FitRun, module: Module) -> None:
 
 def train_epoch(
     trainer: Trainer, run: FitRun, epoch: int, first: int
-) -> tuple[list[Any], str | None]:
+) -> tuple[list[Any], EpochEnd]:
     """One epoch's batches from ``first``; returns the steps' outputs (for
-    ``training_epoch_end``) and why training leaves early, if it does. The loader's workers
+    ``training_epoch_end``) and why its batches ended. The loader's workers
     end with the epoch's ``with`` block, however it ends (``workers.reading``)."""
     trainer.current_epoch = epoch
     trainer._next_batch, trainer._epoch_finished = first, False
@@ -194,38 +195,35 @@ def train_epoch(
         ends_window = functools.partial(_ends_window, trainer.config.accumulate_grad_batches, run)
         pairs = zip(batch_indices(first, run.n_train), batches)
         items = run.stopping.start_epoch(pairs, first, ends_window)  # read ahead if world > 1
-        boundary, leave = train_batches(trainer, run, items, outputs)
+        boundary, end = train_batches(trainer, run, items, outputs)
     if not boundary:  # the epoch ended inside an accumulation window: drop its gradients
         for optimizer in run.optimizers:
             optimizer.zero_grad()
-    return outputs, leave
+    return outputs, end
 
 
 def train_batches(
     trainer: Trainer, run: FitRun, items: Iterator[tuple[int, Any]], outputs: list[Any]
-) -> tuple[bool, str | None]:
+) -> tuple[bool, EpochEnd]:
     """The epoch's ``(batch_idx, batch)`` pairs until its data or an agreed stop ends it;
-    returns whether the last batch ended an accumulation window, and why training leaves
-    early, if it does."""
+    returns whether the last batch ended an accumulation window, and why the batches end."""
     on_batch_start, stopping = run.hooks.on_batch_start, run.stopping
     max_steps = _max_steps(trainer)
-    boundary, leave = True, None
+    boundary = True
     for batch_idx, batch in items:
         if on_batch_start(batch) == -1:  # agreed: every rank ends the epoch at this batch
-            break
+            return boundary, EpochEnd.MINUS_ONE
         stopping.before_step(items, batch_idx)  # at a window's end: does this rank's data end?
         boundary = train_batch(trainer, run, batch, batch_idx, outputs)
         if not boundary:
             continue
         if trainer.global_step >= max_steps and batch_idx + 1 < run.n_train:
-            leave = "max_steps"  # mid-epoch: the epoch is not finished
-            break
+            return boundary, EpochEnd.MAX_STEPS  # mid-epoch: the epoch is not finished
         if stopping.after_step(trainer.should_stop):  # no collective: rides the gradients
-            leave = "agreed stop"
-            break
+            return boundary, EpochEnd.AGREED_STOP
         if stopping.data_ended:  # on the same ride: the shortest rank's data ends here
-            break  # every rank ends the epoch as usual
-    return boundary, leave
+            return boundary, EpochEnd.DATA_ENDED  # every rank ends the epoch as usual
+    return boundary, EpochEnd.DATA
 
 
 def train_batch(

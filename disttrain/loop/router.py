@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from disttrain.data.transfer import uncarried
-from disttrain.loop.stopping import StopVote
+from disttrain.loop.vote import StopVote
 
 
 class TrainingStep(torch.nn.Module):

@@ -12,7 +12,7 @@ import yaml
 
 from disttrain.checkpoint.format import plain_config
 from disttrain.dist.collectives import Collectives, connect
-from disttrain.loop.stopping import Preempted
+from disttrain.loop.signals import Preempted
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import hook_schedule
 from disttrain.storage.atomic import atomic_write_text

@@ -1,7 +1,9 @@
-"""Every way a run stops early, in one place.
+"""Every way a run stops early, decided in one place: the decisions. (The gradient-borne
+vote they cast and read is ``disttrain.loop.vote``; the signals they hear,
+``disttrain.loop.signals``; ``EpochEnd`` names why an epoch's batches end.)
 
-- ``on_batch_start`` returning -1 on any rank: the dispatcher's agreement (``agree_stop``),
-  which ends the epoch's training on every rank at the same batch.
+- ``on_batch_start`` returning -1 on any rank: the dispatcher's agreement
+  (``agree_on_minus_one``), which ends the epoch's training on every rank at the same batch.
 - ``trainer.should_stop`` (early stopping, a user's hook), SIGTERM and Ctrl-C (SIGINT): a
   vote that rides the next step's gradient all-reduce (``StopVote``, no collective of its
   own), read after every optimizer step; at an epoch's end it rides the epoch's metric
@@ -15,259 +17,40 @@
   data ends within the first window(s).
 
 A second Ctrl-C aborts at once (``abort_now``). Exit codes: ``EXIT_PREEMPTED`` (75) after
-SIGTERM, what schedulers requeue on; ``EXIT_INTERRUPTED`` (130) after Ctrl-C."""
+SIGTERM, what schedulers requeue on; ``EXIT_INTERRUPTED`` (130) after Ctrl-C
+(``disttrain.dist.exits``)."""
 
 from __future__ import annotations
 
+import collections
+import enum
 import logging
 import math
 import os
-import signal
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
-from types import FrameType
 from typing import Any
 
 import torch
 
-from disttrain.data.loaders import DataAhead
-from disttrain.observe.flight import FINISH, GRADIENT_SYNC, START
+from disttrain.loop.signals import Preempted, PreemptionWatcher
+from disttrain.loop.vote import StopVote
 
-
-class StopVote:
-    """This rank's votes as the gradient of one extra parameter of the DDP model.
-
-    ``carried_by`` adds ``weight · ballot`` to the loss: the weight is zero, so the loss and
-    every other gradient stay exactly as they were. A gradient hook on the weight replaces
-    what backward computes for it (the ballot times the loss's gradient) by the ballot itself,
-    [stop, my data ends] (1: yes, 0: no), whatever gradient reaches the loss from above
-    (GradScaler's 65536, inf in a float16 loss; a user's ``backward`` that scales the loss,
-    zeroes it or makes it NaN). The hook is one Python call per backward (a custom autograd
-    Function, a Python forward and backward, made the tiny DDP benchmark's step about 6%
-    slower at world size 1).
-    No optimizer owns the weight. DDP averages its gradient with the others in its own
-    bucketed all-reduce (C++: no Python comm hook, no collective of its own). Ballots are
-    never negative, so each slot of the weight's gradient, left to accumulate, grows exactly
-    when some rank voted: reading both costs one ``tolist()``, clearing them nothing.
-    """
-
-    def __init__(
-        self, device: torch.device, recorder: Any = None, timeout: float | None = None
-    ) -> None:
-        self.weight = torch.nn.Parameter(torch.zeros(2, device=device))
-        # a tensor, not a float: a compiled model would otherwise recompile when a rank votes
-        self._ballot = torch.zeros(2, device=device)
-        ballot = self._ballot  # the hook holds the tensor, not this object (no cycle)
-        self.weight.register_hook(lambda from_above: ballot.clone())
-        self._voting = [False, False]  # what _ballot holds: rewritten only when a vote changes
-        self._seen = [0.0, 0.0]  # the weight's gradient when it was last read
-        self.data_ended = False  # read with the stop vote: some rank's data ends at this step
-        self._on_gpu = device.type == "cuda"
-        self.lag = 1 if self._on_gpu else 0  # steps between a backward and reading its votes
-        self._pending: tuple[Any, torch.Tensor, float] | None = None  # GPU: (event, copy, when)
-        self._recorder = recorder
-        if timeout is None:  # the collective timeout of the trainer the recorder reports on
-            trainer = getattr(recorder, "progress", None)
-            timeout = getattr(getattr(trainer, "config", None), "timeout", DEFAULT_TIMEOUT)
-        self._timeout = float(timeout)
-
-    def carried_by(self, output: Any) -> Any:
-        """``output`` (a loss, or a dict with one) whose loss also carries this rank's vote:
-        exactly ``loss``, in its dtype, whose backward gives the weight the ballot as its
-        gradient. A loss that needs no gradient is left alone, so backward reports it."""
-        if isinstance(output, torch.Tensor):
-            if not output.requires_grad:
-                return output
-            votes = (self.weight * self._ballot).sum()  # elementwise: autocast leaves it
-            if output.dtype is not self.weight.dtype:  # keep a bf16/fp16 loss in its dtype
-                return output + votes.to(output.dtype)
-            return output + votes
-        if isinstance(output, dict) and "loss" in output:
-            return {**output, "loss": self.carried_by(output["loss"])}
-        return output  # not a loss: loss_of reports it
-
-    def cast(self, slot: int, vote: bool) -> None:
-        if vote is not self._voting[slot]:
-            self._voting[slot] = vote
-            self._ballot[slot].fill_(1.0 if vote else 0.0)
-
-    def new_epoch(self) -> None:
-        """Forget the votes carried so far (every rank, at the same point): a data-ended vote
-        of the epoch before must not end this one. A stop is cast again from its cause."""
-        if self.weight.grad is not None:
-            self.weight.grad.zero_()
-        self._seen, self._pending, self.data_ended = [0.0, 0.0], None, False
-        self.cast(1, False)
-
-    def agreed(self, local_vote: bool) -> bool:
-        """Cast ``local_vote`` for the next forward; return whether any rank's vote rode a
-        synchronised backward since the last call (``data_ended`` says the same of the data).
-
-        On a GPU the answer lags one step, read from a copy taken without waiting: reading it
-        at once would make the CPU wait for this step's all-reduce every step. Every rank
-        reads the same step's votes either way, so every rank decides at the same step.
-        """
-        self.cast(0, local_vote)
-        grad = self.weight.grad
-        if grad is None:
-            return False
-        if self._on_gpu:
-            grad = self._copied_a_step_ago(grad)
-            if grad is None:
-                return False
-        total = grad.tolist()
-        voted = [now > before for now, before in zip(total, self._seen)]
-        self._seen, self.data_ended = total, voted[1]
-        return voted[0]
-
-    def _copied_a_step_ago(self, grad: torch.Tensor) -> torch.Tensor | None:
-        host = torch.empty(2, pin_memory=True)
-        host.copy_(grad, non_blocking=True)
-        # blocking: a wait on it sleeps in the driver instead of spinning a CPU core
-        event = torch.cuda.Event(blocking=True)
-        event.record(torch.cuda.current_stream(grad.device))
-        previous, self._pending = self._pending, (event, host, time.monotonic())
-        if previous is None:
-            return None
-        self._wait(previous[0], previous[2])
-        return previous[1]
-
-    def _wait(self, event: Any, recorded_at: float) -> None:
-        """Wait for the GPU to pass ``event`` (recorded at ``recorded_at``, after the backward
-        whose all-reduce carried the votes), with a deadline.
-
-        A step old, so normally long finished. With NCCL, backward returns before the
-        all-reduce runs: a rank whose peer never joined waits here. An unbounded wait would
-        end in NCCL's watchdog tearing the process down at the collective timeout, before
-        the flight recorder could write which rank waited where; the deadline falls a margin
-        before that timeout, so the trace is written and the error names this rank.
-        """
-        recorder = self._recorder
-        if recorder is not None:
-            recorder.record(START, GRADIENT_SYNC)
-        deadline = recorded_at + self._timeout - deadline_margin(self._timeout)
-        if not wait_for(event, deadline):
-            rank = getattr(recorder, "rank", "?")
-            waited = time.monotonic() - recorded_at
-            message = (
-                f"rank {rank}: the gradient all-reduce of the step before (it carries the stop "
-                f"votes, in '{GRADIENT_SYNC}') has not finished after {waited:.0f}s: a peer "
-                "rank never joined it. The flight recorder's trace says where each rank was."
-            )
-            if recorder is not None:
-                recorder.dump(message)
-            raise RuntimeError(message)
-        if recorder is not None:
-            recorder.record(FINISH, GRADIENT_SYNC)
-
-
-DEFAULT_TIMEOUT = 1800.0  # TrainerConfig.timeout's default, for a vote built without a trainer
-
-
-def deadline_margin(timeout: float) -> float:
-    """How long before the collective timeout a wait gives up: time to write the trace."""
-    return min(60.0, 0.1 * timeout)
-
-
-def wait_for(
-    event: Any,
-    deadline: float,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> bool:
-    """Poll ``event.query()`` until it reports done (True) or ``clock()`` passes ``deadline``
-    (False). The pause doubles from 0.1 ms to 50 ms: a finished event costs one query, a late
-    one no busy CPU core."""
-    pause = 1e-4
-    while not event.query():
-        now = clock()
-        if now >= deadline:
-            return False
-        sleep(min(pause, deadline - now))
-        pause = min(2 * pause, 0.05)
-    return True
-
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- rerun the same command to resume
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 log = logging.getLogger("disttrain.preemption")
 
 
-def exit_code_for(signal_name: str) -> int:
-    return EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED
+class EpochEnd(enum.Enum):
+    """Why an epoch's batches end. The first three end the epoch as usual (validation and
+    the epoch-end hooks run); the last two leave training."""
 
+    DATA = "its data (or limit_train_batches) ran out"
+    MINUS_ONE = "on_batch_start returned -1 on some rank"
+    DATA_ENDED = "the shortest rank's data ended"
+    MAX_STEPS = "max_steps was reached inside the epoch"
+    AGREED_STOP = "a rank voted to stop (trainer.should_stop or a signal)"
 
-class Preempted(SystemExit):
-    """Training stopped on a signal after an agreed step (a checkpoint was written, or the
-    stop came before the first step and there was nothing to save). Global rank 0 has logged
-    the message.
-
-    A ``SystemExit`` whose code is ``exit_code``: a script that does not catch it ends with
-    that code and no traceback, as an interrupted command should.
-    """
-
-    def __init__(self, message: str, signal_name: str = "SIGTERM") -> None:
-        self.signal_name = signal_name
-        self.exit_code = exit_code_for(signal_name)
-        self.message = message
-        super().__init__(self.exit_code)
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def abort_now(message: str) -> None:
-    """Leave at once on a second Ctrl-C: one line, no traceback, no cleanup that could wait
-    on another rank."""
-    print(f"disttrain: {message}", file=sys.stderr, flush=True)
-    os._exit(EXIT_INTERRUPTED)
-
-
-class PreemptionWatcher:
-    """While active, SIGTERM and SIGINT only set ``requested``; the trainer acts on it at a
-    step boundary. A second SIGINT aborts the process at once.
-
-    Installed for the training loop only (the main thread's handlers are restored
-    afterwards); a signal during start-up ends the process as usual.
-    """
-
-    def __init__(self, on_signal: Callable[[str], object] | None = None) -> None:
-        self.requested: str | None = None  # the signal's name, e.g. "SIGINT"
-        self._on_signal = on_signal  # e.g. dump the flight recorder: where was this rank?
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.requested is not None and signum == signal.SIGINT:
-            abort_now("second interrupt: stopped at once, without a checkpoint")
-        if self.requested is None:
-            self.requested = name
-            if signum == signal.SIGINT:  # the line under the ^C a person just typed
-                log.warning(
-                    "interrupted: every rank stops after the current step and writes a "
-                    "checkpoint (Ctrl-C again to abort at once)"
-                )
-        if self._on_signal is not None:
-            self._on_signal(name)
-
-    def __enter__(self) -> PreemptionWatcher:
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)  # type: ignore[arg-type]
-        self._previous = {}
-
-
-def agree_on_minus_one(result: Any, any_true: Callable[[bool], bool]) -> Any:
-    """``on_batch_start``'s agreement: -1 on any rank is -1 on every rank."""
-    return -1 if any_true(result == -1) else result
+    @property
+    def leaves_training(self) -> bool:
+        return self in (EpochEnd.MAX_STEPS, EpochEnd.AGREED_STOP)
 
 
 _UNKNOWN = 2**62  # a loader without a length, in an integer agreement
@@ -391,3 +174,33 @@ class Stopping:
         )
         log.warning("%s", message)
         raise Preempted(message, signal_name)
+
+
+class DataAhead:
+    """An epoch's ``(batch_idx, batch)`` pairs, read ahead far enough to tell whether
+    ``depth`` complete accumulation windows (each ending where ``boundary`` is true) follow a
+    batch. The same batches in the same order: a batch is only drawn a window or two earlier,
+    held here (host memory) until its turn."""
+
+    def __init__(
+        self, items: Iterator[tuple[int, Any]], boundary: Callable[[int], bool], depth: int
+    ) -> None:
+        self._items, self.boundary, self.depth = items, boundary, depth
+        self._read: collections.deque[tuple[int, Any]] = collections.deque()
+
+    def __iter__(self) -> DataAhead:
+        return self
+
+    def __next__(self) -> tuple[int, Any]:
+        return self._read.popleft() if self._read else next(self._items)
+
+    def windows_after(self, batch_idx: int) -> int:
+        """How many complete windows (at most ``depth``) end after ``batch_idx``."""
+        count = sum(1 for i, _ in self._read if i > batch_idx and self.boundary(i))
+        while count < self.depth:
+            item = next(self._items, None)
+            if item is None:
+                break
+            self._read.append(item)
+            count += item[0] > batch_idx and self.boundary(item[0])
+        return min(count, self.depth)

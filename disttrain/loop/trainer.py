@@ -23,12 +23,12 @@ from disttrain.checkpoint.snapshot import export, save
 from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv, select_device
+from disttrain.dist.flight import FlightRecorder
 from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
 from disttrain.loop.precision import autocast_context
 from disttrain.observe.console import configure_logging, writes_run_output
-from disttrain.observe.flight import FlightRecorder
 from disttrain.observe.loggers import Logger, make_logger
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler

@@ -18,8 +18,7 @@ from disttrain.api.hooks import ModelHooks, overridden, warn_deprecated_override
 from disttrain.callbacks.base import Callback
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
-from disttrain.loop.stopping import agree_on_minus_one
-from disttrain.observe.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder
+from disttrain.dist.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder
 from disttrain.ranks.table import ACTION_TABLE, Action, Hook, Ranks, Rule, Sync
 
 if TYPE_CHECKING:
@@ -228,6 +227,11 @@ def _local_caller(
         return agree_on_minus_one(run(*args), any_true)
 
     return run_and_agree
+
+
+def agree_on_minus_one(result: Any, any_true: Callable[[bool], bool]) -> Any:
+    """``on_batch_start``'s agreement: -1 on any rank is -1 on every rank."""
+    return -1 if any_true(result == -1) else result
 
 
 def _in_collective(name: str, runner: Any, recorder: FlightRecorder) -> Callable[..., Any]:
