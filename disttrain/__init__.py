@@ -1,9 +1,8 @@
 """disttrain: a distributed-first PyTorch trainer with Lightning 0.8's model hooks."""
 
 from disttrain.api.datamodule import DataModule
-from disttrain.api.hooks import ModelHooks
+from disttrain.api.hooks import Callback, ModelHooks
 from disttrain.api.module import Module
-from disttrain.callbacks.base import Callback
 from disttrain.callbacks.early_stopping import EarlyStopping
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.checkpoint.format import CheckpointError

@@ -1,3 +1,3 @@
-from disttrain.config.cli import main
+from disttrain.cli.main import main
 
 raise SystemExit(main())

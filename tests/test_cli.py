@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from disttrain.config import cli
+from disttrain.cli import main as cli
 from disttrain.config import run as runconfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def test_console_script_is_installed():
     (entry,) = [
         e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "disttrain"
     ]
-    assert entry.value == "disttrain.config.cli:main"
+    assert entry.value == "disttrain.cli.main:main"
 
 
 def test_every_shipped_config_is_valid():

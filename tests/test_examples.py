@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import ROOT, disttrain_cli
 
-from disttrain.config import cli
+from disttrain.cli import main as cli
 from disttrain.examples.charlm import CharLM
 from disttrain.examples.digits import DigitsClassifier, DigitsData
 from disttrain.examples.regression import Regression

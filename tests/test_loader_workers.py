@@ -34,6 +34,7 @@ import disttrain
 from disttrain.data import loaders
 from disttrain.data.workers import ended
 from disttrain.examples.regression import Regression
+from disttrain.loop import sources
 
 HERE = Path(__file__)
 
@@ -390,11 +391,11 @@ def test_rebuilt_loaders_keep_the_users_worker_options(tmp_path):
         trainer = disttrain.Trainer(default_root_dir=str(tmp_path))
         trainer.device = torch.device("cuda")  # only read to decide on pinning
         built = [
-            loaders.train_loader_for(trainer, module),
-            loaders.eval_loader_for(trainer, module, "val_dataloader", "validation_step"),
+            sources.train_loader_for(trainer, module),
+            sources.eval_loader_for(trainer, module, "val_dataloader", "validation_step"),
         ]
         module.stream = True
-        built.append(loaders.train_loader_for(trainer, module))
+        built.append(sources.train_loader_for(trainer, module))
         for loader in built:
             assert (loader.persistent_workers, loader.pin_memory) == (persistent, pin)
             assert (loader.prefetch_factor, loader.timeout) == (3, 7.0)

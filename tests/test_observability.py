@@ -10,7 +10,7 @@ from common import LogsMetrics
 from conftest import disttrain_cli, launch_two, worker_env
 
 import disttrain
-from disttrain.config import cli
+from disttrain.cli import main as cli
 
 
 def test_hang_report_names_the_rank_and_the_hook(tmp_path):

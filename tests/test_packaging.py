@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from disttrain.config import cli
+from disttrain.cli import main as cli
 
 
 def _stage_args(command: list[str]):

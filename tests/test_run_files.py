@@ -201,7 +201,7 @@ def test_a_typo_in_an_override_is_reported_as_the_override():
     ],
 )
 def test_every_kind_of_override_error_names_the_override(capsys, override, message):
-    from disttrain.config import cli
+    from disttrain.cli import main as cli
 
     assert cli.main(["print-config", "--config", str(SMOKE), override]) == 2
     err = capsys.readouterr().err
@@ -211,7 +211,7 @@ def test_every_kind_of_override_error_names_the_override(capsys, override, messa
 
 
 def test_errors_in_the_file_keep_file_and_line(tmp_path, capsys):
-    from disttrain.config import cli
+    from disttrain.cli import main as cli
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(SMOKE.read_text().replace("max_epochs: 2", "max_epoch: 2"))

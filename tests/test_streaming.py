@@ -14,10 +14,10 @@ import torch
 from common import read_results
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 
+from disttrain.callbacks.progress import ProgressBar
 from disttrain.data.loaders import batch_indices, limit_batches, train_loader
 from disttrain.data.positions import StatefulStream
 from disttrain.data.streams import ShardedStream
-from disttrain.observe.progress import ProgressBar
 
 
 def _shard(shard):

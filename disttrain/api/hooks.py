@@ -1,5 +1,7 @@
-"""``ModelHooks``: every hook of Lightning 0.8's model hooks, with when it runs, on which ranks and
-whether it may use collectives (the rules themselves are ``disttrain.ranks.table``)."""
+"""The hooks you override: ``ModelHooks`` (a module's, every hook of Lightning 0.8's model
+hooks) and ``Callback`` (the notification hooks, for code kept out of the module), each
+saying when it runs, on which ranks and whether it may use collectives (the rules
+themselves are ``disttrain.ranks.table``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from disttrain.data.transfer import move_to_device
-from disttrain.ranks.table import Hook
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
@@ -154,6 +155,75 @@ class ModelHooks:
         """
 
 
+class Callback:
+    """Override any of these to observe or steer a run without touching the module.
+
+    Every method receives ``(trainer, module, ...)`` with the same extra arguments as the
+    module's hook of the same name (see :class:`disttrain.ModelHooks` for when each runs and on
+    which ranks); callbacks run in list order before the module. The three hooks that do work
+    (``prepare_data``, ``backward``, ``transfer_batch_to_device``) belong to the module alone.
+    Return values are ignored.
+    """
+
+    def setup(self, trainer: Trainer, module: Any, stage: str) -> None:
+        """All ranks, before the module's ``setup``."""
+
+    def teardown(self, trainer: Trainer, module: Any, stage: str) -> None:
+        """All ranks, before the module's ``teardown``."""
+
+    def on_fit_start(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, at the very beginning of fit."""
+
+    def on_fit_end(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, at the very end of fit."""
+
+    def on_train_start(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, before the sanity check."""
+
+    def on_train_end(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, at the end of training."""
+
+    def on_sanity_check_start(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, before the sanity check (deprecated in the seed; warns once)."""
+
+    def on_pre_performance_check(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, at the beginning of every validation loop."""
+
+    def on_post_performance_check(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, at the end of every validation loop."""
+
+    def on_epoch_start(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, at the beginning of a training epoch."""
+
+    def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, at the end of a training epoch."""
+
+    def on_batch_start(self, trainer: Trainer, module: Any, batch: Any) -> None:
+        """All ranks, before a training batch (its return value is ignored)."""
+
+    def on_after_backward(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, after each backward."""
+
+    def on_before_zero_grad(self, trainer: Trainer, module: Any, optimizer: Any) -> None:
+        """All ranks, after each optimizer step and before its ``zero_grad``."""
+
+    def on_batch_end(self, trainer: Trainer, module: Any) -> None:
+        """All ranks, at the end of a training batch."""
+
+    def on_save_checkpoint(self, trainer: Trainer, module: Any, checkpoint: dict[str, Any]) -> None:
+        """All ranks, while a checkpoint is assembled; add entries to ``checkpoint``."""
+
+    def on_load_checkpoint(self, trainer: Trainer, module: Any, checkpoint: dict[str, Any]) -> None:
+        """All ranks, when a run resumes from ``checkpoint``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This callback's state, saved in every checkpoint (under its class name)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned, when a run resumes."""
+
+
 def overridden(obj: object, name: str, base: type) -> bool:
     """True if ``obj``'s class defines ``name`` differently from ``base``."""
     return getattr(type(obj), name, None) is not getattr(base, name, None)
@@ -165,7 +235,7 @@ _warned_deprecated: set[type] = set()
 def warn_deprecated_overrides(obj: object, base: type) -> None:
     """Warn once per class that overrides ``on_sanity_check_start`` (deprecated in the seed)."""
     cls = type(obj)
-    if cls in _warned_deprecated or not overridden(obj, Hook.ON_SANITY_CHECK_START.value, base):
+    if cls in _warned_deprecated or not overridden(obj, "on_sanity_check_start", base):
         return
     _warned_deprecated.add(cls)
     warnings.warn(

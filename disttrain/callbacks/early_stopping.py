@@ -6,7 +6,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from disttrain.callbacks.base import Callback
+from disttrain.api.hooks import Callback
 from disttrain.callbacks.monitor import MonitorWatch
 
 log = logging.getLogger("disttrain.callbacks")

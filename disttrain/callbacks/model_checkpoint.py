@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disttrain.callbacks.base import Callback
+from disttrain.api.hooks import Callback
 from disttrain.callbacks.monitor import MonitorWatch
 from disttrain.checkpoint.format import LAST_NAME, file_name, remove
 from disttrain.storage.atomic import atomic_link

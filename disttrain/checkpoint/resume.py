@@ -74,7 +74,7 @@ def _load_requested(
         writes = trainer.checkpoint_callback is not None
         if starting_fit and writes:  # never silently beside another run's checkpoints
             earlier = dispatcher.run(Action.MANAGE_FILES, most_advanced, directory)
-            if earlier is not None:  # (a config run is refused before it starts: config/cli)
+            if earlier is not None:  # (a config run is refused before it starts: cli/main)
                 log.warning(
                     "%s holds checkpoints of an earlier run (the most advanced: %s); this fresh "
                     "run (resume=None) writes its own beside them, and resume='auto' would "

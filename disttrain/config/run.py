@@ -28,8 +28,8 @@ from typing import Any
 import yaml
 
 from disttrain.api.datamodule import DataModule
+from disttrain.api.hooks import Callback
 from disttrain.api.module import Module
-from disttrain.callbacks.base import Callback
 from disttrain.config.options import ConfigError, TrainerConfig, check_type
 
 TOP_KEYS = ("model", "data", "trainer", "launch", "seed", "run_dir")

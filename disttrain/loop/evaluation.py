@@ -13,6 +13,7 @@ from disttrain.checkpoint.resume import restore_weights
 from disttrain.data import loaders
 from disttrain.data.loaders import batch_indices
 from disttrain.data.workers import ended, reading
+from disttrain.loop import sources
 from disttrain.loop.outputs import scalar_metrics
 from disttrain.loop.session import open_session, write_run_files
 from disttrain.ranks.table import Action, Hook
@@ -76,7 +77,7 @@ def run_evaluation(trainer: Trainer, module: Any, datamodule: Any, stage: str) -
         call(Hook.SETUP, stage)
         module.to(trainer.device)
         restore_weights(trainer, dispatcher)  # with resume=auto|path
-        loader = loaders.eval_loader_for(trainer, module, loader_name, f"{kind}_step")
+        loader = sources.eval_loader_for(trainer, module, loader_name, f"{kind}_step")
         if loader is None:
             raise ValueError(
                 f"Trainer.{stage}: {type(module).__name__} needs {loader_name}() returning a "

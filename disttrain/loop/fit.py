@@ -28,7 +28,7 @@ from disttrain.data.loaders import batch_indices
 from disttrain.data.positions import track_positions
 from disttrain.data.samplers import reshard, sample_counter
 from disttrain.data.workers import ended
-from disttrain.loop import optim, strategy
+from disttrain.loop import optim, sources, strategy
 from disttrain.loop.evaluation import evaluate
 from disttrain.loop.outputs import detached, loss_of, per_batch
 from disttrain.loop.precision import NULL_CONTEXT, grad_scaler
@@ -89,10 +89,10 @@ def start(trainer: Trainer, dispatcher: Dispatcher, module: Module, stopping: St
         forward = profiler.timed("forward", forward, device=trainer.device)
         for optimizer in optimizers:
             profiler.watch_optimizer(optimizer)
-    train_data = loaders.train_loader_for(trainer, module)
+    train_data = sources.train_loader_for(trainer, module)
     trained = lambda: trainer._next_batch  # noqa: E731
     trainer._data_position = track_positions(train_data, trained, saved_data)
-    val_data = loaders.eval_loader_for(trainer, module, "val_dataloader", "validation_step")
+    val_data = sources.eval_loader_for(trainer, module, "val_dataloader", "validation_step")
     if cfg.limit_val_batches == 0:  # decided from the config: the same on every rank
         val_data = None
     n_train = loaders.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from disttrain.api.datamodule import DataModule
+from disttrain.api.hooks import Callback
 from disttrain.api.module import Module
-from disttrain.callbacks.base import Callback
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
+from disttrain.callbacks.progress import ProgressBar
 from disttrain.checkpoint.format import Progress
 from disttrain.checkpoint.snapshot import export, save
 from disttrain.config.options import TrainerConfig
@@ -32,7 +33,6 @@ from disttrain.observe.console import configure_logging, writes_run_output
 from disttrain.observe.loggers import Logger, make_logger
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
-from disttrain.observe.progress import ProgressBar
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action
 from disttrain.rng import seed_for_run

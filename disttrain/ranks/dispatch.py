@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from disttrain.api.datamodule import DataModule
-from disttrain.api.hooks import ModelHooks, overridden, warn_deprecated_overrides
-from disttrain.callbacks.base import Callback
+from disttrain.api.hooks import Callback, ModelHooks, overridden, warn_deprecated_overrides
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
 from disttrain.dist.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder

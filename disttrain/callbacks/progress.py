@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from disttrain.callbacks.base import Callback
+from disttrain.api.hooks import Callback
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.loop.trainer import Trainer
