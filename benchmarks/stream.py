@@ -53,7 +53,7 @@ import torch.distributed as dist
 from overhead import CollectiveCounter  # benchmarks/: this script's folder
 
 import disttrain
-from disttrain.config import run as runconfig
+from disttrain.config import runfile as runconfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"map": ROOT / "configs" / "default.yaml", "stream": ROOT / "configs" / "stream.yaml"}

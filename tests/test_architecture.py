@@ -1,7 +1,9 @@
 """The checks a reviewer makes of the package's shape, as tests: one package imports
-``torch.distributed``, no import circles (function-level imports included), small modules,
-loop functions a reader holds on one screen, no two modules named alike, and function-level
-imports only where they keep an optional dependency optional or a heavy one off start-up."""
+``torch.distributed``; folders depend on one another in one direction only (``LAYERS``); no
+import circles, function-level and type-only imports included; nobody but the trainer reads
+its private attributes; small modules and functions a reader holds on one screen; no two
+modules named alike; function-level imports only where they keep an optional dependency
+optional or a heavy one off start-up."""
 
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ def _name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> list[tuple[int, str, bool, bool]]:
+def _imports(path: Path, type_only: bool = False) -> list[tuple[int, str, bool, bool]]:
     """(line, imported module, inside a function, the statement's own module) for every
-    import but TYPE_CHECKING ones; ``from a import b`` also yields ``a.b`` (b may be one)."""
+    import (``type_only``: TYPE_CHECKING ones too); ``from a import b`` also yields ``a.b``
+    (b may be one)."""
     tree = ast.parse(path.read_text())
     skipped: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) and not type_only:
             skipped |= {id(n) for n in ast.walk(node)}
     found: list[tuple[int, str, bool, bool]] = []
 
@@ -64,15 +67,15 @@ def test_only_disttrain_dist_imports_torch_distributed():
     assert offenders == []
 
 
-def test_no_import_circles_function_level_imports_included():
+def test_no_import_circles_function_level_and_type_only_imports_included():
     """Among disttrain's modules; the façade ``disttrain/__init__`` (which imports the public
     pieces) and the examples (user code) stand outside."""
     names = {_name(p): p for p in MODULES}
     inner = {n: p for n, p in names.items() if n != "disttrain" and ".examples" not in n}
     graph: dict[str, set[str]] = {}
     for name, path in inner.items():
-        imported = {target for _, target, _, own in _imports(path) if own}
-        targets = {target for _, target, _, _ in _imports(path) if target in inner}
+        imported = {target for _, target, _, own in _imports(path, type_only=True) if own}
+        targets = {t for _, t, _, _ in _imports(path, type_only=True) if t in inner}
         assert "disttrain" not in imported, (
             f"{name} imports the façade `disttrain`: import the module that defines it"
         )
@@ -112,9 +115,9 @@ def test_no_module_over_400_lines():
     assert {path: n for path, n in lengths.items() if n > 400} == {}
 
 
-def test_no_function_of_the_loop_over_60_lines():
+def test_no_function_over_60_lines():
     long = []
-    for path in sorted((PACKAGE / "loop").glob("*.py")):
+    for path in MODULES:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
@@ -144,3 +147,60 @@ def test_no_two_modules_named_alike():
     clashes = [(a, b) for a, b in itertools.combinations(sorted(stems), 2) if _one_edit_apart(a, b)]
     clashes += [(s, s) for s, paths in stems.items() if len(paths) > 1 and s != "__init__"]
     assert clashes == []
+
+
+# Each folder of disttrain/ (or top-level module) may import only those on the layers below
+# it: the order a reader learns the package in, from the bytes on disk up to the command.
+LAYERS: list[set[str]] = [
+    {"version", "rng", "storage"},  # no disttrain imports at all
+    {"dist"},  # torch.distributed: the environment, collectives, launcher, FSDP, flight recorder
+    {"data"},  # loaders, samplers, streams: what a rank reads
+    {"api"},  # what a user implements: Module, ModelHooks, Callback, DataModule, TrainerState
+    {"config"},  # the trainer's options, YAML run files
+    {"observe"},  # metrics, loggers, profiler, plots, which ranks print
+    {"ranks"},  # the hook table and the dispatcher
+    {"checkpoint"},  # the format, taking and restoring one, where to resume from
+    {"callbacks"},  # ModelCheckpoint, EarlyStopping, the progress bar
+    {"loop"},  # the trainer and the loop
+    {"cli", "examples"},  # the disttrain command; example modules
+]
+
+
+def _folder(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "disttrain" else None
+
+
+def test_folders_import_only_the_layers_below_them():
+    layer_of = {folder: i for i, folders in enumerate(LAYERS) for folder in folders}
+    offenders = []
+    for path in MODULES:
+        source = _folder(_name(path))
+        if source is None or source not in layer_of:
+            assert _name(path) in ("disttrain", "disttrain.__main__"), f"{path}: not in LAYERS"
+            continue
+        for line, target, _, own in _imports(path, type_only=True):
+            folder = _folder(target) if own else None
+            if folder is None or folder == source:
+                continue
+            if layer_of.get(folder, 99) >= layer_of[source]:
+                offenders.append(f"{path.relative_to(ROOT)}:{line} ({source}) imports {target}")
+    assert offenders == []
+
+
+def test_nobody_but_the_trainer_reads_its_private_attributes():
+    """The trainer is a façade over the run: its state is read through public properties."""
+    offenders = []
+    for path in MODULES:
+        if path == PACKAGE / "loop" / "trainer.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "trainer"
+            ):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} trainer.{node.attr}")
+    assert offenders == []

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from disttrain.cli import main as cli
-from disttrain.config import run as runconfig
+from disttrain.config import runfile as runconfig
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """\

@@ -131,15 +131,14 @@ class Seen(torch.nn.Module):
 
 
 def _ddp_step(module: Seen) -> strategy.Step:
-    collectives = SimpleNamespace(wrap=lambda router, device, find_unused: RepackingDDP(router))
-    trainer = SimpleNamespace(
-        config=SimpleNamespace(strategy="ddp", find_unused_parameters=None),
-        env=SimpleNamespace(launched=True),
-        _collectives=collectives,
-        device=torch.device("cpu"),
+    collectives = SimpleNamespace(
+        backend="gloo", wrap=lambda router, device, find_unused: RepackingDDP(router)
     )
+    config = SimpleNamespace(strategy="ddp", find_unused_parameters=None)
     stopping = SimpleNamespace(attach_vote=lambda router, device: None)
-    step, _ = strategy.build(trainer, module, lambda: ([object()], []), stopping)
+    configure = lambda: ([object()], [])  # noqa: E731
+    cpu = torch.device("cpu")
+    step, _ = strategy.build(config, collectives, cpu, module, configure, stopping)
     return step
 
 

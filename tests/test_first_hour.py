@@ -149,7 +149,7 @@ def test_a_run_says_where_its_files_went(tmp_path):
 
 def test_the_printed_resume_command_parses_whatever_overrides_it_repeats(tmp_path):
     from disttrain.cli import main as cli
-    from disttrain.config import run as runconfig
+    from disttrain.config import runfile as runconfig
 
     argv = ["fit", "--config", SMOKE, "--set", "trainer.resume=null", "trainer.max_epochs=3"]
     run = runconfig.load(SMOKE, ["trainer.resume=null", "trainer.max_epochs=3"])

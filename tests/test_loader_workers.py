@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from torch.utils.data._utils import signal_handling
 import disttrain
 from disttrain.data import loaders
 from disttrain.data.workers import ended
+from disttrain.dist.env import DistEnv
 from disttrain.examples.regression import Regression
 from disttrain.loop import sources
 
@@ -388,14 +390,13 @@ def test_rebuilt_loaders_keep_the_users_worker_options(tmp_path):
     would have had them forced (the training, evaluation and stream loaders)."""
     for persistent, pin in [(False, False), (True, False), (False, True)]:
         module = UserOptions(persistent, pin)
-        trainer = disttrain.Trainer(default_root_dir=str(tmp_path))
-        trainer.device = torch.device("cuda")  # only read to decide on pinning
+        run = SimpleNamespace(seed=0, env=DistEnv(), datamodule=None)  # what sources reads
         built = [
-            sources.train_loader_for(trainer, module),
-            sources.eval_loader_for(trainer, module, "val_dataloader", "validation_step"),
+            sources.train_loader_for(run, module),
+            sources.eval_loader_for(run, module, "val_dataloader", "validation_step"),
         ]
         module.stream = True
-        built.append(sources.train_loader_for(trainer, module))
+        built.append(sources.train_loader_for(run, module))
         for loader in built:
             assert (loader.persistent_workers, loader.pin_memory) == (persistent, pin)
             assert (loader.prefetch_factor, loader.timeout) == (3, 7.0)

@@ -13,7 +13,7 @@ import torch
 from disttrain.data.transfer import move_to_device
 
 if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
+    from disttrain.api.state import TrainerState
 
 
 class ModelHooks:
@@ -114,7 +114,7 @@ class ModelHooks:
         return move_to_device(batch, device)
 
     def backward(
-        self, trainer: Trainer, loss: torch.Tensor, optimizer: Any, optimizer_idx: int
+        self, trainer: TrainerState, loss: torch.Tensor, optimizer: Any, optimizer_idx: int
     ) -> None:
         """Compute gradients for ``loss``; the default is ``loss.backward()``.
 
@@ -165,55 +165,59 @@ class Callback:
     Return values are ignored.
     """
 
-    def setup(self, trainer: Trainer, module: Any, stage: str) -> None:
+    def setup(self, trainer: TrainerState, module: Any, stage: str) -> None:
         """All ranks, before the module's ``setup``."""
 
-    def teardown(self, trainer: Trainer, module: Any, stage: str) -> None:
+    def teardown(self, trainer: TrainerState, module: Any, stage: str) -> None:
         """All ranks, before the module's ``teardown``."""
 
-    def on_fit_start(self, trainer: Trainer, module: Any) -> None:
+    def on_fit_start(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, at the very beginning of fit."""
 
-    def on_fit_end(self, trainer: Trainer, module: Any) -> None:
+    def on_fit_end(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, at the very end of fit."""
 
-    def on_train_start(self, trainer: Trainer, module: Any) -> None:
+    def on_train_start(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, before the sanity check."""
 
-    def on_train_end(self, trainer: Trainer, module: Any) -> None:
+    def on_train_end(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, at the end of training."""
 
-    def on_sanity_check_start(self, trainer: Trainer, module: Any) -> None:
+    def on_sanity_check_start(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, before the sanity check (deprecated in the seed; warns once)."""
 
-    def on_pre_performance_check(self, trainer: Trainer, module: Any) -> None:
+    def on_pre_performance_check(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, at the beginning of every validation loop."""
 
-    def on_post_performance_check(self, trainer: Trainer, module: Any) -> None:
+    def on_post_performance_check(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, at the end of every validation loop."""
 
-    def on_epoch_start(self, trainer: Trainer, module: Any) -> None:
+    def on_epoch_start(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, at the beginning of a training epoch."""
 
-    def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
+    def on_epoch_end(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, at the end of a training epoch."""
 
-    def on_batch_start(self, trainer: Trainer, module: Any, batch: Any) -> None:
+    def on_batch_start(self, trainer: TrainerState, module: Any, batch: Any) -> None:
         """All ranks, before a training batch (its return value is ignored)."""
 
-    def on_after_backward(self, trainer: Trainer, module: Any) -> None:
+    def on_after_backward(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, after each backward."""
 
-    def on_before_zero_grad(self, trainer: Trainer, module: Any, optimizer: Any) -> None:
+    def on_before_zero_grad(self, trainer: TrainerState, module: Any, optimizer: Any) -> None:
         """All ranks, after each optimizer step and before its ``zero_grad``."""
 
-    def on_batch_end(self, trainer: Trainer, module: Any) -> None:
+    def on_batch_end(self, trainer: TrainerState, module: Any) -> None:
         """All ranks, at the end of a training batch."""
 
-    def on_save_checkpoint(self, trainer: Trainer, module: Any, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: TrainerState, module: Any, checkpoint: dict[str, Any]
+    ) -> None:
         """All ranks, while a checkpoint is assembled; add entries to ``checkpoint``."""
 
-    def on_load_checkpoint(self, trainer: Trainer, module: Any, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: TrainerState, module: Any, checkpoint: dict[str, Any]
+    ) -> None:
         """All ranks, when a run resumes from ``checkpoint``."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import torch
 from disttrain.api.hooks import ModelHooks
 
 if TYPE_CHECKING:
-    from disttrain.loop.trainer import Trainer
+    from disttrain.api.state import TrainerState
 
 
 class Module(ModelHooks, torch.nn.Module):
@@ -24,7 +24,7 @@ class Module(ModelHooks, torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._trainer: Trainer | None = None
+        self._trainer: TrainerState | None = None
         # torch's seed while the model is built: the start-up one (drawn from the OS) means
         # its initial weights differ in every run (Trainer.fit warns)
         self._seed_at_build = torch.initial_seed()
@@ -135,9 +135,14 @@ class Module(ModelHooks, torch.nn.Module):
 
     # -- what the module may read -----------------------------------------------------------
     @property
-    def trainer(self) -> Trainer | None:
-        """The trainer running this module, or None outside fit/validate/test."""
+    def trainer(self) -> TrainerState | None:
+        """The trainer running this module (what hooks may read of it:
+        ``disttrain.api.state.TrainerState``), or None before fit/validate/test."""
         return self._trainer
+
+    @trainer.setter
+    def trainer(self, trainer: TrainerState | None) -> None:
+        self._trainer = trainer
 
     @property
     def device(self) -> torch.device:

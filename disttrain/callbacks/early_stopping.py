@@ -12,7 +12,7 @@ from disttrain.callbacks.monitor import MonitorWatch
 log = logging.getLogger("disttrain.callbacks")
 
 if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
+    from disttrain.api.state import TrainerState
 
 
 class EarlyStopping(Callback):
@@ -42,16 +42,16 @@ class EarlyStopping(Callback):
         self.stopped_epoch: int | None = None
         self._watch = MonitorWatch("EarlyStopping", monitor)
 
-    def on_epoch_start(self, trainer: Trainer, module: Any) -> None:
+    def on_epoch_start(self, trainer: TrainerState, module: Any) -> None:
         self._watch.check(trainer)
 
-    def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
+    def on_epoch_end(self, trainer: TrainerState, module: Any) -> None:
         self._watch.epoch_ended()
 
-    def on_train_end(self, trainer: Trainer, module: Any) -> None:
+    def on_train_end(self, trainer: TrainerState, module: Any) -> None:
         self._watch.check(trainer, at_end=True)
 
-    def on_post_performance_check(self, trainer: Trainer, module: Any) -> None:
+    def on_post_performance_check(self, trainer: TrainerState, module: Any) -> None:
         self._watch.validation_ended(trainer)
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return

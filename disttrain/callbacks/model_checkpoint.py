@@ -15,7 +15,7 @@ from disttrain.checkpoint.format import LAST_NAME, file_name, remove
 from disttrain.storage.atomic import atomic_link
 
 if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
+    from disttrain.api.state import TrainerState
 
 LAST = LAST_NAME
 log = logging.getLogger("disttrain.callbacks")
@@ -59,35 +59,35 @@ class ModelCheckpoint(Callback):
         self.best: list[tuple[float, str]] = []  # (score, file name), best first
         self.last_saved_step = -1
 
-    def directory(self, trainer: Trainer) -> Path:
-        return Path(self.dirpath or Path(trainer.config.default_root_dir) / "checkpoints")
+    def directory(self, trainer: TrainerState) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
 
-    def on_epoch_start(self, trainer: Trainer, module: Any) -> None:
+    def on_epoch_start(self, trainer: TrainerState, module: Any) -> None:
         if self._watch is not None:
             self._watch.check(trainer)
 
-    def on_post_performance_check(self, trainer: Trainer, module: Any) -> None:
+    def on_post_performance_check(self, trainer: TrainerState, module: Any) -> None:
         if self._watch is not None:
             self._watch.validation_ended(trainer)
 
-    def on_train_end(self, trainer: Trainer, module: Any) -> None:
+    def on_train_end(self, trainer: TrainerState, module: Any) -> None:
         if self._watch is not None:
             self._watch.check(trainer, at_end=True)
 
-    def on_batch_end(self, trainer: Trainer, module: Any) -> None:
+    def on_batch_end(self, trainer: TrainerState, module: Any) -> None:
         n = self.every_n_steps
         step = trainer.global_step
         if n and step % n == 0 and step != self.last_saved_step and trainer.at_step_boundary:
             self.save(trainer)
 
-    def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
+    def on_epoch_end(self, trainer: TrainerState, module: Any) -> None:
         if self._watch is not None:
             self._watch.epoch_ended()
         n = self.every_n_epochs
         if n and (trainer.current_epoch + 1) % n == 0:
             self.save(trainer)
 
-    def save(self, trainer: Trainer) -> Path:
+    def save(self, trainer: TrainerState) -> Path:
         """Save now (collective: call it on every rank at the same point)."""
         score = self._monitored(trainer, self.monitor) if self.monitor else None
         self.last_saved_step = trainer.global_step
@@ -111,7 +111,7 @@ class ModelCheckpoint(Callback):
         trainer.manage_files(_rotate, self.directory(trainer), path, doomed, self.save_last)
         return path
 
-    def _monitored(self, trainer: Trainer, monitor: str) -> float | None:
+    def _monitored(self, trainer: TrainerState, monitor: str) -> float | None:
         value = trainer.callback_metrics.get(monitor)
         pair = torch.tensor([0.0 if value is None else float(value), value is not None])
         total, count = trainer.all_reduce(pair.double()).tolist()

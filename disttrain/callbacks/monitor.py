@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from disttrain.api.state import TrainerState
 
 log = logging.getLogger("disttrain.callbacks")
 
@@ -30,7 +33,7 @@ class MonitorWatch:
         self._epoch_with_validation_ended = False
         self._epoch_ended = False
 
-    def validation_ended(self, trainer: Any) -> None:
+    def validation_ended(self, trainer: TrainerState) -> None:
         if not trainer.sanity_checking:
             self._validated = True
 
@@ -39,7 +42,7 @@ class MonitorWatch:
         self._epoch_with_validation_ended |= self._validated
         self._validated = False
 
-    def check(self, trainer: Any, at_end: bool = False) -> None:
+    def check(self, trainer: TrainerState, at_end: bool = False) -> None:
         """Raise ``MonitorError`` if the key should exist by now and does not."""
         metrics = trainer.callback_metrics
         if self.monitor in metrics or not self._epoch_ended:

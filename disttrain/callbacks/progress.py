@@ -16,7 +16,7 @@ from tqdm import tqdm
 from disttrain.api.hooks import Callback
 
 if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
+    from disttrain.api.state import TrainerState
 
 log = logging.getLogger("disttrain.progress")
 
@@ -29,7 +29,7 @@ class ProgressBar(Callback):
         self._start = 0.0
         self._start_step = 0
 
-    def on_epoch_start(self, trainer: Trainer, module: Any) -> None:
+    def on_epoch_start(self, trainer: TrainerState, module: Any) -> None:
         self._start, self._start_step = time.perf_counter(), trainer.global_step
         if self.stream.isatty():
             total = trainer.num_training_batches
@@ -42,7 +42,7 @@ class ProgressBar(Callback):
                 unit="batch",
             )
 
-    def on_batch_end(self, trainer: Trainer, module: Any) -> None:
+    def on_batch_end(self, trainer: TrainerState, module: Any) -> None:
         if self.bar is not None:
             self.bar.update(1)
         if not trainer.at_step_boundary or trainer.global_step % self.every_n_steps:
@@ -59,7 +59,7 @@ class ProgressBar(Callback):
                 _fmt(metrics),
             )
 
-    def on_epoch_end(self, trainer: Trainer, module: Any) -> None:
+    def on_epoch_end(self, trainer: TrainerState, module: Any) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -71,12 +71,12 @@ class ProgressBar(Callback):
             _fmt(trainer.progress_bar_metrics()),
         )
 
-    def on_train_end(self, trainer: Trainer, module: Any) -> None:
+    def on_train_end(self, trainer: TrainerState, module: Any) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
-    def _rate(self, trainer: Trainer) -> float:
+    def _rate(self, trainer: TrainerState) -> float:
         elapsed = time.perf_counter() - self._start
         return (trainer.global_step - self._start_step) / elapsed if elapsed > 0 else 0.0
 

@@ -20,8 +20,8 @@ import torch
 
 from disttrain.storage.atomic import atomic_write_with, replace
 
-if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
+if TYPE_CHECKING:  # source.py imports what imports this module
+    from disttrain.checkpoint.run_view import CheckpointedRun
 
 FORMAT = "disttrain-checkpoint/1"
 
@@ -183,10 +183,10 @@ def load(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
-def callback_keys(trainer: Trainer) -> dict[str, Any]:
+def callback_keys(run: CheckpointedRun) -> dict[str, Any]:
     """Each callback under a stable key: its class name, numbered if it repeats."""
     keys: dict[str, Any] = {}
-    for callback in trainer.callbacks:
+    for callback in run.callbacks:
         name = type(callback).__qualname__
         key, n = name, 1
         while key in keys:
@@ -196,12 +196,12 @@ def callback_keys(trainer: Trainer) -> dict[str, Any]:
     return keys
 
 
-def plain_config(trainer: Trainer) -> dict[str, Any]:
+def plain_config(run: CheckpointedRun) -> dict[str, Any]:
     """The run's config as plain data: the resolved YAML config, or the trainer's options."""
-    if trainer.resolved_config is not None:
-        return _plain(trainer.resolved_config)
-    options = dataclasses.asdict(dataclasses.replace(trainer.config, callbacks=[]))
-    options["callbacks"] = [type(cb).__qualname__ for cb in trainer.config.callbacks]
+    if run.resolved_config is not None:
+        return _plain(run.resolved_config)
+    options = dataclasses.asdict(dataclasses.replace(run.config, callbacks=[]))
+    options["callbacks"] = [type(cb).__qualname__ for cb in run.config.callbacks]
     return _plain({"trainer": options})
 
 

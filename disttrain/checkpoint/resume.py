@@ -13,8 +13,8 @@ from disttrain.dist.fsdp import dcp_load
 from disttrain.ranks.table import Action, Hook
 from disttrain.storage.atomic import recover
 
-if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
+if TYPE_CHECKING:  # source.py imports what imports this module
+    from disttrain.checkpoint.run_view import CheckpointedRun
 
 log = logging.getLogger("disttrain.checkpoint")
 
@@ -26,35 +26,33 @@ class Resumed(NamedTuple):
     world_size: int | None  # the checkpoint's
 
 
-def resume(trainer: Trainer, dispatcher: Any) -> Resumed:
-    """Restore the checkpoint ``trainer.config.resume`` names (``auto``: the run directory's
+def resume(run: CheckpointedRun) -> Resumed:
+    """Restore the checkpoint ``run.config.resume`` names (``auto``: the run directory's
     most advanced one; always ``auto`` after an elastic restart)."""
-    state, source = _load_requested(trainer, dispatcher, starting_fit=True)
+    state, source = _load_requested(run, starting_fit=True)
     if state is None:
         return Resumed(None, None, None, None)
-    progress = restore(trainer, state, dispatcher.call)
+    progress = restore(run, state)
     log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
-    rng = rng_for_rank(state, trainer.global_rank, trainer.world_size)
+    rng = rng_for_rank(state, run.global_rank, run.world_size)
     saved_world_size = state.get("world_size")
-    same_world = saved_world_size == trainer.world_size
-    data = (
-        state.get("data", [None] * trainer.world_size)[trainer.global_rank] if same_world else None
-    )
+    same_world = saved_world_size == run.world_size
+    data = state.get("data", [None] * run.world_size)[run.global_rank] if same_world else None
     return Resumed(progress, rng, data, saved_world_size)
 
 
-def restore_weights(trainer: Trainer, dispatcher: Any) -> None:
+def restore_weights(run: CheckpointedRun) -> None:
     """For validate/test: the module's weights (and its on_load_checkpoint) from ``resume``,
     with the epoch and step they were trained to."""
-    state, source = _load_requested(trainer, dispatcher, starting_fit=False)
+    state, source = _load_requested(run, starting_fit=False)
     if state is not None:
         if "sharded" in state:
-            dcp_load(trainer.running_module, [], state["sharded"])
+            dcp_load(run.running_module, [], state["sharded"])
         else:
-            trainer.running_module.load_state_dict(state["module"])
+            run.running_module.load_state_dict(state["module"])
         progress = Progress.from_dict(state["progress"])
-        trainer.global_step, trainer.current_epoch = progress.global_step, progress.epoch
-        dispatcher.call(Hook.ON_LOAD_CHECKPOINT, state)
+        run.global_step, run.current_epoch = progress.global_step, progress.epoch
+        run.running("validate").call(Hook.ON_LOAD_CHECKPOINT, state)
         log.info(
             "evaluating the weights of %s (epoch %d, step %d)",
             source,
@@ -63,15 +61,13 @@ def restore_weights(trainer: Trainer, dispatcher: Any) -> None:
         )
 
 
-def _load_requested(
-    trainer: Trainer, dispatcher: Any, *, starting_fit: bool
-) -> tuple[dict | None, str | None]:
-    source = trainer.config.resume
-    directory = trainer.checkpoint_dir
-    if source is None and trainer.env.restart_count > 0:
+def _load_requested(run: CheckpointedRun, *, starting_fit: bool) -> tuple[dict | None, str | None]:
+    source = run.config.resume
+    directory, dispatcher = run.checkpoint_dir, run.running("resume")
+    if source is None and run.env.restart_count > 0:
         source = "auto"  # torchelastic restarted the group: go on from the last checkpoint
     if source is None:
-        writes = trainer.checkpoint_callback is not None
+        writes = run.checkpoint_callback is not None
         if starting_fit and writes:  # never silently beside another run's checkpoints
             earlier = dispatcher.run(Action.MANAGE_FILES, most_advanced, directory)
             if earlier is not None:  # (a config run is refused before it starts: cli/main)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from disttrain.checkpoint.format import SUFFIX, CheckpointError, check_path
-from disttrain.config import run as runconfig
+from disttrain.config import runfile as runconfig
 from disttrain.config.options import ConfigError
 from disttrain.dist.env import DistEnv
 from disttrain.dist.exits import EXIT_INTERRUPTED

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -15,16 +15,12 @@ from disttrain.data.loaders import batch_indices
 from disttrain.data.workers import ended, reading
 from disttrain.loop import sources
 from disttrain.loop.outputs import scalar_metrics
+from disttrain.loop.run import Run
 from disttrain.loop.session import open_session, write_run_files
 from disttrain.ranks.table import Action, Hook
 
-if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
 
-
-def evaluate(
-    trainer: Trainer, call: Callable[..., Any], loader: Any, limit: int | float, kind: str
-) -> Any:
+def evaluate(run: Run, call: Callable[..., Any], loader: Any, limit: int | float, kind: str) -> Any:
     """Run ``{kind}_step`` over ``loader`` with no collective per batch (the unwrapped module
     under DDP, the module unsharded for the whole loop under FSDP: ranks may hold different
     numbers of batches), then
@@ -32,27 +28,27 @@ def evaluate(
     (not for the sanity check). Returns what ``{kind}_epoch_end`` returned. The loader's
     workers end with the loop (persistent ones stay for the next validation, see
     ``workers.reading``)."""
-    module = trainer.running_module
-    fit_step = trainer._step  # under FSDP, steps go through the sharded root's __call__
+    module = run.running_module
+    fit_step = run.step  # under FSDP, steps go through the sharded root's __call__
     step = fit_step.call(f"{kind}_step") if fit_step else getattr(module, f"{kind}_step")
     call(Hook.ON_PRE_PERFORMANCE_CHECK)
     was_training = module.training
     module.eval()
     outputs = []
-    reporter = trainer.reporter
+    reporter = run.reporter
     reporter.evaluating = True
     evaluating = fit_step.evaluating() if fit_step else contextlib.nullcontext()
-    with torch.no_grad(), trainer._autocast, evaluating, reading(loader) as batches:
+    with torch.no_grad(), run.autocast, evaluating, reading(loader) as batches:
         for batch_idx, batch in zip(batch_indices(0, limit), batches):
-            batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, trainer.device)
+            batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, run.device)
             outputs.append(step(batch, batch_idx))
     result = getattr(module, f"{kind}_epoch_end")(outputs)
     reporter.evaluating = False
-    if trainer.sanity_checking:
+    if run.sanity_checking:
         reporter.skip_evaluation()
     else:
-        reporter.end_evaluation(trainer._collectives, trainer.global_step)
-        trainer.callback_metrics.update(scalar_metrics(result))
+        reporter.end_evaluation(run.collectives, run.global_step)
+        run.callback_metrics.update(scalar_metrics(result))
     module.train(was_training)
     call(Hook.ON_POST_PERFORMANCE_CHECK)
     return result
@@ -66,33 +62,31 @@ _STAGES = {  # stage: (loader, kind of step, limit option)
 }
 
 
-def run_evaluation(trainer: Trainer, module: Any, datamodule: Any, stage: str) -> Any:
+def run_evaluation(run: Run, module: Any, datamodule: Any, stage: str) -> Any:
     """``Trainer.validate`` / ``test``: the evaluation lifecycle of ``docs/lifecycle.md``, on
     the weights ``resume`` names (auto or a path). Returns what ``{kind}_epoch_end`` returned."""
     loader_name, kind, option = _STAGES[stage]
-    with open_session(trainer, module, datamodule) as dispatcher:
+    with open_session(run, module, datamodule) as dispatcher:
         call = dispatcher.call
         call(Hook.PREPARE_DATA)
-        dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, trainer, stage)
+        dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, run, stage)
         call(Hook.SETUP, stage)
-        module.to(trainer.device)
-        restore_weights(trainer, dispatcher)  # with resume=auto|path
-        loader = sources.eval_loader_for(trainer, module, loader_name, f"{kind}_step")
+        module.to(run.device)
+        restore_weights(run)  # with resume=auto|path
+        loader = sources.eval_loader_for(run, module, loader_name, f"{kind}_step")
         if loader is None:
             raise ValueError(
                 f"Trainer.{stage}: {type(module).__name__} needs {loader_name}() returning a "
                 f"DataLoader and a {kind}_step"
             )
-        limit = loaders.limit_batches(loader, getattr(trainer.config, option), option)
-        before = dict(trainer.logged_metrics)
+        limit = loaders.limit_batches(loader, getattr(run.config, option), option)
+        before = dict(run.logged_metrics)
         with ended(loader):  # its persistent workers
-            result = evaluate(trainer, call, loader, limit, kind)
-        trainer.logger.finalize()
+            result = evaluate(run, call, loader, limit, kind)
+        run.logger.finalize()
         call(Hook.TEARDOWN, stage)
-    found = {**trainer.logged_metrics, **scalar_metrics(result)}
+    found = {**run.logged_metrics, **scalar_metrics(result)}
     found = {k: v for k, v in found.items() if before.get(k) != v or k not in before}
     shown = "  ".join(f"{k} {v:.4g}" for k, v in found.items()) or "nothing logged or returned"
-    log.info(
-        "%s at epoch %d, step %d: %s", stage, trainer.current_epoch, trainer.global_step, shown
-    )
+    log.info("%s at epoch %d, step %d: %s", stage, run.current_epoch, run.global_step, shown)
     return result

@@ -1,4 +1,4 @@
-"""A run's session: seed, join the process group, attach the module, leave cleanly."""
+"""A run's session: join the process group, attach the module, leave cleanly."""
 
 from __future__ import annotations
 
@@ -6,46 +6,42 @@ import contextlib
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
+from disttrain.api.datamodule import DataModule
+from disttrain.api.module import Module
 from disttrain.checkpoint.format import plain_config
 from disttrain.dist.collectives import Collectives, connect
+from disttrain.loop.run import Run
 from disttrain.loop.signals import Preempted
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import hook_schedule
 from disttrain.storage.atomic import atomic_write_text
 
-if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
-
 
 @contextlib.contextmanager
-def open_session(trainer: Trainer, module: Any, datamodule: Any) -> Iterator[Dispatcher]:
+def open_session(run: Run, module: Module, datamodule: DataModule | None) -> Iterator[Dispatcher]:
     """Everything fit/validate/test share around their hooks; the group is always left, and
     a failure leaves this rank's flight-recorder trace in the run directory."""
-    cfg = trainer.config
-    flight = trainer.flight
-    trainer._collectives = connect(
-        trainer.env, trainer.device, cfg.timeout, cfg.prepare_data_timeout, flight
-    )
+    cfg, flight = run.config, run.flight
+    run.collectives = connect(run.env, run.device, cfg.timeout, cfg.prepare_data_timeout, flight)
     flight.failed = False
     previous_usr1 = flight.install_signal()
     try:
-        module._trainer = trainer
-        trainer.module, trainer.datamodule = module, datamodule
-        trainer.should_stop = False
-        trainer._dispatcher = dispatcher = Dispatcher(
+        module.trainer = run.trainer
+        run.module, run.datamodule, run.should_stop = module, datamodule, False
+        run.dispatcher = dispatcher = Dispatcher(
             hook_schedule(cfg.prepare_data_per_node),
             module,
-            trainer.callbacks,
-            trainer,
-            trainer.env,
-            trainer._collectives,
+            run.callbacks,
+            run.trainer,
+            run.env,
+            run.collectives,
             datamodule,
             flight,
-            trainer.profiler,
+            run.profiler,
         )
         yield dispatcher
     except Preempted:
@@ -56,20 +52,19 @@ def open_session(trainer: Trainer, module: Any, datamodule: Any) -> Iterator[Dis
     finally:
         if previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, previous_usr1)
-        trainer._dispatcher = None
-        trainer._step = None
-        trainer._collectives.close()
-        trainer._collectives = Collectives()
+        run.dispatcher, run.step = None, None
+        run.collectives.close()
+        run.collectives = Collectives()
 
 
-def hyperparams(trainer: Trainer) -> dict[str, Any]:
+def hyperparams(run: Run) -> dict[str, Any]:
     """What the logger records as the run's hyperparameters."""
-    if trainer.resolved_config is not None:
-        return dict(trainer.resolved_config)
-    return plain_config(trainer)
+    if run.resolved_config is not None:
+        return dict(run.resolved_config)
+    return plain_config(run)
 
 
-def write_run_files(trainer: Trainer, stage: str = "fit") -> None:
+def write_run_files(run: Run, stage: str = "fit") -> None:
     """Global zero's part of starting a run: the resolved config, to repeat the run from.
 
     ``fit`` writes ``RUN_DIR/config.yaml``, with ``trainer.resume`` reset to null: the file
@@ -78,12 +73,11 @@ def write_run_files(trainer: Trainer, stage: str = "fit") -> None:
     write ``RUN_DIR/validate.config.yaml`` / ``test.config.yaml``, resume included: the record
     of which checkpoint they evaluated.
     """
-    if trainer.resolved_config is None:
+    if run.resolved_config is None:
         return
-
-    resolved = dict(trainer.resolved_config)
+    resolved = dict(run.resolved_config)
     name = "config.yaml" if stage == "fit" else f"{stage}.config.yaml"
     if stage == "fit" and "trainer" in resolved:
         resolved["trainer"] = {**resolved["trainer"], "resume": None}
     text = yaml.safe_dump(resolved, sort_keys=False)
-    atomic_write_text(Path(trainer.config.default_root_dir) / name, text)
+    atomic_write_text(Path(run.config.default_root_dir) / name, text)

@@ -3,36 +3,34 @@ ready for this rank (``disttrain.data.loaders``: sharded training data, exact ev
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import overridden
 from disttrain.api.module import Module
 from disttrain.data.loaders import eval_loader, train_loader
-
-if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
+from disttrain.loop.run import Run
 
 
-def train_loader_for(trainer: Trainer, module: Any) -> Any:
+def train_loader_for(run: Run, module: Any) -> Any:
     """The training loader of the data module (if it has one) or the module, sharded."""
-    source = _loader_source(trainer, module, "train_dataloader")
+    source = _loader_source(run, module, "train_dataloader")
     where = f"{type(source).__name__}.train_dataloader()"
-    seed = trainer.seed if trainer.seed is not None else 0
-    env = trainer.env
+    seed = run.seed if run.seed is not None else 0
+    env = run.env
     return train_loader(source.train_dataloader(), env.rank, env.world_size, seed, where)
 
 
-def eval_loader_for(trainer: Trainer, module: Any, loader_name: str, step_name: str) -> Any:
+def eval_loader_for(run: Run, module: Any, loader_name: str, step_name: str) -> Any:
     """An evaluation loader, sharded without padding; None if the module has no such step."""
     if not overridden(module, step_name, Module):
         return None
-    source = _loader_source(trainer, module, loader_name)
+    source = _loader_source(run, module, loader_name)
     where = f"{type(source).__name__}.{loader_name}()"
     loader = getattr(source, loader_name)()
-    return eval_loader(loader, trainer.env.rank, trainer.env.world_size, where)
+    return eval_loader(loader, run.env.rank, run.env.world_size, where)
 
 
-def _loader_source(trainer: Trainer, module: Any, loader_name: str) -> Any:
-    dm = trainer.datamodule
+def _loader_source(run: Run, module: Any, loader_name: str) -> Any:
+    dm = run.datamodule
     return dm if dm is not None and overridden(dm, loader_name, DataModule) else module

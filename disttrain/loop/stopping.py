@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from disttrain.dist.collectives import Collectives
 from disttrain.loop.signals import Preempted, PreemptionWatcher
 from disttrain.loop.vote import StopVote
 
@@ -67,7 +68,7 @@ class Stopping:
     ``Preempted`` when the stop came from a signal.
     """
 
-    def __init__(self, collectives: Any, watcher: PreemptionWatcher) -> None:
+    def __init__(self, collectives: Collectives, watcher: PreemptionWatcher) -> None:
         self.collectives, self.watcher = collectives, watcher
         self.vote: StopVote | None = None
         self.data_ended = False  # after_step: every rank leaves the epoch after this step
@@ -80,7 +81,8 @@ class Stopping:
         windows (FSDP gathers in every micro-batch, so windows must match, not only steps)."""
         if self.collectives.backend == "none":
             return n_train
-        fewest = self.collectives.agree([_UNKNOWN if n_train == math.inf else n_train], "min")
+        count = _UNKNOWN if n_train == math.inf else int(n_train)
+        fewest = self.collectives.agree([count], "min")
         return math.inf if fewest[0] == _UNKNOWN else fewest[0]
 
     def start_epoch(

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from disttrain.config.options import TrainerConfig
 from disttrain.data.transfer import carried, uncarried
+from disttrain.dist.collectives import Collectives
 from disttrain.dist.fsdp import no_gradient_sync, shard_fsdp, unsharded
 from disttrain.loop.router import TrainingStep
 from disttrain.loop.stopping import Stopping
-
-if TYPE_CHECKING:  # the trainer imports this module
-    from disttrain.loop.trainer import Trainer
 
 # The oldest torch disttrain runs on, as pyproject.toml states it: FSDP2's ``fully_shard`` and
 # ``MixedPrecisionPolicy`` became public in ``torch.distributed.fsdp`` in 2.6 (before, they
@@ -78,14 +77,19 @@ class Step:
 
 
 def build(
-    trainer: Trainer, module: Any, configure: Callable[[], tuple], stopping: Stopping
+    cfg: TrainerConfig,
+    collectives: Collectives,
+    device: torch.device,
+    module: Any,
+    configure: Callable[[], tuple],
+    stopping: Stopping,
 ) -> tuple[Step, tuple]:
-    """Wrap ``module`` as ``trainer.config.strategy`` says and build the optimizers with
+    """Wrap ``module`` as ``cfg.strategy`` says and build the optimizers with
     ``configure()``: after sharding for FSDP (they must see the sharded parameters), before
-    the wrap for DDP (whose ``find_unused_parameters`` depends on how many there are)."""
-    cfg = trainer.config
+    the wrap for DDP (whose ``find_unused_parameters`` depends on how many there are). One
+    process (no process group) runs the module as it is."""
     check_torch_version(cfg.strategy)
-    if cfg.strategy == "fsdp" and trainer.env.launched:
+    if cfg.strategy == "fsdp" and collectives.backend != "none":
         blocks = module.fsdp_blocks() if hasattr(module, "fsdp_blocks") else _default_blocks(module)
         shard_fsdp(module, blocks, cfg.precision, cfg.activation_checkpointing)
         step = Step(_redirected(module, module.training_step), None, module, sharded=True)
@@ -94,11 +98,10 @@ def build(
     optimizers = configured[0]
     router = TrainingStep(module)
     find_unused = cfg.find_unused_parameters
-    collectives = trainer._collectives
-    stopping.attach_vote(router, trainer.device)  # before the wrap: DDP must see it
+    stopping.attach_vote(router, device)  # before the wrap: DDP must see it
     model = collectives.wrap(
         router,
-        trainer.device,
+        device,
         find_unused=len(optimizers) > 1 if find_unused is None else find_unused,
     )
     # unwrapped (one process), call training_step itself: the router adds nothing there

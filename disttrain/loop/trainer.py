@@ -1,12 +1,12 @@
 """``Trainer``: fit, validate and test a :class:`disttrain.Module`, one loop for every backend.
 
-The trainer holds a run's options, ranks and what hooks may read (epoch, step, metrics); the
-loop itself is ``disttrain.loop.fit`` and ``disttrain.loop.evaluation``.
+A façade: what hooks and callbacks may read is ``disttrain.api.state.TrainerState``, and every
+property here reads the run (``disttrain.loop.run.Run``), the one owner of the loop's state.
+The loop itself is ``disttrain.loop.fit`` and ``disttrain.loop.evaluation``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,26 +18,16 @@ from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import Callback
 from disttrain.api.module import Module
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
-from disttrain.callbacks.progress import ProgressBar
-from disttrain.checkpoint.format import Progress
-from disttrain.checkpoint.snapshot import export, save
 from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
-from disttrain.dist.env import DistEnv, select_device
-from disttrain.dist.flight import FlightRecorder
-from disttrain.loop import optim, strategy
+from disttrain.dist.env import DistEnv
 from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
-from disttrain.loop.precision import autocast_context
-from disttrain.observe.console import configure_logging, writes_run_output
-from disttrain.observe.loggers import Logger, make_logger
+from disttrain.loop.optim import SchedulerEntry
+from disttrain.loop.run import Run
+from disttrain.observe.loggers import Logger
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
-from disttrain.ranks.dispatch import Dispatcher
-from disttrain.ranks.table import Action
-from disttrain.rng import seed_for_run
-
-log = logging.getLogger("disttrain.trainer")
 
 
 class Trainer:
@@ -63,127 +53,183 @@ class Trainer:
     ) -> None:
         if config is not None and options:
             raise TypeError("give Trainer either a TrainerConfig or keyword options, not both")
-        self.config = config if config is not None else TrainerConfig.from_mapping(options)
-        self.resolved_config = resolved_config  # written to the run directory as config.yaml
-        self.env = DistEnv.from_environ()
-        configure_logging(self.env.rank)
-        explicit = "seed" in options or self.config.seed != TrainerConfig.seed
-        self.seed = seed_for_run(self.config.seed, explicit)  # the user's seeding stands
-        self.device = select_device(self.config.accelerator, self.env)
-        cfg = self.config
-        self.callbacks: list[Callback] = list(cfg.callbacks)
-        if cfg.enable_checkpointing and not any(
-            isinstance(c, ModelCheckpoint) for c in self.callbacks
-        ):
-            self.callbacks.append(ModelCheckpoint())
-        if cfg.enable_progress_bar and writes_run_output(self.env.rank):
-            self.callbacks.append(ProgressBar(cfg.log_every_n_steps))
-        logger = make_logger(cfg.logger, cfg.default_root_dir, self.env.rank)
-        self.reporter = Reporter(logger, cfg.log_every_n_steps, cfg.sync_step_metrics)
-        self.flight = FlightRecorder(self.env.rank)
-        self.flight.progress = self
-        self.flight.directory = Path(cfg.default_root_dir) / "flight"
-        self.profiler = SimpleProfiler() if cfg.profiler == "simple" else None
-        self.profile_report: str | None = None
-        self.current_epoch = 0
-        self.global_step = 0
-        self.sanity_checking = False
-        self.should_stop = False  # set it (on any rank) to stop every rank after an agreed step
-        self.at_step_boundary = False  # during on_batch_end: did the optimizers just step?
-        self.num_training_batches: int | float = 0
-        self.module: Module | None = None
-        self.datamodule: DataModule | None = None
-        self.optimizers: list[torch.optim.Optimizer] = []
-        self.schedulers: list[optim.SchedulerEntry] = []
-        self.scaler: torch.amp.GradScaler | None = None
-        self._autocast = autocast_context(self.config.precision, self.device)
-        self._collectives: Collectives = Collectives()
-        self._dispatcher: Dispatcher | None = None
-        self._next_batch, self._epoch_finished = 0, False
-        self._data_position: Callable[[], dict] | None = None  # a stream's, for checkpoints
-        # a resharded epoch's samples trained, for checkpoints (fit sets it: data/samplers.py)
-        self._count_samples: Callable[[int, int], int | None] | None = None
-        self._step: strategy.Step | None = None  # how fit reaches the model (set in fit)
+        config = config if config is not None else TrainerConfig.from_mapping(options)
+        explicit_seed = "seed" in options or config.seed != TrainerConfig.seed
+        self._run = Run(config, resolved_config, explicit_seed, self)
+
+    # -- the run's options and where this process stands ----------------------------------
+    @property
+    def config(self) -> TrainerConfig:
+        return self._run.config
+
+    @property
+    def resolved_config(self) -> Mapping[str, Any] | None:
+        """The YAML config a run was built from (written to the run directory), if any."""
+        return self._run.resolved_config
+
+    @property
+    def env(self) -> DistEnv:
+        return self._run.env
+
+    @property
+    def device(self) -> torch.device:
+        return self._run.device
+
+    @property
+    def seed(self) -> int | None:
+        return self._run.seed
+
+    @property
+    def default_root_dir(self) -> str:
+        return self._run.config.default_root_dir
+
+    @property
+    def global_rank(self) -> int:
+        return self._run.env.rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._run.env.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self._run.env.node_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._run.env.world_size
 
     @property
     def collectives(self) -> Collectives:
         """The run's collectives (a null object in one process and outside a run)."""
-        return self._collectives
+        return self._run.collectives
 
     @property
-    def sharded(self) -> bool:
-        """Whether this fit holds the module sharded (FSDP): checkpoints are then DCP shards."""
-        return self._step is not None and self._step.sharded
+    def backend(self) -> str:
+        """``"nccl"``, ``"gloo"``, or ``"none"`` in a single process / outside a run."""
+        return self._run.collectives.backend
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        return self._run.callbacks
+
+    @property
+    def checkpoint_callback(self) -> ModelCheckpoint | None:
+        return self._run.checkpoint_callback
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go and where ``resume="auto"`` looks for them."""
+        return self._run.checkpoint_dir
+
+    # -- where the loop stands -------------------------------------------------------------
+    @property
+    def current_epoch(self) -> int:
+        return self._run.current_epoch
+
+    @property
+    def global_step(self) -> int:
+        return self._run.global_step
+
+    @property
+    def sanity_checking(self) -> bool:
+        return self._run.sanity_checking
+
+    @property
+    def at_step_boundary(self) -> bool:
+        """During ``on_batch_end``: did the optimizers just step?"""
+        return self._run.at_step_boundary
+
+    @property
+    def num_training_batches(self) -> int | float:
+        return self._run.num_training_batches
+
+    @property
+    def should_stop(self) -> bool:
+        """Set it (on any rank) to stop every rank after an agreed optimizer step."""
+        return self._run.should_stop
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        self._run.should_stop = value
+
+    # -- what a running session holds ------------------------------------------------------
+    @property
+    def module(self) -> Module | None:
+        return self._run.module
+
+    @property
+    def datamodule(self) -> DataModule | None:
+        return self._run.datamodule
 
     @property
     def running_module(self) -> Module:
         """The module being fit, validated or tested (an error outside a run)."""
-        if self.module is None:
-            raise RuntimeError("no module: fit, validate or test is not running")
-        return self.module
+        return self._run.running_module
 
     @property
     def running_limited_hook(self) -> str | None:
         """The hook running now if it runs on some ranks only (``prepare_data``): ``log`` and
         collectives there would wait for ranks that never come."""
-        return self._dispatcher.running_limited_hook if self._dispatcher is not None else None
+        dispatcher = self._run.dispatcher
+        return dispatcher.running_limited_hook if dispatcher is not None else None
 
     @property
-    def global_rank(self) -> int:
-        return self.env.rank
+    def sharded(self) -> bool:
+        """Whether this fit holds the module sharded (FSDP): checkpoints are then DCP shards."""
+        return self._run.sharded
 
     @property
-    def local_rank(self) -> int:
-        return self.env.local_rank
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self._run.optimizers
 
     @property
-    def node_rank(self) -> int:
-        return self.env.node_rank
+    def schedulers(self) -> list[SchedulerEntry]:
+        return self._run.schedulers
 
     @property
-    def world_size(self) -> int:
-        return self.env.world_size
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return self._run.scaler
 
+    # -- metrics -----------------------------------------------------------------------------
     @property
-    def backend(self) -> str:
-        """``"nccl"``, ``"gloo"``, or ``"none"`` in a single process / outside a run."""
-        return self._collectives.backend
+    def reporter(self) -> Reporter:
+        return self._run.reporter
 
     @property
     def logger(self) -> Logger:
         """The run's logger (``NullLogger`` on ranks that write nothing)."""
-        return self.reporter.logger
+        return self._run.reporter.logger
 
     @property
     def callback_metrics(self) -> dict[str, float]:
         """Reduced metrics: what callbacks (checkpoint monitor, early stopping) decide on."""
-        return self.reporter.callback_metrics
+        return self._run.reporter.callback_metrics
 
     @property
     def logged_metrics(self) -> dict[str, float]:
-        return self.reporter.logged_metrics
+        return self._run.reporter.logged_metrics
 
     def progress_bar_metrics(self) -> dict[str, float]:
-        return self.reporter.progress_bar_metrics()
+        return self._run.reporter.progress_bar_metrics()
 
     @property
-    def checkpoint_callback(self) -> ModelCheckpoint | None:
-        return next((cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)), None)
+    def profiler(self) -> SimpleProfiler | None:
+        """The profiler (``profiler="simple"``), or None: nothing of it exists when off."""
+        return self._run.profiler
 
     @property
-    def checkpoint_dir(self) -> Path:
-        """Where checkpoints go and where ``resume="auto"`` looks for them."""
-        callback = self.checkpoint_callback
-        if callback is not None:
-            return callback.directory(self)
-        return Path(self.config.default_root_dir) / "checkpoints"
+    def profile_report(self) -> str | None:
+        """The profiler's table at the end of fit (``profiler="simple"``)."""
+        return self._run.profile_report
 
+    # -- what hooks may ask (collectives: every rank, at the same point) ---------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` in place across ranks and return it (a no-op in one process).
 
         A collective: call it only from hooks that run on every rank, at the same point.
         """
-        return self._collectives.all_reduce(tensor, op)
+        return self._run.collectives.all_reduce(tensor, op)
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write a checkpoint of the run as it stands (at an optimizer step) to ``path``.
@@ -193,28 +239,19 @@ class Trainer:
         shards and rank 0 completes the directory), and the call returns on every rank once
         the checkpoint is complete.
         """
-        epoch, batch = self.current_epoch, self._next_batch
-        samples = self._count_samples(epoch, batch) if self._count_samples else None
-        progress = Progress(epoch, self.global_step, batch, self._epoch_finished, samples)
-        saved = save(self, self._running("save_checkpoint"), path, progress)
-        self.logger.save()  # the history as far as the checkpoint: a resume keeps it
-        return saved
+        return self._run.save_checkpoint(path)
 
     def export_weights(self, path: str | os.PathLike) -> Path:
         """The whole module's weights as one ``torch.save`` file for inference (under FSDP
         gathered from the shards). Collective; global rank 0 writes."""
-        return export(self, self._running("export_weights"), path)
+        return self._run.export_weights(path)
 
     def manage_files(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on global rank 0 only, the one rank that creates and deletes
         files in the run directory; every rank returns its result. Collective."""
-        return self._running("manage_files").run(Action.MANAGE_FILES, fn, *args)
+        return self._run.manage_files(fn, *args)
 
-    def _running(self, what: str) -> Dispatcher:
-        if self._dispatcher is None:
-            raise RuntimeError(f"Trainer.{what} can only be called while fit/validate/test runs")
-        return self._dispatcher
-
+    # -- the stages ----------------------------------------------------------------------------
     def fit(self, module: Module, datamodule: DataModule | None = None) -> None:
         """Train ``module``: the lifecycle of ``docs/lifecycle.md`` on every rank
         (``disttrain.loop.fit``, level by level).
@@ -224,7 +261,7 @@ class Trainer:
         where it stopped. On SIGTERM or Ctrl-C every rank stops after the same optimizer step,
         a checkpoint is written and ``Preempted`` is raised.
         """
-        fit(self, module, datamodule)
+        fit(self._run, module, datamodule)
 
     def validate(self, module: Module, datamodule: DataModule | None = None) -> Any:
         """Run the validation loop once over all of ``val_dataloader`` on every rank; with
@@ -232,10 +269,10 @@ class Trainer:
 
         Returns what ``validation_epoch_end`` returned on this rank.
         """
-        return run_evaluation(self, module, datamodule, "validate")
+        return run_evaluation(self._run, module, datamodule, "validate")
 
     def test(self, module: Module, datamodule: DataModule | None = None) -> Any:
         """Run the test loop once over all of ``test_dataloader`` on every rank (Lightning 0.8
         tested on rank 0 only; here every rank takes its shard). Returns what
         ``test_epoch_end`` returned on this rank."""
-        return run_evaluation(self, module, datamodule, "test")
+        return run_evaluation(self._run, module, datamodule, "test")

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from disttrain.dist.collectives import Collectives
+
 REDUCE_OPS = ("mean", "sum", "max", "min")
 
 
@@ -180,7 +182,7 @@ class Reporter:
             batch_size = batch_size_of(self.batch) or 1
         store.log(name, value, on_step, on_epoch, reduce, batch_size, prog_bar)
 
-    def after_step(self, collectives: Any, global_step: int) -> None:
+    def after_step(self, collectives: Collectives, global_step: int) -> None:
         """Every ``log_every_n_steps`` optimizer steps: the step values to the logger."""
         if global_step % self.every_n_steps or not (self.train.step or self.sync_steps):
             return
@@ -189,14 +191,16 @@ class Reporter:
             values = reduce_steps(collectives.gather_object(values))
         self._publish(values, global_step)
 
-    def end_evaluation(self, collectives: Any, global_step: int) -> dict[str, float]:
+    def end_evaluation(self, collectives: Collectives, global_step: int) -> dict[str, float]:
         """The end of a validation/test loop: one collective reduces its epoch values."""
         reduced = reduce_epoch(collectives.gather_object(self.eval.take_epoch()))
         self.eval.step.clear()
         self._publish(reduced, global_step)
         return reduced
 
-    def end_epoch(self, collectives: Any, global_step: int, epoch: int, stop_vote: bool) -> bool:
+    def end_epoch(
+        self, collectives: Collectives, global_step: int, epoch: int, stop_vote: bool
+    ) -> bool:
         """The end of a training epoch: one collective reduces the epoch's values and carries
         every rank's stop vote; returns whether any rank voted to stop."""
         gathered = collectives.gather_object((self.train.take_epoch(), bool(stop_vote)))

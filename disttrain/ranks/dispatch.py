@@ -44,6 +44,12 @@ class HookRaised(RuntimeError):
 
 
 class Dispatcher:
+    """Runs every hook of a run where ``table`` says, then the sync it names: ``call(hook)``
+    for hooks, ``run(action, fn)`` for the trainer's own work under ``ACTION_TABLE``. The
+    plan per hook is made once here (``_plan``); ``caller(hook)`` hands the hot loop a hook's
+    callable directly. ``collectives`` may be any ``Collectives``: the null one of a single
+    process makes every sync free."""
+
     def __init__(
         self,
         table: Mapping[Hook, Rule],
@@ -71,39 +77,11 @@ class Dispatcher:
         warn_deprecated_overrides(module, ModelHooks)
         for callback in callbacks:
             warn_deprecated_overrides(callback, Callback)
+        in_group = recorder is not None and collectives.backend != "none"
         for hook, rule in table.items():
-            name = hook.value
-            implementers = [
-                cb for cb in callbacks if rule.callbacks and overridden(cb, name, Callback)
-            ]
-            observers: list[Callable[..., Any]] = [
-                functools.partial(getattr(cb, name), trainer, module) for cb in implementers
-            ]
-            owners = [type(cb).__name__ for cb in implementers]
-            if datamodule is not None and overridden(datamodule, name, DataModule):
-                observers.append(getattr(datamodule, name))  # data before the model
-                owners.append(type(datamodule).__name__)
-            # Hooks that do work always run the module's method; notifications only if overridden.
-            runs_module = not rule.callbacks or overridden(module, name, ModelHooks)
-            target = getattr(module, name) if runs_module else None
-            sync = rule.sync
-            if sync is Sync.AGREE_STOP and target is None:
-                sync = Sync.NONE  # nothing can return -1, so there is nothing to agree on
-            if profiler is not None:  # timing exists only when asked for: zero cost otherwise
-                observers = [
-                    profiler.timed(f"{owner}.{name}", o) for owner, o in zip(owners, observers)
-                ]
-                if target is not None:
-                    target = profiler.timed(f"{type(module).__name__}.{name}", target)
-            # the trace follows user code (where hangs come from) and, in a process group,
-            # the gradient sync inside backward; the library's own default hooks are left out
-            user_code = overridden(module, name, ModelHooks) or any(
-                not type(cb).__module__.startswith("disttrain.") for cb in implementers
+            sync, runner = _plan(
+                hook, rule, module, callbacks, trainer, datamodule, recorder, profiler, in_group
             )
-            runner = _runner(name, observers, target, recorder if user_code else None)
-            in_group = recorder is not None and collectives.backend != "none"
-            if hook is Hook.BACKWARD and runner is not None and recorder is not None and in_group:
-                runner = _in_collective(GRADIENT_SYNC, runner, recorder)
             if sync is Sync.NONE or sync is Sync.AGREE_STOP:
                 self._callers[hook] = _local_caller(hook, sync, runner, env.rank, collectives)
             else:
@@ -150,6 +128,50 @@ class Dispatcher:
         if sync is Sync.DECISION:
             return self.collectives.broadcast_object(result)
         return result
+
+
+def _plan(
+    hook: Hook,
+    rule: Rule,
+    module: ModelHooks,
+    callbacks: Sequence[Callback],
+    trainer: object,
+    datamodule: DataModule | None,
+    recorder: FlightRecorder | None,
+    profiler: SimpleProfiler | None,
+    in_group: bool,
+) -> tuple[Sync, Callable[..., Any] | None]:
+    """How ``hook`` runs for this run, worked out once: the sync that follows it and one
+    callable for the callbacks, the data module and the module (None if nobody implements
+    it)."""
+    name = hook.value
+    implementers = [cb for cb in callbacks if rule.callbacks and overridden(cb, name, Callback)]
+    observers: list[Callable[..., Any]] = [
+        functools.partial(getattr(cb, name), trainer, module) for cb in implementers
+    ]
+    owners = [type(cb).__name__ for cb in implementers]
+    if datamodule is not None and overridden(datamodule, name, DataModule):
+        observers.append(getattr(datamodule, name))  # data before the model
+        owners.append(type(datamodule).__name__)
+    # Hooks that do work always run the module's method; notifications only if overridden.
+    runs_module = not rule.callbacks or overridden(module, name, ModelHooks)
+    target = getattr(module, name) if runs_module else None
+    sync = rule.sync
+    if sync is Sync.AGREE_STOP and target is None:
+        sync = Sync.NONE  # nothing can return -1, so there is nothing to agree on
+    if profiler is not None:  # timing exists only when asked for: zero cost otherwise
+        observers = [profiler.timed(f"{owner}.{name}", o) for owner, o in zip(owners, observers)]
+        if target is not None:
+            target = profiler.timed(f"{type(module).__name__}.{name}", target)
+    # the trace follows user code (where hangs come from) and, in a process group, the
+    # gradient sync inside backward; the library's own default hooks are left out
+    user_code = overridden(module, name, ModelHooks) or any(
+        not type(cb).__module__.startswith("disttrain.") for cb in implementers
+    )
+    runner = _runner(name, observers, target, recorder if user_code else None)
+    if hook is Hook.BACKWARD and runner is not None and recorder is not None and in_group:
+        runner = _in_collective(GRADIENT_SYNC, runner, recorder)
+    return sync, runner
 
 
 def _runner(

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
 
 from disttrain.checkpoint.format import Progress
-from disttrain.loop.optim import SchedulerEntry
 from disttrain.loop.stopping import Stopping
-from disttrain.loop.strategy import Step
 
 
 @dataclass(frozen=True)
@@ -28,16 +26,13 @@ class BatchHooks:
 
 
 @dataclass
-class FitRun:
-    """One fit's pieces: how the step reaches the model, the optimizers, the data, the hooks,
-    the stop decisions, and where a resumed run goes on."""
+class FitLoop:
+    """One fit's loop plumbing, built once at its start: how the step is called, the per-batch
+    hooks, the stop decisions, the data and its limits, where a resumed run goes on. (What
+    the loop changes, and the optimizers, live in the run: ``disttrain.loop.run.Run``.)"""
 
     call: Callable[..., Any]  # the dispatcher's call(Hook.X, ...)
-    step: Step
     forward: Callable[..., Any]  # the training step as the loop calls it (compiled, timed)
-    optimizers: list[torch.optim.Optimizer]
-    schedulers: list[SchedulerEntry]
-    scaler: torch.amp.GradScaler | None
     hooks: BatchHooks
     stopping: Stopping
     train_data: Any
@@ -47,10 +42,11 @@ class FitRun:
     keep_outputs: bool  # training_epoch_end is overridden: keep the steps' outputs
     progress: Progress | None  # the checkpoint resumed from
     saved_rng: dict | None  # this rank's RNG state of that checkpoint, put back once
+    optimizers: InitVar[list[torch.optim.Optimizer]]
     params: list[list[torch.Tensor]] = field(init=False)  # per optimizer, for clipping
     step_args: list[tuple[int, ...]] = field(init=False)  # (optimizer_idx,) with several
 
-    def __post_init__(self) -> None:
-        self.params = [[p for g in o.param_groups for p in g["params"]] for o in self.optimizers]
-        several = len(self.optimizers) > 1
-        self.step_args = [(i,) for i in range(len(self.optimizers))] if several else [()]
+    def __post_init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.params = [[p for g in o.param_groups for p in g["params"]] for o in optimizers]
+        several = len(optimizers) > 1
+        self.step_args = [(i,) for i in range(len(optimizers))] if several else [()]

@@ -1,0 +1,180 @@
+"""``Run``: one trainer's run, the one owner of everything the loop reads and changes.
+
+The ``Trainer`` is a façade over it: its public properties read the run, and the loop's
+levels (``fit.py``, ``evaluation.py``, ``session.py``) and the checkpoint code receive the run
+itself. Three kinds of state live here, each once:
+
+- what the run is: its options, where this process stands (rank, device), its callbacks,
+  reporter, flight recorder and profiler (built when the trainer is);
+- where the loop stands: epoch, step, the next batch of the epoch, the agreed-stop flag;
+- what a session holds while fit, validate or test runs: the collectives, the dispatcher,
+  the module, and for fit the wrapped step, optimizers, schedulers and scaler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disttrain.api.datamodule import DataModule
+from disttrain.api.hooks import Callback
+from disttrain.api.module import Module
+from disttrain.api.state import TrainerState
+from disttrain.callbacks.model_checkpoint import ModelCheckpoint
+from disttrain.callbacks.progress import ProgressBar
+from disttrain.checkpoint.format import Progress
+from disttrain.checkpoint.snapshot import export, save
+from disttrain.config.options import TrainerConfig
+from disttrain.dist.collectives import Collectives
+from disttrain.dist.env import DistEnv, select_device
+from disttrain.dist.flight import FlightRecorder
+from disttrain.loop.optim import SchedulerEntry
+from disttrain.loop.precision import autocast_context
+from disttrain.loop.strategy import Step
+from disttrain.observe.console import configure_logging, writes_run_output
+from disttrain.observe.loggers import Logger, make_logger
+from disttrain.observe.metrics import Reporter
+from disttrain.observe.profiler import SimpleProfiler
+from disttrain.ranks.dispatch import Dispatcher
+from disttrain.ranks.table import Action
+from disttrain.rng import seed_for_run
+
+
+class Run:
+    """One trainer's run (see the module docstring). ``trainer`` is the façade callbacks and
+    hooks receive."""
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        resolved_config: Mapping[str, Any] | None,
+        explicit_seed: bool,
+        trainer: TrainerState,
+    ) -> None:
+        self.config, self.resolved_config, self.trainer = config, resolved_config, trainer
+        self.env = DistEnv.from_environ()
+        configure_logging(self.env.rank)
+        self.seed = seed_for_run(config.seed, explicit_seed)  # the user's seeding stands
+        self.device = select_device(config.accelerator, self.env)
+        self.callbacks: list[Callback] = _callbacks(config, self.env.rank)
+        logger = make_logger(config.logger, config.default_root_dir, self.env.rank)
+        self.reporter = Reporter(logger, config.log_every_n_steps, config.sync_step_metrics)
+        self.flight = FlightRecorder(self.env.rank)
+        self.flight.progress = self
+        self.flight.directory = Path(config.default_root_dir) / "flight"
+        self.profiler = SimpleProfiler() if config.profiler == "simple" else None
+        self.profile_report: str | None = None
+        self.autocast = autocast_context(config.precision, self.device)
+        # where the loop stands
+        self.current_epoch = 0
+        self.global_step = 0
+        self.next_batch = 0  # the first batch of the current epoch not yet trained
+        self.epoch_finished = False  # validation and the epoch-end hooks of it have run
+        self.sanity_checking = False
+        self.should_stop = False
+        self.at_step_boundary = False
+        self.num_training_batches: int | float = 0
+        # what the running session holds
+        self.collectives: Collectives = Collectives()
+        self.dispatcher: Dispatcher | None = None
+        self.module: Module | None = None
+        self.datamodule: DataModule | None = None
+        self.step: Step | None = None  # how fit reaches the model
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.schedulers: list[SchedulerEntry] = []
+        self.scaler: torch.amp.GradScaler | None = None
+        self.data_position: Callable[[], dict] | None = None  # a stream's, for checkpoints
+        # a resharded epoch's samples trained, for checkpoints (data/samplers.py)
+        self.count_samples: Callable[[int, int], int | None] | None = None
+
+    # -- where this process stands ---------------------------------------------------------
+    @property
+    def global_rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def logger(self) -> Logger:
+        return self.reporter.logger
+
+    @property
+    def callback_metrics(self) -> dict[str, float]:
+        return self.reporter.callback_metrics
+
+    @property
+    def logged_metrics(self) -> dict[str, float]:
+        return self.reporter.logged_metrics
+
+    @property
+    def fit_step(self) -> Step:
+        """How fit reaches the model (an error outside fit)."""
+        if self.step is None:
+            raise RuntimeError("no training step: fit is not running")
+        return self.step
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this fit holds the module sharded (FSDP): checkpoints are then DCP shards."""
+        return self.step is not None and self.step.sharded
+
+    @property
+    def running_module(self) -> Module:
+        """The module being fit, validated or tested (an error outside a run)."""
+        if self.module is None:
+            raise RuntimeError("no module: fit, validate or test is not running")
+        return self.module
+
+    @property
+    def checkpoint_callback(self) -> ModelCheckpoint | None:
+        return next((cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)), None)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go and where ``resume="auto"`` looks for them."""
+        callback = self.checkpoint_callback
+        if callback is not None:
+            return callback.directory(self.trainer)
+        return Path(self.config.default_root_dir) / "checkpoints"
+
+    def progress(self) -> Progress:
+        """Where the loop stands, as a checkpoint records it (always at an optimizer step)."""
+        epoch, batch = self.current_epoch, self.next_batch
+        samples = self.count_samples(epoch, batch) if self.count_samples else None
+        return Progress(epoch, self.global_step, batch, self.epoch_finished, samples)
+
+    # -- what hooks may ask the run to do (collectives: every rank, at the same point) ------
+    def running(self, what: str) -> Dispatcher:
+        if self.dispatcher is None:
+            raise RuntimeError(f"Trainer.{what} can only be called while fit/validate/test runs")
+        return self.dispatcher
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        self.running("save_checkpoint")
+        saved = save(self, path, self.progress())
+        self.logger.save()  # the history as far as the checkpoint: a resume keeps it
+        return saved
+
+    def export_weights(self, path: str | os.PathLike) -> Path:
+        self.running("export_weights")
+        return export(self, path)
+
+    def manage_files(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.running("manage_files").run(Action.MANAGE_FILES, fn, *args)
+
+
+def _callbacks(config: TrainerConfig, rank: int) -> list[Callback]:
+    """The user's callbacks, then those the options add: a checkpoint every epoch (unless one
+    is given), and the progress bar on the rank that prints."""
+    callbacks: list[Callback] = list(config.callbacks)
+    if config.enable_checkpointing and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        callbacks.append(ModelCheckpoint())
+    if config.enable_progress_bar and writes_run_output(rank):
+        callbacks.append(ProgressBar(config.log_every_n_steps))
+    return callbacks
