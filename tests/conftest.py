@@ -15,8 +15,12 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKERS = Path(__file__).resolve().parent / "workers"
+TESTS = Path(__file__).resolve().parent
+WORKERS = TESTS / "workers"
 sys.path.insert(0, str(WORKERS))
+# what a launched process imports: the shared models (``common``), a job class written beside
+# its test (a config's ``class_path: test_faults.TornWrite``), and disttrain itself
+LAUNCHED_PATH = os.pathsep.join([str(WORKERS), str(TESTS), str(ROOT)])
 
 
 def torchrun(
@@ -57,7 +61,7 @@ def _run_group(
     is killed if it outlives ``timeout``."""
     full_env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
+        "PYTHONPATH": LAUNCHED_PATH,
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         **env,
@@ -105,7 +109,7 @@ def worker_env(**extra: str) -> dict[str, str]:
     """The environment a launched job needs to import the test modules."""
     return {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(WORKERS), str(ROOT)]),
+        "PYTHONPATH": LAUNCHED_PATH,
         "OMP_NUM_THREADS": "1",
         **extra,
     }

@@ -75,7 +75,7 @@ def test_resume_at_another_world_size_sees_every_remaining_sample_once(tmp_path,
     assert len(set(seen_after)) == 36 and not set(seen_before) & set(seen_after)
     # each sample's augmentation is a function of (seed, epoch, index): the same at any
     # world size, in whichever loader worker reads it
-    from data_resume import Augmented
+    from common import Augmented
 
     data = SeededSamples(Augmented(48), seed=5)
     for rows in (before, after):

@@ -6,8 +6,7 @@ import time
 
 import pytest
 import torch
-from common import IndexedData, Regressor, read_results
-from scenarios import TwoHeads
+from common import IndexedData, Regressor, TwoHeads, read_results
 
 import disttrain
 

@@ -52,7 +52,7 @@ def test_sharded_checkpoints_resume_exactly_and_reshard(scenario, tmp_path):
     assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert checkpoint.load(sharded)["progress"]["next_batch"] == 2
     # 2 -> 1: the debug mode (one process, unsharded) evaluates the 2-rank checkpoint
-    from scenarios import Wide
+    from common import Wide
 
     module = Wide()
     Trainer(resume=str(sharded), enable_checkpointing=False).validate(module)

@@ -7,8 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from common import Regressor
-from scenarios import StatefulPrepare, TwoHeads
+from common import Regressor, StatefulPrepare, TwoHeads
 
 import disttrain
 from disttrain import ConfigError, HookFailed, Trainer

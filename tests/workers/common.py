@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import time
 from pathlib import Path
 
+import numpy
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -78,6 +80,59 @@ class Regressor(disttrain.Module):
         return DataLoader(IndexedData(self.n_val), batch_size=self.batch_size)
 
     test_dataloader = val_dataloader
+
+
+class TwoHeads(Regressor):
+    """Two optimizers, each over its own head: exercises optimizer_idx and unused parameters."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.other = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx, optimizer_idx):
+        x, y, _ = batch
+        head = self.net if optimizer_idx == 0 else self.other
+        return torch.nn.functional.mse_loss(head(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return [
+            torch.optim.SGD(self.net.parameters(), lr=0.1),
+            torch.optim.SGD(self.other.parameters(), lr=0.05, momentum=0.9),
+        ]
+
+
+class StatefulPrepare(Regressor):
+    """Assigns ``self.vocab`` in prepare_data, which runs on some ranks only: refused."""
+
+    def prepare_data(self):
+        self.vocab = {"a": 1}
+
+
+class Wide(Regressor):
+    """Parameters dominate: two wide layers, so sharding them halves each rank's share."""
+
+    def __init__(self):
+        super().__init__(n_train=32, batch_size=4, shuffle=True)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 512), torch.nn.Tanh(), torch.nn.Linear(512, 1)
+        )
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.item())
+        return loss
+
+
+class WideExport(Wide):
+    """Wide, exporting its whole weights at the end of fit (a collective under FSDP)."""
+
+    def __init__(self, export):
+        super().__init__()
+        self.export = export
+
+    def on_fit_end(self):
+        self.trainer.export_weights(self.export)
 
 
 def _recording(name):
@@ -254,6 +309,28 @@ class Resumable(Regressor):
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
         return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+class Augmented(IndexedData):
+    """Each sample gets noise drawn in ``__getitem__`` from torch, Python and NumPy."""
+
+    def __getitem__(self, i):
+        x, y, idx = super().__getitem__(i)
+        noise = torch.randn(x.shape) + random.random() + float(numpy.random.rand())
+        return x + 0.1 * noise, y, idx
+
+
+def read_augmented(shard: tuple[int, int]):
+    """Shard ``(first, n)``: samples ``first .. first + n - 1``, with noise drawn from the
+    worker's global generators (seeded per sample by ShardedStream in loader workers)."""
+    data = Augmented(48)
+    return (data[i] for i in range(shard[0], shard[0] + shard[1]))
+
+
+def sharded_stream() -> disttrain.ShardedStream:
+    """48 augmented samples in 12 shards of 4, a shuffle buffer of 3."""
+    shards = [(4 * s, 4) for s in range(12)]
+    return disttrain.ShardedStream(shards, read_augmented, shuffle_buffer=3)
 
 
 class FaultyJob(Resumable):

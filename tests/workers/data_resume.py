@@ -8,28 +8,17 @@ trains unbroken, then stopped mid-epoch and resumed, and writes its rank's weigh
 from __future__ import annotations
 
 import os
-import random
 import signal
 import sys
 from pathlib import Path
 
-import numpy
 import torch
-from common import IndexedData, Resumable, write_result
+from common import Augmented, IndexedData, Resumable, sharded_stream, write_result
 from torch.utils.data import DataLoader, IterableDataset
 
 import disttrain
 from disttrain import Trainer
 from disttrain.data.streams import reader_position
-
-
-class Augmented(IndexedData):
-    """Each sample gets noise drawn in ``__getitem__`` from torch, Python and NumPy."""
-
-    def __getitem__(self, i):
-        x, y, idx = super().__getitem__(i)
-        noise = torch.randn(x.shape) + random.random() + float(numpy.random.rand())
-        return x + 0.1 * noise, y, idx
 
 
 class NoisyStream(IterableDataset):
@@ -76,19 +65,6 @@ class ForgetfulStream(NoisyStream):
         for i in range(reader, len(self.data), readers):
             x, y, idx = self.data[i]
             yield x + 0.1 * torch.randn(x.shape), y, idx
-
-
-def read_augmented(shard: tuple[int, int]):
-    """Shard ``(first, n)``: samples ``first .. first + n - 1``, with noise drawn from the
-    worker's global generators (seeded per sample by ShardedStream in loader workers)."""
-    data = Augmented(48)
-    return (data[i] for i in range(shard[0], shard[0] + shard[1]))
-
-
-def sharded_stream() -> disttrain.ShardedStream:
-    """48 samples in 12 shards of 4, a shuffle buffer of 3."""
-    shards = [(4 * s, 4) for s in range(12)]
-    return disttrain.ShardedStream(shards, read_augmented, shuffle_buffer=3)
 
 
 class Job(Resumable):

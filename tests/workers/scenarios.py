@@ -16,6 +16,11 @@ from common import (
     RecordingCallback,
     Regressor,
     Resumable,
+    StatefulPrepare,
+    TwoHeads,
+    Wide,
+    WideExport,
+    sharded_stream,
     write_result,
 )
 
@@ -98,11 +103,6 @@ class FailingPrepare(Regressor):
         raise OSError("disk full while writing the cache")
 
 
-class StatefulPrepare(Regressor):
-    def prepare_data(self):
-        self.vocab = {"a": 1}
-
-
 def _expect_hook_failure(outdir, module):
     trainer = Trainer(max_epochs=1, prepare_data_timeout=60)
     try:
@@ -136,25 +136,6 @@ def data_sharding(outdir):
     module.val_seen.clear()
     trainer.validate(module)
     write_result(outdir, trainer.global_rank, {"train": per_epoch, "val": module.val_seen})
-
-
-class TwoHeads(Regressor):
-    """Two optimizers, each over its own head: exercises optimizer_idx and unused parameters."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.other = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch, batch_idx, optimizer_idx):
-        x, y, _ = batch
-        head = self.net if optimizer_idx == 0 else self.other
-        return torch.nn.functional.mse_loss(head(x).squeeze(-1), y)
-
-    def configure_optimizers(self):
-        return [
-            torch.optim.SGD(self.net.parameters(), lr=0.1),
-            torch.optim.SGD(self.other.parameters(), lr=0.05, momentum=0.9),
-        ]
 
 
 def correctness(outdir):
@@ -340,8 +321,6 @@ def count_collectives(outdir):
 
     class FromStream(LogsMetrics):  # a ShardedStream read by 2 workers, its position kept
         def train_dataloader(self):
-            from data_resume import sharded_stream
-
             return torch.utils.data.DataLoader(sharded_stream(), batch_size=2, num_workers=2)
 
     stream = os.environ.get("DATA") == "stream"
@@ -356,22 +335,6 @@ def count_collectives(outdir):
     )
     trainer.fit(module)
     write_result(outdir, trainer.global_rank, {"windows": windows, "tail": dict(current)})
-
-
-class Wide(Regressor):
-    """Parameters dominate: two wide layers, so sharding them halves each rank's share."""
-
-    def __init__(self):
-        super().__init__(n_train=32, batch_size=4, shuffle=True)
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(4, 512), torch.nn.Tanh(), torch.nn.Linear(512, 1)
-        )
-        self.losses = []
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        self.losses.append(loss.item())
-        return loss
 
 
 def fsdp_vs_ddp(outdir):
@@ -407,17 +370,6 @@ def fsdp_vs_ddp(outdir):
     recorder, trainer = recorded_fit(strategy="fsdp", enable_checkpointing=False)
     result["fsdp_calls"] = recorder.calls
     write_result(outdir, trainer.global_rank, result)
-
-
-class WideExport(Wide):
-    """Wide, exporting its whole weights at the end of fit (a collective under FSDP)."""
-
-    def __init__(self, export):
-        super().__init__()
-        self.export = export
-
-    def on_fit_end(self):
-        self.trainer.export_weights(self.export)
 
 
 def _fsdp_run(root, name, **options):
