@@ -1,4 +1,6 @@
-"""Rank behaviour on real torchrun launches (gloo): agreements, verdicts, sharding, correctness."""
+"""Rank behaviour on real torchrun launches (gloo): agreements, verdicts, sharding, correctness.
+
+What the ranks run is the scenarios at the end of this file (``conftest.run_beside``)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,44 @@ import time
 
 import pytest
 import torch
-from common import IndexedData, Regressor, TwoHeads, read_results
+from common import (
+    IndexedData,
+    Regressor,
+    StatefulPrepare,
+    TwoHeads,
+    read_results,
+    run_scenario,
+    write_result,
+)
+from conftest import run_beside
 
 import disttrain
+from disttrain import HookFailed, Trainer
+
+
+# -- prepare_data fails on global zero ---------------------------------------------------
+class FailingPrepare(Regressor):
+    def prepare_data(self):
+        raise OSError("disk full while writing the cache")
+
+
+def _expect_hook_failure(outdir, module):
+    """Fit ``module``; write the HookFailed this rank raised (or that none came), re-raise."""
+    trainer = Trainer(max_epochs=1, prepare_data_timeout=60)
+    try:
+        trainer.fit(module)
+    except HookFailed as err:
+        write_result(outdir, trainer.global_rank, {"error": str(err), "ranks": err.failed_ranks})
+        raise
+    write_result(outdir, trainer.global_rank, {"error": None})
+
+
+def prepare_fails(outdir):
+    _expect_hook_failure(outdir, FailingPrepare())
+
+
+def prepare_assigns_state(outdir):
+    _expect_hook_failure(outdir, StatefulPrepare())  # assigns self.vocab
 
 
 @pytest.mark.parametrize(
@@ -18,9 +55,10 @@ import disttrain
         ("prepare_assigns_state", "self.vocab"),
     ],
 )
-def test_prepare_data_failure_reaches_every_rank_naming_rank_zero(scenario, name, needle):
+def test_prepare_data_failure_reaches_every_rank_naming_rank_zero(tmp_path, name, needle):
+    outdir = tmp_path / "out"
     start = time.monotonic()
-    proc, outdir = scenario(name, expect_ok=False, timeout=90)
+    proc = run_beside(__file__, name, outdir, expect_ok=False, timeout=90)
     assert time.monotonic() - start < 60
     assert proc.returncode != 0
     for rank, result in enumerate(read_results(outdir, 2)):
@@ -29,8 +67,27 @@ def test_prepare_data_failure_reaches_every_rank_naming_rank_zero(scenario, name
         assert needle in result["error"], rank
 
 
-def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(scenario):
-    _, outdir = scenario("data_sharding")
+# -- the split of the data ----------------------------------------------------------------
+def data_sharding(outdir):
+    """Shuffled training shards per epoch, and an exact evaluation of an odd-sized set."""
+    module = Regressor(n_train=16, n_val=7, batch_size=2, shuffle=True)
+    per_epoch = {}
+
+    class Track(disttrain.Callback):
+        def on_epoch_end(self, trainer, m):
+            per_epoch[trainer.current_epoch] = list(m.seen)
+            m.seen.clear()
+
+    trainer = Trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[Track()], seed=7)
+    trainer.fit(module)
+    module.val_seen.clear()
+    trainer.validate(module)
+    write_result(outdir, trainer.global_rank, {"train": per_epoch, "val": module.val_seen})
+
+
+def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(tmp_path):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "data_sharding", outdir)
     results = read_results(outdir, 2)
     orders = []
     for epoch in ("0", "1"):
@@ -41,6 +98,31 @@ def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(sc
     assert orders[0] != orders[1]
     # validation over 7 samples at world size 2: each sample exactly once
     assert sorted(results[0]["val"] + results[1]["val"]) == list(range(7))
+
+
+# -- the same weights as a hand-written loop ---------------------------------------------
+# each case: the module's class and the trainer's options; 2 epochs of 16 samples, batches
+# of 2 per rank, shuffled with seed 3
+CASES = {
+    "plain": (Regressor, {}),
+    "accumulate_clip": (Regressor, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}),
+    "two_optimizers": (TwoHeads, {"accumulate_grad_batches": 2}),
+}
+
+
+def correctness(outdir):
+    """Each case of CASES trained on the ranks; writes its final weights."""
+    results = {}
+    for name, (cls, options) in CASES.items():
+        disttrain.seed_everything(0)
+        module = cls(n_train=16, batch_size=2, shuffle=True)
+        root = f"runs/{name}"  # each run its own directory: a fresh fit never mixes them
+        trainer = Trainer(
+            max_epochs=2, num_sanity_val_steps=0, seed=3, default_root_dir=root, **options
+        )
+        trainer.fit(module)
+        results[name] = {k: v.tolist() for k, v in module.state_dict().items()}
+    write_result(outdir, trainer.global_rank, results)
 
 
 def _hand_written(cls, options, world_size=2, batch_size=2, n=16, epochs=2, seed=3):
@@ -73,15 +155,9 @@ def _hand_written(cls, options, world_size=2, batch_size=2, n=16, epochs=2, seed
     return model.state_dict()
 
 
-CASES = {
-    "plain": (Regressor, {}),
-    "accumulate_clip": (Regressor, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}),
-    "two_optimizers": (TwoHeads, {"accumulate_grad_batches": 2}),
-}
-
-
-def test_two_rank_ddp_matches_a_hand_written_single_process_loop(scenario):
-    _, outdir = scenario("correctness")
+def test_two_rank_ddp_matches_a_hand_written_single_process_loop(tmp_path):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "correctness", outdir)
     rank0, rank1 = read_results(outdir, 2)
     for name, (cls, options) in CASES.items():
         expected = _hand_written(cls, options)
@@ -93,3 +169,7 @@ def test_two_rank_ddp_matches_a_hand_written_single_process_loop(scenario):
         assert not torch.allclose(
             torch.tensor(rank0[name]["net.0.weight"]), initial.state_dict()["net.0.weight"]
         )
+
+
+if __name__ == "__main__":
+    run_scenario(globals())

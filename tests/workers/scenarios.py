@@ -16,8 +16,6 @@ from common import (
     RecordingCallback,
     Regressor,
     Resumable,
-    StatefulPrepare,
-    TwoHeads,
     Wide,
     WideExport,
     sharded_stream,
@@ -25,7 +23,7 @@ from common import (
 )
 
 import disttrain
-from disttrain import HookFailed, Trainer
+from disttrain import Trainer
 from disttrain.checkpoint import format as checkpoint
 from disttrain.checkpoint.resume import most_advanced
 from disttrain.data import loaders
@@ -96,66 +94,6 @@ def stop_on_rank1(outdir):
             "global_step": trainer.global_step,
         },
     )
-
-
-class FailingPrepare(Regressor):
-    def prepare_data(self):
-        raise OSError("disk full while writing the cache")
-
-
-def _expect_hook_failure(outdir, module):
-    trainer = Trainer(max_epochs=1, prepare_data_timeout=60)
-    try:
-        trainer.fit(module)
-    except HookFailed as err:
-        write_result(outdir, trainer.global_rank, {"error": str(err), "ranks": err.failed_ranks})
-        raise
-    write_result(outdir, trainer.global_rank, {"error": None})
-
-
-def prepare_fails(outdir):
-    _expect_hook_failure(outdir, FailingPrepare())
-
-
-def prepare_assigns_state(outdir):
-    _expect_hook_failure(outdir, StatefulPrepare())
-
-
-def data_sharding(outdir):
-    """Shuffled training shards per epoch, and an exact evaluation of an odd-sized set."""
-    module = Regressor(n_train=16, n_val=7, batch_size=2, shuffle=True)
-    per_epoch = {}
-
-    class Track(disttrain.Callback):
-        def on_epoch_end(self, trainer, m):
-            per_epoch[trainer.current_epoch] = list(m.seen)
-            m.seen.clear()
-
-    trainer = Trainer(max_epochs=2, num_sanity_val_steps=0, callbacks=[Track()], seed=7)
-    trainer.fit(module)
-    module.val_seen.clear()
-    trainer.validate(module)
-    write_result(outdir, trainer.global_rank, {"train": per_epoch, "val": module.val_seen})
-
-
-def correctness(outdir):
-    """Three trainings whose final weights the test compares with a hand-written loop."""
-    results = {}
-    runs = {
-        "plain": (Regressor, {}),
-        "accumulate_clip": (Regressor, {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}),
-        "two_optimizers": (TwoHeads, {"accumulate_grad_batches": 2}),
-    }
-    for name, (cls, options) in runs.items():
-        disttrain.seed_everything(0)
-        module = cls(n_train=16, batch_size=2, shuffle=True)
-        root = f"runs/{name}"  # each run its own directory: a fresh fit never mixes them
-        trainer = Trainer(
-            max_epochs=2, num_sanity_val_steps=0, seed=3, default_root_dir=root, **options
-        )
-        trainer.fit(module)
-        results[name] = {k: v.tolist() for k, v in module.state_dict().items()}
-    write_result(outdir, trainer.global_rank, results)
 
 
 def gpu(outdir):
