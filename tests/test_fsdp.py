@@ -1,22 +1,73 @@
 """The FSDP2 strategy on CPU/gloo: same losses as DDP, less parameter memory, same hook order,
-sharded (DCP) checkpoints that resume exactly and load at another world size."""
+sharded (DCP) checkpoints that resume exactly and load at another world size.
+
+What the ranks run is the scenarios beside each test (``conftest.run_beside``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from common import read_results
-from test_lifecycle import expected_fit
+from common import (
+    LogsMetrics,
+    Wide,
+    WideExport,
+    exact_validation,
+    read_results,
+    run_scenario,
+    write_result,
+)
+from conftest import run_beside
+from test_lifecycle import expected_fit, recorded_fit
 
+import disttrain
 from disttrain import Trainer
 from disttrain.checkpoint import format as checkpoint
 from disttrain.checkpoint.resume import most_advanced
 
 
-def test_fsdp_matches_ddp_shards_parameters_and_keeps_the_hook_order(scenario):
-    _, outdir = scenario("fsdp_vs_ddp", timeout=240)
+# -- FSDP against DDP ----------------------------------------------------------------------
+def fsdp_vs_ddp(outdir):
+    """The same seed and data under DDP and FSDP: loss curves, parameter bytes per rank; then
+    the golden run (``test_lifecycle.recorded_fit``) under FSDP, its calls recorded."""
+
+    result = {}
+    runs = {
+        "ddp": {"strategy": "ddp"},
+        "fsdp": {"strategy": "fsdp"},
+        "fsdp_bf16_ac": {
+            "strategy": "fsdp",
+            "precision": "bf16-mixed",
+            "activation_checkpointing": True,
+        },
+    }
+    for run, options in runs.items():
+        disttrain.seed_everything(0)
+        module = Wide()
+        trainer = Trainer(
+            max_epochs=2,
+            num_sanity_val_steps=1,
+            enable_checkpointing=False,
+            accumulate_grad_batches=2,
+            gradient_clip_val=1.0,
+            **options,
+        )
+        trainer.fit(module)
+        local = sum(
+            p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+            for p in module.parameters()
+        )
+        result[run] = {"losses": module.losses, "param_elements": local}
+    recorder, trainer = recorded_fit(strategy="fsdp", enable_checkpointing=False)
+    result["fsdp_calls"] = recorder.calls
+    write_result(outdir, trainer.global_rank, result)
+
+
+def test_fsdp_matches_ddp_shards_parameters_and_keeps_the_hook_order(tmp_path):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "fsdp_vs_ddp", outdir, timeout=240)
     for rank, result in enumerate(read_results(outdir, 2)):
         ddp, fsdp = result["ddp"], result["fsdp"]
         assert len(fsdp["losses"]) == len(ddp["losses"]) == 8
@@ -31,6 +82,60 @@ def test_fsdp_matches_ddp_shards_parameters_and_keeps_the_hook_order(scenario):
         assert calls == golden, rank
 
 
+# -- sharded checkpoints -------------------------------------------------------------------
+def _fsdp_run(root, name, **options):
+    """``WideExport`` under FSDP for 2 epochs (8 steps at 2 ranks), run directory
+    ``root/RUN`` (``run``, default ``name``), its final weights exported to ``root/NAME.pt``;
+    returns the steps it trained."""
+    disttrain.seed_everything(0)
+    module = WideExport(str(Path(root) / f"{name}.pt"))
+    Trainer(
+        max_epochs=2,
+        num_sanity_val_steps=0,
+        strategy="fsdp",
+        seed=1,
+        default_root_dir=str(Path(root) / options.pop("run", name)),
+        **options,
+    ).fit(module)
+    return len(module.losses)
+
+
+def fsdp_resume(outdir):
+    """Sharded checkpoints: stop after step 6 (mid-epoch), resume, compare with a full run."""
+    steps = {
+        "full": _fsdp_run(outdir, "full"),
+        "stopped": _fsdp_run(outdir, "at_step_6", run="stopped", max_steps=6),
+        "resumed": _fsdp_run(outdir, "resumed", run="stopped", resume="auto"),
+    }
+    write_result(outdir, int(os.environ["RANK"]), steps)
+
+
+def fsdp_save_one_rank(outdir):
+    """A sharded checkpoint written at world size 1 (the test loads it at 2)."""
+    _fsdp_run(outdir, "one_rank", max_steps=3)
+    write_result(outdir, 0, {"done": True})
+
+
+def fsdp_load(outdir):
+    """Evaluate the checkpoint named by $CKPT at this world size; export what was loaded."""
+    disttrain.seed_everything(123)  # other initial weights: only the checkpoint can match
+    module = Wide()
+    trainer = Trainer(
+        strategy="fsdp",
+        resume=os.environ["CKPT"],
+        enable_checkpointing=False,
+        default_root_dir=str(outdir),
+    )
+
+    class Export(disttrain.Callback):
+        def on_post_performance_check(self, trainer, m):
+            trainer.export_weights(Path(outdir) / "loaded.pt")
+
+    trainer.callbacks.append(Export())
+    trainer.validate(module)
+    write_result(outdir, trainer.global_rank, {"done": True})
+
+
 def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
@@ -41,8 +146,9 @@ def _assert_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_sharded_checkpoints_resume_exactly_and_reshard(scenario, tmp_path):
-    _, outdir = scenario("fsdp_resume", timeout=240)
+def test_sharded_checkpoints_resume_exactly_and_reshard(tmp_path):
+    outdir = tmp_path / "fsdp_resume"
+    run_beside(__file__, "fsdp_resume", outdir, timeout=240)
     for steps in read_results(outdir, 2):  # the resumed run trained only what was left
         assert steps == {"full": 8, "stopped": 6, "resumed": 2}
     _assert_equal(_weights(outdir / "resumed.pt"), _weights(outdir / "full.pt"))
@@ -52,15 +158,14 @@ def test_sharded_checkpoints_resume_exactly_and_reshard(scenario, tmp_path):
     assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert checkpoint.load(sharded)["progress"]["next_batch"] == 2
     # 2 -> 1: the debug mode (one process, unsharded) evaluates the 2-rank checkpoint
-    from common import Wide
-
     module = Wide()
     Trainer(resume=str(sharded), enable_checkpointing=False).validate(module)
     _assert_equal({k: v for k, v in module.state_dict().items()}, _weights(outdir / "at_step_6.pt"))
     # 1 -> 2: written by one FSDP rank, loaded by two
-    _, one = scenario("fsdp_save_one_rank", nproc=1, timeout=180)
+    one, two = tmp_path / "fsdp_save_one_rank", tmp_path / "fsdp_load"
+    run_beside(__file__, "fsdp_save_one_rank", one, nproc=1, timeout=180)
     (written,) = (one / "one_rank" / "checkpoints").glob("epoch=*-step=3.ckpt")
-    _, two = scenario("fsdp_load", nproc=2, timeout=180, CKPT=written)
+    run_beside(__file__, "fsdp_load", two, nproc=2, timeout=180, CKPT=written)
     _assert_equal(_weights(two / "loaded.pt"), _weights(one / "one_rank.pt"))
 
 
@@ -90,23 +195,57 @@ def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path)
     assert not (tmp_path / "pwned").exists()
 
 
-def test_uneven_evaluation_shards_under_fsdp_finish_and_stay_exact(scenario):
+# -- uneven evaluation shards --------------------------------------------------------------
+def fsdp_uneven_eval(outdir):
+    """FSDP, 2 ranks, 9 validation samples in batches of 4: rank 0 holds 2 batches, rank 1
+    one. Every sample must be evaluated once, with no rank left waiting in an all-gather (a
+    short collective timeout makes a hang fail in seconds instead of 30 minutes)."""
+
+    class Counts(LogsMetrics):
+        def validation_step(self, batch, batch_idx):
+            self.val_seen.extend(batch[2].tolist())
+            return super().validation_step(batch, batch_idx)
+
+    disttrain.seed_everything(0)
+    module = Counts(n_train=8, n_val=9, batch_size=4)
+    trainer = Trainer(
+        strategy="fsdp",
+        max_epochs=1,
+        num_sanity_val_steps=2,  # the first forwards of the run are an uneven evaluation
+        enable_checkpointing=False,
+        logger=None,
+        timeout=20.0,
+        default_root_dir=str(outdir),
+    )
+
+    class Export(disttrain.Callback):
+        def on_fit_end(self, trainer, m):
+            trainer.export_weights(Path(outdir) / "weights.pt")
+
+    trainer.callbacks.append(Export())
+    trainer.fit(module)
+    seen = list(module.val_seen)
+    write_result(outdir, trainer.global_rank, {"val_seen": seen, **trainer.callback_metrics})
+
+
+def test_uneven_evaluation_shards_under_fsdp_finish_and_stay_exact(tmp_path):
     """9 validation samples, batches of 4, 2 ranks: 2 batches on rank 0, 1 on rank 1. The
     old evaluation all-gathered per batch and rank 0 waited for rank 1 until the timeout."""
-    from common import exact_validation
-
-    _, outdir = scenario("fsdp_uneven_eval", timeout=150)
+    outdir = tmp_path / "out"
+    run_beside(__file__, "fsdp_uneven_eval", outdir, timeout=150)
     results = read_results(outdir, 2)
     seen = [i for result in results for i in result["val_seen"]]
     # the sanity check (2 batches: each rank's whole shard) and one validation epoch
     assert sorted(results[0]["val_seen"]) == [0, 0, 2, 2, 4, 4, 6, 6, 8, 8]
     assert sorted(results[1]["val_seen"]) == [1, 1, 3, 3, 5, 5, 7, 7]
     assert sorted(seen) == sorted(2 * list(range(9)))
-    from common import LogsMetrics
-
     module = LogsMetrics(n_val=9)
     module.load_state_dict(_weights(outdir / "weights.pt"))
     exact = exact_validation(module, 9)
     for result in results:
         for key, value in exact.items():
             assert result[key] == pytest.approx(value, rel=1e-5), key
+
+
+if __name__ == "__main__":
+    run_scenario(globals())

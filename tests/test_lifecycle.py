@@ -1,4 +1,6 @@
-"""Golden tests: the recorded hook order equals docs/lifecycle.md, in one process and at 2 ranks."""
+"""Golden tests: the recorded hook order equals docs/lifecycle.md, in one process and at 2 ranks.
+
+The 2-rank run is the scenario ``golden`` below, on torchrun ranks (``conftest.run_beside``)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,15 @@ import re
 from pathlib import Path
 
 import pytest
-from common import NOTIFY_HOOKS, Recorder, RecordingCallback, read_results
+from common import (
+    NOTIFY_HOOKS,
+    Recorder,
+    RecordingCallback,
+    read_results,
+    run_scenario,
+    write_result,
+)
+from conftest import run_beside
 
 import disttrain
 from disttrain import Hook
@@ -97,7 +107,7 @@ def _first_occurrences(names):
     return seen
 
 
-def test_golden_builder_follows_the_lifecycle_page():
+def test_the_expected_order_names_the_hooks_in_the_lifecycle_pages_order():
     known = ({h.value for h in Hook} - CHECKPOINT_HOOKS) | STEP_METHODS
     spec_names = []
     for line in SPEC.read_text().split("## `trainer.validate")[0].splitlines():
@@ -108,7 +118,9 @@ def test_golden_builder_follows_the_lifecycle_page():
     assert _first_occurrences(built) == _first_occurrences(spec_names)
 
 
-def test_golden_order_single_process():
+def recorded_fit(**options):
+    """The golden run: 2 epochs of 2 batches, 2 validation batches, a 1-batch sanity check;
+    7 validation (and test) samples, batch size 2. Returns the recording module and trainer."""
     module = Recorder(n_train=16, n_val=7)
     trainer = disttrain.Trainer(
         max_epochs=2,
@@ -116,20 +128,40 @@ def test_golden_order_single_process():
         limit_val_batches=2,
         num_sanity_val_steps=1,
         callbacks=[RecordingCallback(module.calls)],
+        **options,
     )
+    trainer.fit(module)
+    return module, trainer
+
+
+def test_one_process_runs_the_hooks_in_the_lifecycle_pages_order():
     with pytest.warns(FutureWarning, match="on_sanity_check_start is deprecated"):
-        trainer.fit(module)
+        module, trainer = recorded_fit()
     assert module.calls == expected_fit(0, epochs=2, train_batches=2, val_batches=2, sanity=1)
     module.calls.clear()
     trainer.test(module)
     assert module.calls == expected_test(0, batches=4)  # 7 samples, batch size 2
 
 
-def test_golden_order_two_ranks(scenario):
-    _, outdir = scenario("golden", nproc=2)
+def golden(outdir):
+    """The golden run on each rank, then a test of its module: each rank writes its calls."""
+    module, trainer = recorded_fit()
+    fit_calls = list(module.calls)
+    module.calls.clear()
+    trainer.test(module)
+    write_result(outdir, trainer.global_rank, {"fit": fit_calls, "test": module.calls})
+
+
+def test_each_of_two_ranks_runs_the_hooks_in_the_lifecycle_pages_order(tmp_path):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "golden", outdir, nproc=2)
     for rank, result in enumerate(read_results(outdir, 2)):
         assert result["fit"] == expected_fit(
             rank, epochs=2, train_batches=2, val_batches=2, sanity=1
         ), f"rank {rank}"
         # 7 test samples over 2 ranks, unpadded: rank 0 has 4 (2 batches), rank 1 has 3 (2).
         assert result["test"] == expected_test(rank, batches=2), f"rank {rank}"
+
+
+if __name__ == "__main__":
+    run_scenario(globals())

@@ -12,11 +12,8 @@ from pathlib import Path
 import torch
 from common import (
     IndexedData,
-    Recorder,
-    RecordingCallback,
     Regressor,
     Resumable,
-    Wide,
     WideExport,
     sharded_stream,
     write_result,
@@ -29,29 +26,6 @@ from disttrain.checkpoint.resume import most_advanced
 from disttrain.data import loaders
 from disttrain.data.streams import ShardedStream
 from disttrain.observe.console import configure_logging
-
-
-def recorded_fit(**options):
-    """The golden run: 2 epochs of 2 batches, 2 validation batches, a 1-batch sanity check."""
-    module = Recorder(n_train=16, n_val=7)
-    trainer = Trainer(
-        max_epochs=2,
-        limit_train_batches=2,
-        limit_val_batches=2,
-        num_sanity_val_steps=1,
-        callbacks=[RecordingCallback(module.calls)],
-        **options,
-    )
-    trainer.fit(module)
-    return module, trainer
-
-
-def golden(outdir):
-    module, trainer = recorded_fit()
-    fit_calls = list(module.calls)
-    module.calls.clear()
-    trainer.test(module)
-    write_result(outdir, trainer.global_rank, {"fit": fit_calls, "test": module.calls})
 
 
 class StopsOnRankOne(Regressor):
@@ -273,124 +247,6 @@ def count_collectives(outdir):
     )
     trainer.fit(module)
     write_result(outdir, trainer.global_rank, {"windows": windows, "tail": dict(current)})
-
-
-def fsdp_vs_ddp(outdir):
-    """The same seed and data under DDP and FSDP: loss curves, parameter bytes per rank."""
-
-    result = {}
-    runs = {
-        "ddp": {"strategy": "ddp"},
-        "fsdp": {"strategy": "fsdp"},
-        "fsdp_bf16_ac": {
-            "strategy": "fsdp",
-            "precision": "bf16-mixed",
-            "activation_checkpointing": True,
-        },
-    }
-    for run, options in runs.items():
-        disttrain.seed_everything(0)
-        module = Wide()
-        trainer = Trainer(
-            max_epochs=2,
-            num_sanity_val_steps=1,
-            enable_checkpointing=False,
-            accumulate_grad_batches=2,
-            gradient_clip_val=1.0,
-            **options,
-        )
-        trainer.fit(module)
-        local = sum(
-            p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-            for p in module.parameters()
-        )
-        result[run] = {"losses": module.losses, "param_elements": local}
-    recorder, trainer = recorded_fit(strategy="fsdp", enable_checkpointing=False)
-    result["fsdp_calls"] = recorder.calls
-    write_result(outdir, trainer.global_rank, result)
-
-
-def _fsdp_run(root, name, **options):
-    disttrain.seed_everything(0)
-    module = WideExport(str(Path(root) / f"{name}.pt"))
-    Trainer(
-        max_epochs=2,
-        num_sanity_val_steps=0,
-        strategy="fsdp",
-        seed=1,
-        default_root_dir=str(Path(root) / options.pop("run", name)),
-        **options,
-    ).fit(module)
-    return len(module.losses)
-
-
-def fsdp_resume(outdir):
-    """Sharded checkpoints: stop after step 6 (mid-epoch), resume, compare with a full run."""
-    steps = {
-        "full": _fsdp_run(outdir, "full"),
-        "stopped": _fsdp_run(outdir, "at_step_6", run="stopped", max_steps=6),
-        "resumed": _fsdp_run(outdir, "resumed", run="stopped", resume="auto"),
-    }
-    write_result(outdir, int(os.environ["RANK"]), steps)
-
-
-def fsdp_save_one_rank(outdir):
-    """A sharded checkpoint written at world size 1 (the test loads it at 2)."""
-    _fsdp_run(outdir, "one_rank", max_steps=3)
-    write_result(outdir, 0, {"done": True})
-
-
-def fsdp_load(outdir):
-    """Evaluate the checkpoint named by $CKPT at this world size; export what was loaded."""
-    disttrain.seed_everything(123)  # other initial weights: only the checkpoint can match
-    module = Wide()
-    trainer = Trainer(
-        strategy="fsdp",
-        resume=os.environ["CKPT"],
-        enable_checkpointing=False,
-        default_root_dir=str(outdir),
-    )
-
-    class Export(disttrain.Callback):
-        def on_post_performance_check(self, trainer, m):
-            trainer.export_weights(Path(outdir) / "loaded.pt")
-
-    trainer.callbacks.append(Export())
-    trainer.validate(module)
-    write_result(outdir, trainer.global_rank, {"done": True})
-
-
-def fsdp_uneven_eval(outdir):
-    """FSDP, 2 ranks, 9 validation samples in batches of 4: rank 0 holds 2 batches, rank 1
-    one. Every sample must be evaluated once, with no rank left waiting in an all-gather (a
-    short collective timeout makes a hang fail in seconds instead of 30 minutes)."""
-    from common import LogsMetrics
-
-    class Counts(LogsMetrics):
-        def validation_step(self, batch, batch_idx):
-            self.val_seen.extend(batch[2].tolist())
-            return super().validation_step(batch, batch_idx)
-
-    disttrain.seed_everything(0)
-    module = Counts(n_train=8, n_val=9, batch_size=4)
-    trainer = Trainer(
-        strategy="fsdp",
-        max_epochs=1,
-        num_sanity_val_steps=2,  # the first forwards of the run are an uneven evaluation
-        enable_checkpointing=False,
-        logger=None,
-        timeout=20.0,
-        default_root_dir=str(outdir),
-    )
-
-    class Export(disttrain.Callback):
-        def on_fit_end(self, trainer, m):
-            trainer.export_weights(Path(outdir) / "weights.pt")
-
-    trainer.callbacks.append(Export())
-    trainer.fit(module)
-    seen = list(module.val_seen)
-    write_result(outdir, trainer.global_rank, {"val_seen": seen, **trainer.callback_metrics})
 
 
 def gpu_validation_fp16(outdir):
