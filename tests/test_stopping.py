@@ -1,7 +1,10 @@
 """Every way a run stops early, on real processes (``disttrain/loop/stopping.py``): the -1
 agreement, the vote that rides the gradient all-reduce (also from a micro-step, in fp16,
 compiled), max_steps, early stopping, SIGTERM to a rank or to the launcher, Ctrl-C once and
-twice in the launcher and in the debug mode."""
+twice in the launcher and in the debug mode.
+
+What torchrun ranks run is the scenarios beside each test (``conftest.run_beside``); the
+modules a ``disttrain launch`` config names (``test_stopping.SlowSave``) are here too."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import Regressor, read_results
+from common import Regressor, read_results, run_scenario, write_result
 from conftest import (
     LONG,
     SMOKE,
@@ -25,16 +28,63 @@ from conftest import (
     job_config,
     launch,
     launch_two,
+    run_beside,
     worker_env,
 )
 
 import disttrain
 from disttrain import Trainer
+from disttrain.data.streams import reader_position
+from disttrain.examples.regression import Regression
 from disttrain.ranks.dispatch import HookRaised
 
 
-def test_minus_one_on_rank_one_stops_every_rank_at_the_same_batch(scenario):
-    _, outdir = scenario("stop_on_rank1")
+class StopsOnRankOne(Regressor):
+    """Rank 1 returns -1 from on_batch_start at batch 3 of epoch 0 only."""
+
+    def __init__(self):
+        super().__init__(n_train=16, batch_size=2)
+        self.steps: dict[int, list[int]] = {}
+        self.val_runs = 0
+        self.epoch_ends = 0
+
+    def on_batch_start(self, batch):
+        batch_idx = len(self.steps.get(self.current_epoch, []))
+        if self.global_rank == 1 and self.current_epoch == 0 and batch_idx == 3:
+            return -1
+        return None
+
+    def training_step(self, batch, batch_idx):
+        self.steps.setdefault(self.current_epoch, []).append(batch_idx)
+        return super().training_step(batch, batch_idx)
+
+    def on_post_performance_check(self):
+        self.val_runs += 1
+
+    def on_epoch_end(self):
+        self.epoch_ends += 1
+
+
+def stop_on_rank1(outdir):
+    """2 epochs of 4 batches per rank (16 samples, batches of 2), no sanity check."""
+    module = StopsOnRankOne()
+    trainer = Trainer(max_epochs=2, num_sanity_val_steps=0)
+    trainer.fit(module)
+    write_result(
+        outdir,
+        trainer.global_rank,
+        {
+            "steps": module.steps,
+            "val_runs": module.val_runs,
+            "epoch_ends": module.epoch_ends,
+            "global_step": trainer.global_step,
+        },
+    )
+
+
+def test_minus_one_on_rank_one_stops_every_rank_at_the_same_batch(tmp_path):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "stop_on_rank1", outdir)
     for result in read_results(outdir, 2):
         assert result["steps"]["0"] == [0, 1, 2]  # rank 1 said -1 at batch 3 of epoch 0
         assert result["steps"]["1"] == [0, 1, 2, 3]  # the next epoch runs in full
@@ -110,7 +160,9 @@ def test_sigterm_to_one_rank_checkpoints_exits_75_and_the_same_command_resumes(
     assert_same_weights(final_weights(tmp_path), uninterrupted)
 
 
-def test_sigterm_to_the_launcher(tmp_path, uninterrupted):
+def test_sigterm_to_the_launcher_stops_the_run_and_the_same_command_resumes_it(
+    tmp_path, uninterrupted
+):
     config = job_config(tmp_path, n_train=96)  # long enough to be caught mid-run
     full = launch(config)
     assert full.returncode == 0
@@ -137,12 +189,77 @@ def test_sigterm_to_the_launcher(tmp_path, uninterrupted):
     assert_same_weights(final_weights(tmp_path), expected)
 
 
-def test_early_stopping_seen_on_one_rank_stops_every_rank_together(scenario):
-    _, outdir = scenario("early_stop_one_rank")
+class SplitOpinion(Regressor):
+    """Validation loss improves on rank 0 but worsens on rank 1 from the second epoch."""
+
+    def validation_epoch_end(self, outputs):
+        epoch = self.current_epoch
+        value = 1.0 / (epoch + 1) if self.global_rank == 0 else (1.0 if epoch == 0 else 2.0)
+        return {"val_loss": value}
+
+
+def early_stop_one_rank(outdir):
+    """Up to 6 epochs of 4 steps (16 samples), early stopping with patience 1."""
+    module = SplitOpinion(n_train=16)
+    stopper = disttrain.EarlyStopping(monitor="val_loss", patience=1)
+    trainer = Trainer(
+        max_epochs=6, num_sanity_val_steps=0, callbacks=[stopper], enable_checkpointing=False
+    )
+    trainer.fit(module)
+    write_result(
+        outdir,
+        trainer.global_rank,
+        {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "stopped_epoch": stopper.stopped_epoch,
+        },
+    )
+
+
+def test_early_stopping_seen_on_one_rank_stops_every_rank_together(tmp_path):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "early_stop_one_rank", outdir)
     rank0, rank1 = read_results(outdir, 2)
     assert rank1["stopped_epoch"] == 1 and rank0["stopped_epoch"] is None
     assert rank0["epoch"] == rank1["epoch"] == 1
     assert rank0["step"] == rank1["step"] == 8
+
+
+def vote_on_a_micro_step(outdir):
+    """The last rank asks to stop on a micro-step inside an accumulation window (a no_sync
+    backward); the vote rides the window's synchronised backward. Precision and compile
+    come from the environment."""
+    import torch._dynamo
+
+    torch._dynamo.config.error_on_recompile = True  # a vote must not recompile the model
+
+    class AsksToStop(disttrain.Callback):
+        def on_batch_end(self, trainer, module):
+            voter = trainer.world_size - 1
+            step_two_done = trainer.global_step == 2 and not trainer.at_step_boundary
+            if trainer.global_rank == voter and step_two_done:
+                trainer.should_stop = True  # batch 4: a micro-step of step 3
+
+    trainer = Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        precision=os.environ["PRECISION"],
+        compile=os.environ.get("COMPILE") == "1",
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        callbacks=[AsksToStop()],
+    )
+
+    class Plain(Regressor):
+        def training_step(self, batch, batch_idx):  # no Python state: nothing else recompiles
+            x, y, _ = batch
+            return torch.nn.functional.mse_loss(self(x), y)
+
+    trainer.fit(Plain(n_train=64))
+    write_result(outdir, trainer.global_rank, {"stopped_after": trainer.global_step})
 
 
 @pytest.mark.parametrize(
@@ -151,13 +268,20 @@ def test_early_stopping_seen_on_one_rank_stops_every_rank_together(scenario):
     ids=["fp32", "fp16-scaled", "compiled"],
 )
 def test_a_vote_cast_on_a_micro_step_stops_every_rank_after_the_same_step(
-    scenario, precision, compile_, nproc
+    tmp_path, precision, compile_, nproc
 ):
     # asked on batch 4 (inside step 3's window), cast after step 3, carried by step 4's
     # no_sync micro-step and then its synchronised backward: every rank stops after step 4
     timeout = 300 if compile_ == "1" else 120
-    _, outdir = scenario(
-        "vote_on_a_micro_step", nproc=nproc, timeout=timeout, PRECISION=precision, COMPILE=compile_
+    outdir = tmp_path / "out"
+    run_beside(
+        __file__,
+        "vote_on_a_micro_step",
+        outdir,
+        nproc=nproc,
+        timeout=timeout,
+        PRECISION=precision,
+        COMPILE=compile_,
     )
     assert [r["stopped_after"] for r in read_results(outdir, nproc)] == [4] * nproc
 
@@ -223,6 +347,19 @@ def test_ctrl_c_stops_every_rank_checkpoints_and_prints_the_command_that_resumes
     assert _step_of(run_dir / "checkpoints" / "last.ckpt") == step + 2
 
 
+class SlowSave(Regression):
+    """Saves take ``seconds`` once ``marker`` exists: a stop's checkpoint is still being
+    written when a second Ctrl-C comes."""
+
+    def __init__(self, marker: str, seconds: float = 30.0, **kw) -> None:
+        super().__init__(**kw)
+        self.marker, self.seconds = marker, seconds
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if Path(self.marker).exists():
+            time.sleep(self.seconds)
+
+
 @pytest.mark.parametrize("mode", ["launch", "debug"])
 def test_a_second_ctrl_c_aborts_at_once(tmp_path, mode):
     run_dir, marker = tmp_path / "run", tmp_path / "slow"
@@ -230,7 +367,7 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, mode):
     config.write_text(
         Path(SMOKE)
         .read_text()
-        .replace("disttrain.examples.regression.Regression", "common.SlowSave")
+        .replace("disttrain.examples.regression.Regression", "test_stopping.SlowSave")
         .replace("init_args:", f"init_args:\n    marker: {marker}", 1)
     )
     args = ["fit", "--config", str(config), f"run_dir={run_dir}", *LONG]
@@ -251,7 +388,41 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, mode):
     assert alive.stdout.strip() == "", "workers outlived the second Ctrl-C"
 
 
-@pytest.mark.parametrize("module", ["common.LoaderWorkers", "common.StreamWorkers"])
+class LoaderWorkers(Regression):
+    """Regression whose training loader has two worker processes."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=2
+        )
+
+
+class _OwnShare(torch.utils.data.IterableDataset):
+    """A plain stream (no state) of this reader's share of ``data``."""
+
+    shards_by_rank = True
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __iter__(self):
+        reader, readers = reader_position()
+        return (self.data[i] for i in range(reader, len(self.data), readers))
+
+
+class StreamWorkers(Regression):
+    """Regression whose training data is a plain stream read by two persistent workers."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            _OwnShare(self.train_set),
+            batch_size=self.batch_size,
+            num_workers=2,
+            persistent_workers=True,
+        )
+
+
+@pytest.mark.parametrize("module", ["test_stopping.LoaderWorkers", "test_stopping.StreamWorkers"])
 def test_sigterm_to_the_launcher_with_loader_workers_stops_cleanly(tmp_path, module):
     """torchrun's agent signals each rank's whole process group, loader workers included; a
     worker killed by it would fail the rank. The workers ignore it: the rank stops agreed.
@@ -332,3 +503,7 @@ def test_a_nan_metric_stops_early_stopping_and_is_not_ranked_by_checkpoints(
     assert stopper.stopped_epoch == 1 and trainer.current_epoch == 1  # not after 10 more
     assert "EarlyStopping: val_loss is nan at epoch 1: stopping" in disttrain_log.text
     assert [name for _, name in best.best] == ["epoch=0-step=4.ckpt"]  # the NaN one unranked
+
+
+if __name__ == "__main__":
+    run_scenario(globals())

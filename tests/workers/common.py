@@ -246,55 +246,6 @@ class FailsOnRankOne(disttrain.examples.regression.Regression):
             raise RuntimeError("on_fit_start exploded on rank 1")
 
 
-class SlowSave(disttrain.examples.regression.Regression):
-    """Saves take ``seconds`` once ``marker`` exists: a stop's checkpoint is still being
-    written when a second Ctrl-C comes."""
-
-    def __init__(self, marker: str, seconds: float = 30.0, **kw) -> None:
-        super().__init__(**kw)
-        self.marker, self.seconds = marker, seconds
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if Path(self.marker).exists():
-            time.sleep(self.seconds)
-
-
-class LoaderWorkers(disttrain.examples.regression.Regression):
-    """Regression whose training loader has two worker processes."""
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=2
-        )
-
-
-class _OwnShare(torch.utils.data.IterableDataset):
-    """A plain stream (no state) of this reader's share of ``data``."""
-
-    shards_by_rank = True
-
-    def __init__(self, data) -> None:
-        self.data = data
-
-    def __iter__(self):
-        from disttrain.data.streams import reader_position
-
-        reader, readers = reader_position()
-        return (self.data[i] for i in range(reader, len(self.data), readers))
-
-
-class StreamWorkers(disttrain.examples.regression.Regression):
-    """Regression whose training data is a plain stream read by two persistent workers."""
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(
-            _OwnShare(self.train_set),
-            batch_size=self.batch_size,
-            num_workers=2,
-            persistent_workers=True,
-        )
-
-
 class Resumable(Regressor):
     """Uses every piece of state a resume must restore: dropout (RNG), shuffling (sampler),
     momentum (optimizer state) and a step-wise LR schedule (scheduler state)."""
@@ -397,15 +348,6 @@ class TornWrite(FaultyJob):
             return real_save(obj, f, *args, **kwargs)
 
         torch.save = torn
-
-
-class SplitOpinion(Regressor):
-    """Validation loss improves on rank 0 but worsens on rank 1 from the second epoch."""
-
-    def validation_epoch_end(self, outputs):
-        epoch = self.current_epoch
-        value = 1.0 / (epoch + 1) if self.global_rank == 0 else (1.0 if epoch == 0 else 2.0)
-        return {"val_loss": value}
 
 
 class LogsMetrics(Regressor):

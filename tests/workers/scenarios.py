@@ -28,48 +28,6 @@ from disttrain.data.streams import ShardedStream
 from disttrain.observe.console import configure_logging
 
 
-class StopsOnRankOne(Regressor):
-    """Rank 1 returns -1 from on_batch_start at batch 3 of epoch 0 only."""
-
-    def __init__(self):
-        super().__init__(n_train=16, batch_size=2)
-        self.steps: dict[int, list[int]] = {}
-        self.val_runs = 0
-        self.epoch_ends = 0
-
-    def on_batch_start(self, batch):
-        batch_idx = len(self.steps.get(self.current_epoch, []))
-        if self.global_rank == 1 and self.current_epoch == 0 and batch_idx == 3:
-            return -1
-        return None
-
-    def training_step(self, batch, batch_idx):
-        self.steps.setdefault(self.current_epoch, []).append(batch_idx)
-        return super().training_step(batch, batch_idx)
-
-    def on_post_performance_check(self):
-        self.val_runs += 1
-
-    def on_epoch_end(self):
-        self.epoch_ends += 1
-
-
-def stop_on_rank1(outdir):
-    module = StopsOnRankOne()
-    trainer = Trainer(max_epochs=2, num_sanity_val_steps=0)
-    trainer.fit(module)
-    write_result(
-        outdir,
-        trainer.global_rank,
-        {
-            "steps": module.steps,
-            "val_runs": module.val_runs,
-            "epoch_ends": module.epoch_ends,
-            "global_step": trainer.global_step,
-        },
-    )
-
-
 def gpu(outdir):
     """NCCL at world size 1: batches on cuda:LOCAL_RANK, bf16 autocast, pinned transfers."""
     seen = {}
@@ -113,42 +71,6 @@ def gpu(outdir):
     write_result(outdir, trainer.global_rank, result)
 
 
-def vote_on_a_micro_step(outdir):
-    """The last rank asks to stop on a micro-step inside an accumulation window (a no_sync
-    backward); the vote rides the window's synchronised backward. Precision and compile
-    come from the environment."""
-    import torch._dynamo
-
-    torch._dynamo.config.error_on_recompile = True  # a vote must not recompile the model
-
-    class AsksToStop(disttrain.Callback):
-        def on_batch_end(self, trainer, module):
-            voter = trainer.world_size - 1
-            step_two_done = trainer.global_step == 2 and not trainer.at_step_boundary
-            if trainer.global_rank == voter and step_two_done:
-                trainer.should_stop = True  # batch 4: a micro-step of step 3
-
-    trainer = Trainer(
-        max_epochs=1,
-        accumulate_grad_batches=2,
-        precision=os.environ["PRECISION"],
-        compile=os.environ.get("COMPILE") == "1",
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        accelerator="cpu",
-        callbacks=[AsksToStop()],
-    )
-
-    class Plain(Regressor):
-        def training_step(self, batch, batch_idx):  # no Python state: nothing else recompiles
-            x, y, _ = batch
-            return torch.nn.functional.mse_loss(self(x), y)
-
-    trainer.fit(Plain(n_train=64))
-    write_result(outdir, trainer.global_rank, {"stopped_after": trainer.global_step})
-
-
 def _train(run_dir, **options):
     disttrain.seed_everything(0)
     module = Resumable()
@@ -179,26 +101,6 @@ def resume_runs(root, world_size):
 def resume_bitwise(outdir):
     results = resume_runs(Path(outdir) / "runs", int(os.environ["WORLD_SIZE"]))
     write_result(outdir, int(os.environ["RANK"]), results)
-
-
-def early_stop_one_rank(outdir):
-    from common import SplitOpinion
-
-    module = SplitOpinion(n_train=16)
-    stopper = disttrain.EarlyStopping(monitor="val_loss", patience=1)
-    trainer = Trainer(
-        max_epochs=6, num_sanity_val_steps=0, callbacks=[stopper], enable_checkpointing=False
-    )
-    trainer.fit(module)
-    write_result(
-        outdir,
-        trainer.global_rank,
-        {
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "stopped_epoch": stopper.stopped_epoch,
-        },
-    )
 
 
 def exact_metrics(outdir):
