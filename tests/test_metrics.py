@@ -1,17 +1,41 @@
-"""Exact cross-rank metrics, the logger files, and the collectives logging costs."""
+"""Exact cross-rank metrics, the logger files, and the collectives logging costs.
+
+What torchrun ranks run is the scenarios beside each test (``conftest.run_beside``); the
+modules a ``disttrain launch`` config names (``test_metrics.ReportsMetrics``) are here too."""
 
 from __future__ import annotations
 
 import csv
 import itertools
+import os
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from common import LogsMetrics, exact_validation, read_results
-from conftest import launch_two
-from scenarios import exact_metrics
+from common import (
+    LogsMetrics,
+    exact_validation,
+    read_results,
+    run_scenario,
+    sharded_stream,
+    write_result,
+)
+from conftest import ROOT, launch_two, run_beside
 
 import disttrain
+from disttrain import Trainer
+
+
+# -- exact validation metrics over an odd-sized set ---------------------------------------
+def exact_metrics(outdir):
+    """Validate ``LogsMetrics`` (7 samples, batches of 2); write the reduced metrics."""
+    disttrain.seed_everything(0)
+    module = LogsMetrics(n_val=7, batch_size=2)
+    trainer = Trainer(enable_checkpointing=False, logger=None)
+    trainer.validate(module)
+    write_result(outdir, trainer.global_rank, dict(trainer.callback_metrics))
 
 
 def expected() -> dict[str, float]:
@@ -30,8 +54,9 @@ def test_exact_validation_metrics_single_process(tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_exact_validation_metrics_over_an_odd_dataset(scenario, world_size):
-    _, outdir = scenario("exact_metrics", nproc=world_size)
+def test_exact_validation_metrics_over_an_odd_dataset(tmp_path, world_size):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "exact_metrics", outdir, nproc=world_size)
     for metrics in read_results(outdir, world_size):
         _assert_exact(metrics)  # every rank sees the same, exact value
 
@@ -45,6 +70,35 @@ def test_log_in_prepare_data_is_refused():
         disttrain.Trainer(max_epochs=1, enable_checkpointing=False).fit(LogsTooEarly())
 
 
+# -- the logger's files ------------------------------------------------------------------
+class ReportsMetrics(LogsMetrics):
+    """Writes the reduced metrics it ends with, for a test to compare with the logger's files."""
+
+    def __init__(self):
+        super().__init__(n_val=7, batch_size=2)
+
+    def on_fit_end(self):
+        if self.global_rank == 0:
+            Path(self.trainer.config.default_root_dir, "report.yaml").write_text(
+                yaml.safe_dump(dict(self.trainer.callback_metrics))
+            )
+
+
+class HistogramsLikeTheSeed(ReportsMetrics):
+    """The seed's own ``on_after_backward`` example, as written."""
+
+    def on_after_backward(self):
+        # example to inspect gradient information in tensorboard
+        if self.trainer.global_step % 25 == 0:  # don't make the tf file huge
+            params = self.state_dict()
+            for k, v in params.items():
+                grads = v
+                name = k
+                self.logger.experiment.add_histogram(
+                    tag=name, values=grads, global_step=self.trainer.global_step
+                )
+
+
 def test_csv_and_tensorboard_files_of_a_two_rank_run(tmp_path):
     for logger in ("csv", "tensorboard"):
         run_dir = tmp_path / logger
@@ -53,9 +107,9 @@ def test_csv_and_tensorboard_files_of_a_two_rank_run(tmp_path):
             yaml.safe_dump(
                 {
                     "model": {
-                        "class_path": "common.HistogramsLikeTheSeed"
+                        "class_path": "test_metrics.HistogramsLikeTheSeed"
                         if logger == "tensorboard"
-                        else "common.ReportsMetrics"
+                        else "test_metrics.ReportsMetrics"
                     },
                     "trainer": {
                         "max_epochs": 2,
@@ -95,11 +149,52 @@ def test_csv_and_tensorboard_files_of_a_two_rank_run(tmp_path):
             assert len(list(events_dir.glob("events.out.tfevents.*"))) == 1  # rank 0 only
 
 
+# -- the collectives logging costs --------------------------------------------------------
+def count_collectives(outdir):
+    """Count every torch.distributed call per training step with the benchmark's own counter
+    (DDP's gradient all-reduce, in C++, is not a Python call): 2 epochs of ``LogsMetrics``
+    logging every step, from map-style data (32 samples) or, with ``DATA=stream``, from the
+    shared ``sharded_stream`` (48 samples in 12 shards) read by 2 loader workers."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from overhead import CollectiveCounter
+
+    counter = CollectiveCounter()
+    current = counter.current
+    windows = []
+
+    class Windows(disttrain.Callback):
+        def on_epoch_start(self, trainer, module):
+            windows.append(("epoch_start", trainer.current_epoch, dict(current)))
+            current.clear()
+
+        def on_batch_start(self, trainer, module, batch):
+            windows.append(("batch_start", trainer.current_epoch, dict(current)))
+            current.clear()
+
+    class FromStream(LogsMetrics):  # a ShardedStream read by 2 workers, its position kept
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(sharded_stream(), batch_size=2, num_workers=2)
+
+    stream = os.environ.get("DATA") == "stream"
+    module = (FromStream if stream else LogsMetrics)(n_train=32, batch_size=2)
+    trainer = Trainer(
+        max_epochs=2,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        callbacks=[Windows()],
+    )
+    trainer.fit(module)
+    write_result(outdir, trainer.global_rank, {"windows": windows, "tail": dict(current)})
+
+
 @pytest.mark.parametrize("data", ["map", "stream"])
-def test_steady_state_steps_issue_no_collective_besides_the_gradient_all_reduce(scenario, data):
+def test_steady_state_steps_issue_no_collective_besides_the_gradient_all_reduce(tmp_path, data):
     """Map-style data, and a ShardedStream through 2 loader workers per rank (read a window
     ahead for uneven inputs, its position recorded per batch): the same collectives."""
-    _, outdir = scenario("count_collectives", DATA=data)
+    outdir = tmp_path / "out"
+    run_beside(__file__, "count_collectives", outdir, DATA=data)
     per_epoch = 8 if data == "map" else 12  # 32 samples / 48 in 12 shards, 2 ranks, 2 a batch
     for rank, result in enumerate(read_results(outdir, 2)):
         windows = result["windows"]
@@ -120,3 +215,7 @@ def test_steady_state_steps_issue_no_collective_besides_the_gradient_all_reduce(
         # one object gather (sizes, then the pickled bytes) carries metrics and stop votes
         assert [counts for _, _, counts in epoch_ends] == [{"all_gather": 2}]
         assert result["tail"].get("all_gather") == 2  # the second epoch's end
+
+
+if __name__ == "__main__":
+    run_scenario(globals())

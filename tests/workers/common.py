@@ -383,36 +383,6 @@ def exact_validation(model: torch.nn.Module, n_val: int) -> dict[str, float]:
     }
 
 
-class ReportsMetrics(LogsMetrics):
-    """Writes the reduced metrics it ends with, for a test to compare with the logger's files."""
-
-    def __init__(self):
-        super().__init__(n_val=7, batch_size=2)
-
-    def on_fit_end(self):
-        if self.global_rank == 0:
-            import yaml
-
-            Path(self.trainer.config.default_root_dir, "report.yaml").write_text(
-                yaml.safe_dump(dict(self.trainer.callback_metrics))
-            )
-
-
-class HistogramsLikeTheSeed(ReportsMetrics):
-    """The seed's own ``on_after_backward`` example, as written."""
-
-    def on_after_backward(self):
-        # example to inspect gradient information in tensorboard
-        if self.trainer.global_step % 25 == 0:  # don't make the tf file huge
-            params = self.state_dict()
-            for k, v in params.items():
-                grads = v
-                name = k
-                self.logger.experiment.add_histogram(
-                    tag=name, values=grads, global_step=self.trainer.global_step
-                )
-
-
 class SleepsInBatchEnd(Regressor):
     """Rank 1 sleeps in on_batch_end at step 3, past the collective timeout."""
 

@@ -13,16 +13,12 @@ import torch
 from common import (
     IndexedData,
     Regressor,
-    Resumable,
     WideExport,
-    sharded_stream,
     write_result,
 )
 
 import disttrain
 from disttrain import Trainer
-from disttrain.checkpoint import format as checkpoint
-from disttrain.checkpoint.resume import most_advanced
 from disttrain.data import loaders
 from disttrain.data.streams import ShardedStream
 from disttrain.observe.console import configure_logging
@@ -69,86 +65,6 @@ def gpu(outdir):
     trainer.fit(OnGpu())
     result = {**seen, "backend": backend["name"], "stopped_after": trainer.global_step}
     write_result(outdir, trainer.global_rank, result)
-
-
-def _train(run_dir, **options):
-    disttrain.seed_everything(0)
-    module = Resumable()
-    trainer = Trainer(default_root_dir=str(run_dir), num_sanity_val_steps=1, seed=5, **options)
-    trainer.fit(module)
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def resume_runs(root, world_size):
-    """Stop after step k, resume with resume="auto", compare with an uninterrupted run."""
-    root = Path(root)
-    per_epoch = 24 // (2 * world_size)
-    full = _train(root / "full", max_epochs=3)
-    results = {}
-    for name, stop_after in {"mid_epoch": per_epoch + 2, "epoch_boundary": per_epoch}.items():
-        run_dir = root / name
-        _train(run_dir, max_epochs=3, max_steps=stop_after)
-        newest = most_advanced(run_dir / "checkpoints")
-        progress = checkpoint.load(newest)["progress"]
-        resumed = _train(run_dir, max_epochs=3, resume="auto")
-        results[name] = {
-            "bitwise": all(torch.equal(full[k], resumed[k]) for k in full),
-            "progress": progress,
-        }
-    return results
-
-
-def resume_bitwise(outdir):
-    results = resume_runs(Path(outdir) / "runs", int(os.environ["WORLD_SIZE"]))
-    write_result(outdir, int(os.environ["RANK"]), results)
-
-
-def exact_metrics(outdir):
-    from common import LogsMetrics
-
-    disttrain.seed_everything(0)
-    module = LogsMetrics(n_val=7, batch_size=2)
-    trainer = Trainer(enable_checkpointing=False, logger=None)
-    trainer.validate(module)
-    write_result(outdir, trainer.global_rank, dict(trainer.callback_metrics))
-
-
-def count_collectives(outdir):
-    """Count every torch.distributed call per training step with the benchmark's own counter
-    (DDP's gradient all-reduce, in C++, is not a Python call)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from common import LogsMetrics
-    from overhead import CollectiveCounter
-
-    counter = CollectiveCounter()
-    current = counter.current
-    windows = []
-
-    class Windows(disttrain.Callback):
-        def on_epoch_start(self, trainer, module):
-            windows.append(("epoch_start", trainer.current_epoch, dict(current)))
-            current.clear()
-
-        def on_batch_start(self, trainer, module, batch):
-            windows.append(("batch_start", trainer.current_epoch, dict(current)))
-            current.clear()
-
-    class FromStream(LogsMetrics):  # a ShardedStream read by 2 workers, its position kept
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(sharded_stream(), batch_size=2, num_workers=2)
-
-    stream = os.environ.get("DATA") == "stream"
-    module = (FromStream if stream else LogsMetrics)(n_train=32, batch_size=2)
-    trainer = Trainer(
-        max_epochs=2,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        log_every_n_steps=1,
-        callbacks=[Windows()],
-    )
-    trainer.fit(module)
-    write_result(outdir, trainer.global_rank, {"windows": windows, "tail": dict(current)})
 
 
 def gpu_validation_fp16(outdir):
