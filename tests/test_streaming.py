@@ -1,23 +1,32 @@
 """Streaming datasets at any world size (``disttrain/data/streams.py``): each sample read by
 exactly one (rank, loader worker) per pass, shard order reshuffled per epoch alike on every
-rank, plain IterableDatasets accepted with one warning, and limits on streams of no length."""
+rank, plain IterableDatasets accepted with one warning, and limits on streams of no length.
+
+What torchrun ranks run is the scenarios beside each test at the end of this file
+(``conftest.run_beside``)."""
 
 from __future__ import annotations
 
 import io
 import logging
 import math
+import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
-from common import read_results
+from common import Regressor, read_results, run_scenario, write_result
+from conftest import run_beside
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 
+from disttrain import Trainer
 from disttrain.callbacks.progress import ProgressBar
+from disttrain.data import loaders
 from disttrain.data.loaders import batch_indices, limit_batches, train_loader
 from disttrain.data.positions import StatefulStream
 from disttrain.data.streams import ShardedStream
+from disttrain.observe.console import configure_logging
 
 
 def _shard(shard):
@@ -37,12 +46,22 @@ def data_warnings():
 
 
 # -- the split, in one process -------------------------------------------------------------
+def _read_as_rank(stream, rank, world_size, monkeypatch):
+    """What ``stream`` yields in a process that torchrun started as ``rank`` of
+    ``world_size`` (no loader workers: each rank is one reader)."""
+    torchrun_env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world_size}
+    for key, value in {**torchrun_env, "MASTER_ADDR": "localhost", "MASTER_PORT": 1}.items():
+        monkeypatch.setenv(key, str(value))
+    return list(stream)
+
+
 @pytest.mark.parametrize("n_shards", [1, 2, 3, 5, 7, 12])
 @pytest.mark.parametrize("readers", [1, 2, 3, 4, 6])
-def test_every_sample_is_read_by_exactly_one_reader(n_shards, readers):
+def test_every_sample_is_read_by_exactly_one_reader(n_shards, readers, monkeypatch):
     stream = ShardedStream(list(range(n_shards)), _shard, seed=4)
+    stream.set_epoch(2)
     order = stream.shard_order(epoch=2)
-    read = [list(stream._own_samples(order, r, readers, False)) for r in range(readers)]
+    read = [_read_as_rank(stream, r, readers, monkeypatch) for r in range(readers)]
     everything = [s for shard in range(n_shards) for s in _shard(shard)]
     assert Counter(s for share in read for s in share) == Counter(everything)
     if n_shards >= readers:  # whole shards, in the epoch's order
@@ -203,6 +222,54 @@ def test_limits_and_progress_without_a_length():
 
 
 # -- real torchrun processes ------------------------------------------------------------
+def _stream_sample(shard, k):
+    """Sample ``k`` of ``shard`` (an (id, size) pair): (x, y, sample id, loader worker)."""
+    sid = shard[0] * 100 + k
+    x = torch.tensor([sid % 7, sid % 5, sid % 3, 1.0]) / 7
+    worker = torch.utils.data.get_worker_info()
+    return x, x.sum(), sid, -1 if worker is None else worker.id
+
+
+def read_stream_shard(shard):
+    return (_stream_sample(shard, k) for k in range(shard[1]))
+
+
+def _stream_loader(shards, workers, shuffle_buffer=0, batch_size=2):
+    stream = ShardedStream(shards, read_stream_shard, shuffle_buffer=shuffle_buffer)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0
+    )
+
+
+def stream_counts(outdir):
+    """Without a trainer: the trainer's loader preparation and epoch start, then every
+    (sample, worker) this rank reads in epochs 0 and 1, for many shards and for fewer shards
+    than readers, with 0 and 2 loader workers (persistent: the epoch must reach them)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    configure_logging(rank)
+    result = {}
+    for workers in (0, 2):
+        readers = world * max(1, workers)
+        few = max(1, readers - 2)
+        for kind, shards, buffer in (
+            ("many", [(s, 3 + s % 3) for s in range(12)], 0),
+            ("few", [(s, 5 + s) for s in range(few)], 3),
+        ):
+            loader = _stream_loader(shards, workers, buffer)
+            loader = loaders.train_loader(loader, rank, world, 7, "S")
+            for epoch in (0, 1):
+                read = []
+                with loaders.epoch_batches(loader, epoch, 0) as batches:
+                    for _, _, sid, worker in batches:
+                        read += zip(sid.tolist(), worker.tolist())
+                result[f"{kind}/{workers}/{epoch}"] = {
+                    "read": read,
+                    "order": loader.dataset.shard_order(epoch),
+                    "sizes": [size for _, size in shards],
+                }
+    write_result(outdir, rank, result)
+
+
 def _readers(results, key, world, workers):
     """{reader: [sample, ...]} in reading order, for one configuration of stream_counts."""
     per_reader: dict[int, list[int]] = {}
@@ -218,8 +285,9 @@ def _in_order(samples, kind):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_each_sample_read_once_per_rank_and_worker_on_torchrun(scenario, world):
-    proc, outdir = scenario("stream_counts", nproc=world, timeout=120)
+def test_each_sample_read_once_per_rank_and_worker_on_torchrun(tmp_path, world):
+    outdir = tmp_path / "out"
+    proc = run_beside(__file__, "stream_counts", outdir, nproc=world, timeout=120)
     results = read_results(outdir, world)
     warned = 0
     for workers in (0, 2):
@@ -252,8 +320,53 @@ def test_each_sample_read_once_per_rank_and_worker_on_torchrun(scenario, world):
     assert proc.stdout.count("readers share shards") == warned  # once per stream, rank 0
 
 
-def test_a_stream_trains_and_stops_at_limits_on_every_rank(scenario):
-    _, outdir = scenario("stream_limits", nproc=2, timeout=150)
+class StreamRegressor(Regressor):
+    """Trains from a ShardedStream of 8 shards of 4 samples, 2 loader workers."""
+
+    def __init__(self, shards=8):
+        super().__init__(batch_size=2)
+        self.shards = [(s, 4) for s in range(shards)]
+        self.per_epoch: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y, sid, _ = batch
+        self.per_epoch.setdefault(self.current_epoch, []).extend(sid.tolist())
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def train_dataloader(self):
+        return _stream_loader(self.shards, workers=2)
+
+
+def stream_limits(outdir):
+    """Whole epochs of a stream, then limit_train_batches=3 and max_steps=10 on a stream
+    without a length: every rank's steps and samples per epoch."""
+    result = {}
+    for name, options in {
+        "full": {"max_epochs": 2},
+        "limit": {"max_epochs": 2, "limit_train_batches": 3},
+        "max_steps": {"max_epochs": 3, "max_steps": 10},
+    }.items():
+        module = StreamRegressor()
+        trainer = Trainer(
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            default_root_dir=str(Path(outdir) / name),
+            seed=3,
+            **options,
+        )
+        trainer.fit(module)
+        result[name] = {
+            "steps": trainer.global_step,
+            "per_epoch": module.per_epoch,
+            "num_training_batches": str(trainer.num_training_batches),
+        }
+    write_result(outdir, int(os.environ["RANK"]), result)
+
+
+def test_a_stream_trains_and_stops_at_limits_on_every_rank(tmp_path):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "stream_limits", outdir, nproc=2, timeout=150)
     results = read_results(outdir, 2)
     full = [r["full"] for r in results]
     for epoch in ("0", "1"):  # 8 shards of 4 samples over 2 ranks x 2 workers
@@ -270,9 +383,37 @@ def test_a_stream_trains_and_stops_at_limits_on_every_rank(scenario):
         assert [len(v) for v in result["max_steps"]["per_epoch"].values()] == [16, 4]
 
 
-def test_a_plain_iterable_dataset_trains_at_world_size_two_with_one_warning(scenario):
-    proc, outdir = scenario("plain_stream", nproc=2, timeout=120)
+class PlainStream(torch.utils.data.IterableDataset):
+    """An IterableDataset that does not shard: every rank reads all 8 samples."""
+
+    def __iter__(self):
+        return (_stream_sample((0, 8), k)[:3] for k in range(8))
+
+
+class PlainStreamRegressor(Regressor):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(PlainStream(), batch_size=2)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(PlainStream(), batch_size=2)
+
+
+def plain_stream(outdir):
+    """A plain IterableDataset at world size 2, for training and validation: it trains."""
+    module = PlainStreamRegressor()
+    trainer = Trainer(max_epochs=2, num_sanity_val_steps=1, enable_checkpointing=False)
+    trainer.fit(module)
+    write_result(outdir, trainer.global_rank, {"steps": trainer.global_step, "seen": module.seen})
+
+
+def test_a_plain_iterable_dataset_trains_at_world_size_two_with_one_warning(tmp_path):
+    outdir = tmp_path / "out"
+    proc = run_beside(__file__, "plain_stream", outdir, nproc=2, timeout=120)
     assert proc.stdout.count("every rank may read the same data") == 1, proc.stdout[-3000:]
     for result in read_results(outdir, 2):
         assert result["steps"] == 8
         assert sorted(result["seen"]) == sorted(list(range(8)) * 2)
+
+
+if __name__ == "__main__":
+    run_scenario(globals())
