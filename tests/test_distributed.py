@@ -1,6 +1,6 @@
 """Rank behaviour on real torchrun launches (gloo): agreements, verdicts, sharding, correctness.
 
-What the ranks run is the scenarios at the end of this file (``conftest.run_beside``)."""
+Each test's torchrun ranks run the scenario function written above it (``conftest.run_beside``)."""
 
 from __future__ import annotations
 

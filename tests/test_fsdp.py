@@ -1,7 +1,7 @@
 """The FSDP2 strategy on CPU/gloo: same losses as DDP, less parameter memory, same hook order,
 sharded (DCP) checkpoints that resume exactly and load at another world size.
 
-What the ranks run is the scenarios beside each test (``conftest.run_beside``)."""
+Each test's torchrun ranks run the scenario function written above it (``conftest.run_beside``)."""
 
 from __future__ import annotations
 

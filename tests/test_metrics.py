@@ -1,7 +1,8 @@
 """Exact cross-rank metrics, the logger files, and the collectives logging costs.
 
-What torchrun ranks run is the scenarios beside each test (``conftest.run_beside``); the
-modules a ``disttrain launch`` config names (``test_metrics.ReportsMetrics``) are here too."""
+Each test's torchrun ranks run the scenario function written above it
+(``conftest.run_beside``); the modules a ``disttrain launch`` config names
+(``test_metrics.ReportsMetrics``) are here too, above their tests."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ agreement, the vote that rides the gradient all-reduce (also from a micro-step, 
 compiled), max_steps, early stopping, SIGTERM to a rank or to the launcher, Ctrl-C once and
 twice in the launcher and in the debug mode.
 
-What torchrun ranks run is the scenarios beside each test (``conftest.run_beside``); the
-modules a ``disttrain launch`` config names (``test_stopping.SlowSave``) are here too."""
+Each test's torchrun ranks run the scenario function written above it
+(``conftest.run_beside``); the modules a ``disttrain launch`` config names
+(``test_stopping.SlowSave``) are here too, above their tests."""
 
 from __future__ import annotations
 

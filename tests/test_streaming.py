@@ -2,8 +2,8 @@
 exactly one (rank, loader worker) per pass, shard order reshuffled per epoch alike on every
 rank, plain IterableDatasets accepted with one warning, and limits on streams of no length.
 
-What torchrun ranks run is the scenarios beside each test at the end of this file
-(``conftest.run_beside``)."""
+The torchrun tests, in the last section, each run the scenario function written above it
+on their ranks (``conftest.run_beside``)."""
 
 from __future__ import annotations
 
