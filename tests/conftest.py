@@ -148,28 +148,6 @@ def _in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
-def scenario(tmp_path):
-    """Run one scenario of ``workers/scenarios.py`` at a world size; returns (proc, outdir)."""
-
-    def run(name: str, nproc: int = 2, timeout: float = 120, expect_ok: bool = True, **env):
-        outdir = tmp_path / name
-        outdir.mkdir()
-        proc = torchrun(
-            WORKERS / "scenarios.py",
-            name,
-            str(outdir),
-            nproc=nproc,
-            timeout=timeout,
-            env={k: str(v) for k, v in env.items()},
-        )
-        if expect_ok:
-            assert proc.returncode == 0, proc.stdout[-8000:]
-        return proc, outdir
-
-    return run
-
-
 # -- a resumable job run through `disttrain launch` (faults, stopping) --------------------
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
