@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from common import FaultyJob
 from conftest import assert_same_weights, final_weights, job_config, launch
 
 import disttrain
@@ -54,8 +56,35 @@ def test_a_sigkilled_rank_is_named_as_the_one_that_died(tmp_path):
     assert "rank 0 failed first" not in err and "[rank 0] failed" not in err
 
 
+class TornWrite(FaultyJob):
+    """Global rank 0 dies (SIGKILL) half-way through writing its second checkpoint."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.global_rank != 0:
+            return
+        import io
+
+        real_save, saves = torch.save, []
+
+        def torn(obj, f, *args, **kwargs):
+            if not isinstance(f, io.BufferedWriter):  # torch.save also pickles into buffers
+                return real_save(obj, f, *args, **kwargs)
+            saves.append(1)
+            if len(saves) == 2:
+                buffer = io.BytesIO()
+                real_save(obj, buffer)
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = torn
+
+
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, uninterrupted):
-    proc = launch(job_config(tmp_path, cls="common.TornWrite"))
+    proc = launch(job_config(tmp_path, cls="test_faults.TornWrite"))
     assert proc.returncode != 0
     ckpts = tmp_path / "run" / "checkpoints"
     leftovers = list(ckpts.glob(".*.tmp"))

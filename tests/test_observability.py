@@ -6,11 +6,23 @@ import time
 
 import pytest
 import yaml
-from common import LogsMetrics
+from common import LogsMetrics, Regressor
 from conftest import disttrain_cli, launch_two, worker_env
 
 import disttrain
 from disttrain.cli import main as cli
+
+
+class SleepsInBatchEnd(Regressor):
+    """Rank 1 sleeps in on_batch_end at step 3, past the collective timeout."""
+
+    def __init__(self, sleep: float = 8.0):
+        super().__init__(n_train=32)
+        self.sleep = sleep
+
+    def on_batch_end(self):
+        if self.global_rank == 1 and self.global_step == 3:
+            time.sleep(self.sleep)
 
 
 def test_hang_report_names_the_rank_and_the_hook(tmp_path):
@@ -18,7 +30,7 @@ def test_hang_report_names_the_rank_and_the_hook(tmp_path):
     config.write_text(
         yaml.safe_dump(
             {
-                "model": {"class_path": "common.SleepsInBatchEnd"},
+                "model": {"class_path": "test_observability.SleepsInBatchEnd"},
                 "trainer": {"max_epochs": 1, "timeout": 3, "num_sanity_val_steps": 0},
                 "run_dir": str(tmp_path / "run"),
             }

@@ -6,11 +6,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
-from common import read_results
+from common import read_results, write_result
 from conftest import ROOT, disttrain_cli, worker_env
+
+from disttrain.examples.regression import Regression
 
 SHORT = {
     "smoke.yaml": [],
@@ -89,6 +92,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class RankReport(Regression):
+    """Writes where each rank stands and who ran prepare_data, into ``report_dir``."""
+
+    def __init__(self, report_dir: str, **kw) -> None:
+        super().__init__(**kw)
+        self.report_dir = report_dir
+
+    def prepare_data(self) -> None:
+        env = self.trainer.env
+        Path(self.report_dir, f"prepared-rank{env.rank}-node{env.node_rank}").touch()
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        env = self.trainer.env
+        report = {
+            "rank": env.rank,
+            "local_rank": env.local_rank,
+            "node_rank": env.node_rank,
+            "world_size": env.world_size,
+            "local_world_size": env.local_world_size,
+        }
+        write_result(self.report_dir, env.rank, report)
+
+
 @pytest.mark.parametrize("per_node", [False, True])
 def test_two_nodes_on_one_machine(tmp_path, per_node):
     report = tmp_path / "report"
@@ -98,7 +125,7 @@ def test_two_nodes_on_one_machine(tmp_path, per_node):
         yaml.safe_dump(
             {
                 "model": {
-                    "class_path": "common.RankReport",
+                    "class_path": "test_runs.RankReport",
                     "init_args": {"report_dir": str(report), "n_samples": 64},
                 },
                 "trainer": {"max_epochs": 1, "prepare_data_per_node": per_node},

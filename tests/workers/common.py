@@ -216,30 +216,6 @@ def read_results(outdir: str | os.PathLike, world_size: int) -> list[dict]:
     return [json.loads((Path(outdir) / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
-class RankReport(disttrain.examples.regression.Regression):
-    """Writes where each rank stands and who ran prepare_data, into ``report_dir``."""
-
-    def __init__(self, report_dir: str, **kw) -> None:
-        super().__init__(**kw)
-        self.report_dir = report_dir
-
-    def prepare_data(self) -> None:
-        env = self.trainer.env
-        Path(self.report_dir, f"prepared-rank{env.rank}-node{env.node_rank}").touch()
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        env = self.trainer.env
-        report = {
-            "rank": env.rank,
-            "local_rank": env.local_rank,
-            "node_rank": env.node_rank,
-            "world_size": env.world_size,
-            "local_world_size": env.local_world_size,
-        }
-        write_result(self.report_dir, env.rank, report)
-
-
 class FailsOnRankOne(disttrain.examples.regression.Regression):
     def on_fit_start(self) -> None:
         if self.global_rank == 1:
@@ -323,33 +299,6 @@ class FaultyJob(Resumable):
             )
 
 
-class TornWrite(FaultyJob):
-    """Global rank 0 dies (SIGKILL) half-way through writing its second checkpoint."""
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if self.global_rank != 0:
-            return
-        import io
-
-        real_save, saves = torch.save, []
-
-        def torn(obj, f, *args, **kwargs):
-            if not isinstance(f, io.BufferedWriter):  # torch.save also pickles into buffers
-                return real_save(obj, f, *args, **kwargs)
-            saves.append(1)
-            if len(saves) == 2:
-                buffer = io.BytesIO()
-                real_save(obj, buffer)
-                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_save(obj, f, *args, **kwargs)
-
-        torch.save = torn
-
-
 class LogsMetrics(Regressor):
     """Logs validation metrics of every reduction kind; training logs per step and per epoch."""
 
@@ -381,18 +330,6 @@ def exact_validation(model: torch.nn.Module, n_val: int) -> dict[str, float]:
         "val_min": err.min().item(),
         "val_n": float(n_val),
     }
-
-
-class SleepsInBatchEnd(Regressor):
-    """Rank 1 sleeps in on_batch_end at step 3, past the collective timeout."""
-
-    def __init__(self, sleep: float = 8.0):
-        super().__init__(n_train=32)
-        self.sleep = sleep
-
-    def on_batch_end(self):
-        if self.global_rank == 1 and self.global_step == 3:
-            time.sleep(self.sleep)
 
 
 def run_scenario(namespace: dict) -> None:
