@@ -40,7 +40,7 @@ from disttrain.data.sample_seeds import SeededSamples
 from disttrain.data.streams import ShardedStream, reader_position
 
 
-# -- the data kinds, and the job that trains on them --------------------------------------
+# -- the data kinds, and the job that trains on them ---------------------------------------
 class NoisyStream(IterableDataset):
     """Reads its reader's share of 48 samples (``reader_position``), adding noise from its
     own generator, seeded from the loader worker's seed (new with every loader iterator:
@@ -130,7 +130,7 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# -- a mid-epoch stop and resume, for each kind of data ----------------------------------
+# -- a mid-epoch stop and resume, for each kind of data ------------------------------------
 def resumed_per_data_kind(outdir: str) -> None:
     """For each data kind of ``KINDS``: unbroken 3 epochs against stopped at a mid-epoch step
     (after an odd number of batches: the next batch is the second worker's) and resumed."""
@@ -223,7 +223,7 @@ def test_resume_at_another_world_size_sees_every_remaining_sample_once(tmp_path,
             assert data[index][0].tolist() == row, key
 
 
-# -- repeated SIGKILLs and elastic restarts -------------------------------------------------
+# -- repeated SIGKILLs and elastic restarts ------------------------------------------------
 class KilledThrice(Job):
     """For ``disttrain launch``: 2 loader workers and augmentation, ``kind`` of data; at each
     ``step:rank`` of ``kills`` that rank SIGKILLs itself, once (a marker file remembers)."""

@@ -26,7 +26,7 @@ from disttrain.observe.metrics import MetricStore, reduce_epoch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# -- item 4: half-precision epoch metrics ------------------------------------------------------
+# -- half-precision epoch metrics ----------------------------------------------------------
 def _epoch_value(values: list[torch.Tensor], reduce: str) -> float:
     store = MetricStore()
     for value in values:
@@ -45,7 +45,7 @@ def test_a_bf16_epoch_sum_keeps_every_increment():
     assert _epoch_value(values, "sum") == 300.0
 
 
-# -- item 5: no device sync per log() ----------------------------------------------------------
+# -- no device sync per log() --------------------------------------------------------------
 @pytest.mark.parametrize("reduce", ["max", "min", "mean", "sum"])
 def test_log_never_reads_a_tensor_back(reduce):
     """A meta tensor has no data: anything that would sync a CUDA device raises on it."""
@@ -62,7 +62,7 @@ def test_max_and_min_are_exact():
     assert _epoch_value(values, "min") == -1.0
 
 
-# -- item 6: the batch types transfer promises, through DDP's and FSDP's re-packing -----------
+# -- the batch types transfer promises, through DDP's and FSDP's re-packing ----------------
 class Pair(NamedTuple):
     x: torch.Tensor
     y: torch.Tensor
@@ -165,7 +165,7 @@ def test_the_fsdp_root_hands_a_step_the_batch_exactly(batch):
     _same(batch, got)
 
 
-# -- item 8: the stop vote's wait on the GPU has a deadline ------------------------------------
+# -- the stop vote's wait on the GPU has a deadline ----------------------------------------
 class NeverDone:
     queries = 0
 
@@ -230,7 +230,7 @@ def test_the_vote_takes_the_trainers_timeout():
     assert steps.StopVote(torch.device("cpu"), recorder)._timeout == 42.0
 
 
-# -- item 9: the profiler times GPU work with CUDA events --------------------------------------
+# -- the profiler times GPU work with CUDA events ------------------------------------------
 class FakeEvent:
     """``torch.cuda.Event`` as the profiler uses it: each pair is 250 ms apart on the GPU."""
 
@@ -278,7 +278,7 @@ def test_the_profiler_keeps_the_cpu_clock_on_the_cpu(monkeypatch):
     assert prof.summary()["optimizer step"][0] == 1
 
 
-# -- item 10: the torch floor ------------------------------------------------------------------
+# -- the torch floor -----------------------------------------------------------------------
 def test_pyproject_states_the_torch_floor_the_runtime_checks():
     text = (ROOT / "pyproject.toml").read_text()  # (tomllib is 3.11+; we support 3.10)
     (floor,) = re.findall(r'^\s*"torch>=(\d+)\.(\d+)"', text, re.MULTILINE)
@@ -294,7 +294,7 @@ def test_fsdp_on_an_older_torch_is_a_clear_error():
     strategy.check_torch_version("fsdp", "2.13.0a0+git1234")
 
 
-# -- item 1: a tensor goes to the backend's device, whatever device its caller built it on ----
+# -- a tensor goes to the backend's device, whatever device its caller built it on ---------
 class _BackendDeviceSeen(Exception):
     pass
 
@@ -333,7 +333,7 @@ def test_all_reduce_gives_the_result_back_on_the_callers_device(monkeypatch):
     assert collectives.all_reduce(caller) is caller and caller.tolist() == [2.0, 2.0]
 
 
-# -- item 7: the CUDA RNG of this rank's own device ---------------------------------------------
+# -- the CUDA RNG of this rank's own device ------------------------------------------------
 def test_cuda_rng_is_saved_and_restored_for_the_ranks_own_device(monkeypatch):
     """Saved on local device 3 of a 4-GPU node, restored where only one device is visible
     (the rank's device is then index 0): the state goes to the current device, never to an
@@ -357,7 +357,7 @@ def test_cuda_rng_is_saved_and_restored_for_the_ranks_own_device(monkeypatch):
     assert calls[-1] == ("set", 0)
 
 
-# -- the object collectives read back payloads of any size -----------------------------------
+# -- the object collectives read back payloads of any size ---------------------------------
 @pytest.mark.parametrize("size", [2**31 + 7, 2**32 + 7], ids=["over-2GiB", "over-4GiB"])
 def test_an_object_payload_of_2_gib_and_more_is_read_back_whole(tmp_path, size):
     """The read path of ``gather_object``/``broadcast_object`` given a payload of ``size``

@@ -23,7 +23,7 @@ import disttrain
 from disttrain import HookFailed, Trainer
 
 
-# -- prepare_data fails on global zero ---------------------------------------------------
+# -- prepare_data fails on global zero -----------------------------------------------------
 class FailingPrepare(Regressor):
     def prepare_data(self):
         raise OSError("disk full while writing the cache")
@@ -67,7 +67,7 @@ def test_prepare_data_failure_reaches_every_rank_naming_rank_zero(tmp_path, name
         assert needle in result["error"], rank
 
 
-# -- the split of the data ----------------------------------------------------------------
+# -- the split of the data -----------------------------------------------------------------
 def data_sharding(outdir):
     """Shuffled training shards per epoch, and an exact evaluation of an odd-sized set."""
     module = Regressor(n_train=16, n_val=7, batch_size=2, shuffle=True)
@@ -100,7 +100,7 @@ def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(tm
     assert sorted(results[0]["val"] + results[1]["val"]) == list(range(7))
 
 
-# -- the same weights as a hand-written loop ---------------------------------------------
+# -- the same weights as a hand-written loop -----------------------------------------------
 # each case: the module's class and the trainer's options; 2 epochs of 16 samples, batches
 # of 2 per rank, shuffled with seed 3
 CASES = {

@@ -29,7 +29,7 @@ import disttrain
 from disttrain import Trainer
 
 
-# -- exact validation metrics over an odd-sized set ---------------------------------------
+# -- exact validation metrics over an odd-sized set ----------------------------------------
 def exact_metrics(outdir):
     """Validate ``LogsMetrics`` (7 samples, batches of 2); write the reduced metrics."""
     disttrain.seed_everything(0)
@@ -71,7 +71,7 @@ def test_log_in_prepare_data_is_refused():
         disttrain.Trainer(max_epochs=1, enable_checkpointing=False).fit(LogsTooEarly())
 
 
-# -- the logger's files ------------------------------------------------------------------
+# -- the logger's files --------------------------------------------------------------------
 class ReportsMetrics(LogsMetrics):
     """Writes the reduced metrics it ends with, for a test to compare with the logger's files."""
 
@@ -150,7 +150,7 @@ def test_csv_and_tensorboard_files_of_a_two_rank_run(tmp_path):
             assert len(list(events_dir.glob("events.out.tfevents.*"))) == 1  # rank 0 only
 
 
-# -- the collectives logging costs --------------------------------------------------------
+# -- the collectives logging costs ---------------------------------------------------------
 def count_collectives(outdir):
     """Count every torch.distributed call per training step with the benchmark's own counter
     (DDP's gradient all-reduce, in C++, is not a Python call): 2 epochs of ``LogsMetrics``

@@ -111,7 +111,7 @@ def test_a_stream_needs_a_reader_and_shards():
     assert sorted(Own([3, 1, 2])) == [1, 2, 3]
 
 
-# -- what the trainer accepts at world size 2 --------------------------------------------
+# -- what the trainer accepts at world size 2 ----------------------------------------------
 def test_loaders_that_shard_themselves_are_accepted_silently(data_warnings):
     class Declared(IterableDataset):
         shards_by_rank = True
@@ -192,7 +192,7 @@ def test_fewer_shards_than_readers_warn_once(data_warnings):
     assert len(data_warnings) == 1 and "2 shards for 4 readers" in data_warnings[0]
 
 
-# -- no length ------------------------------------------------------------------------------
+# -- no length -----------------------------------------------------------------------------
 def test_limits_and_progress_without_a_length():
     loader = DataLoader(ShardedStream(list(range(3)), _shard), batch_size=2)
     assert limit_batches(loader, 1.0, "limit_train_batches") == math.inf
@@ -221,7 +221,7 @@ def test_limits_and_progress_without_a_length():
     bar.on_epoch_end(run, None)
 
 
-# -- real torchrun processes ------------------------------------------------------------
+# -- real torchrun processes ---------------------------------------------------------------
 def _stream_sample(shard, k):
     """Sample ``k`` of ``shard`` (an (id, size) pair): (x, y, sample id, loader worker)."""
     sid = shard[0] * 100 + k

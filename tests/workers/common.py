@@ -1,4 +1,7 @@
-"""Models, data and recorders shared by the in-process tests and the torchrun workers."""
+"""Models, data and recorders that several test files share, in process and on torchrun ranks.
+
+What only one test uses lives beside that test (its scenario functions, the modules its
+launches name)."""
 
 from __future__ import annotations
 
