@@ -131,6 +131,8 @@ def test_an_exchange_that_the_filesystem_refuses_falls_back(tmp_path, monkeypatc
 
 
 def test_a_sharded_checkpoint_removes_a_last_link_that_names_older_weights(tmp_path):
+    # _rotate (global zero's file work after a save) is the unit: reaching it in public takes
+    # an FSDP run over the directory of an earlier unsharded one
     from disttrain.callbacks.model_checkpoint import _rotate
 
     (tmp_path / "epoch=0-step=2.ckpt").write_bytes(b"an earlier unsharded run's file")

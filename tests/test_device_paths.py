@@ -211,6 +211,8 @@ def test_wait_for_gives_up_at_the_deadline():
     assert now[0] == pytest.approx(2.0)
 
 
+# ``StopVote._wait`` is the unit of the next two tests: its one caller is ``agreed`` on a CUDA
+# device (it reads the votes a step late, from a copy it waits for), a path with no CPU run.
 def test_a_stuck_vote_wait_dumps_the_trace_and_names_the_rank_before_the_timeout():
     recorder = Recorder()
     vote = steps.StopVote(torch.device("cpu"), recorder, timeout=5.0)
@@ -224,10 +226,28 @@ def test_a_stuck_vote_wait_dumps_the_trace_and_names_the_rank_before_the_timeout
     assert recorder.events == [("start", steps.GRADIENT_SYNC)]  # the trace shows it open
 
 
-def test_the_vote_takes_the_trainers_timeout():
+class DoneAfter:
+    """An event the GPU passes ``seconds`` after it was made."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def query(self) -> bool:
+        return time.monotonic() >= self.at
+
+
+def test_the_vote_gives_up_a_margin_before_its_trainers_collective_timeout():
+    """Built for a trainer whose collective timeout is 42 s, the vote gives up at 37.8 s
+    (4.2 s before), not a margin before the default 1800 s: a wait recorded 37.7 s ago gives
+    up within about 0.1 s, before the event (done after 2 s) would have let it through."""
     trainer = SimpleNamespace(config=SimpleNamespace(timeout=42.0), global_step=0)
-    recorder = SimpleNamespace(progress=trainer, rank=0)
-    assert steps.StopVote(torch.device("cpu"), recorder)._timeout == 42.0
+    recorder = Recorder()
+    recorder.progress = trainer  # the trainer the vote reports on
+    vote = steps.StopVote(torch.device("cpu"), recorder)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="has not finished after 38s"):
+        vote._wait(DoneAfter(2.0), recorded_at=started - 37.7)
+    assert time.monotonic() - started < 2.0
 
 
 # -- the profiler times GPU work with CUDA events ------------------------------------------
@@ -359,20 +379,36 @@ def test_cuda_rng_is_saved_and_restored_for_the_ranks_own_device(monkeypatch):
 
 # -- the object collectives read back payloads of any size ---------------------------------
 @pytest.mark.parametrize("size", [2**31 + 7, 2**32 + 7], ids=["over-2GiB", "over-4GiB"])
-def test_an_object_payload_of_2_gib_and_more_is_read_back_whole(tmp_path, size):
-    """The read path of ``gather_object``/``broadcast_object`` given a payload of ``size``
-    bytes, without allocating it: a sparse file mapped as the received tensor, whose pages
-    are never touched unless read. The pickle sits at the start and pickle ignores what
-    follows its end, so a reader that takes fewer bytes than the pickle (a C int size that
-    wraps) fails, and one that copies the whole payload would touch gigabytes."""
+def test_an_object_payload_of_2_gib_and_more_is_read_back_whole(monkeypatch, size):
+    """``broadcast_object`` on rank 1 receiving a payload of ``size`` bytes from global zero
+    (torch's broadcast faked: it hands over the size, then writes the pickle at the start of
+    the received buffer). The buffer is allocated but only the pickle's pages are ever
+    written, so it costs no memory beyond them. Pickle ignores what follows its end, so a
+    reader that takes fewer bytes than the pickle (a C int size that wraps) fails, and one
+    that copies the whole payload would touch gigabytes."""
     import pickle
 
     from disttrain.dist import collectives as dist_module
 
     obj = {"train_loss": ("mean", 1.5, 64.0), "blob": b"x" * 4096}
-    path = tmp_path / "payload"
-    with open(path, "wb") as f:
-        f.write(pickle.dumps(obj))
-        f.truncate(size)  # sparse: no disk, no memory
-    payload = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
-    assert dist_module._unpickled(payload, size) == obj
+    pickled = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    received: list[int] = []
+
+    def from_global_zero(tensor: torch.Tensor, src: int, group: Any = None) -> None:
+        if not received:  # first the size, then the payload
+            tensor.fill_(size)
+        else:
+            tensor[: len(pickled)] = pickled
+        received.append(tensor.numel())
+
+    monkeypatch.setattr(dist_module.dist, "broadcast", from_global_zero)
+    collectives = dist_module.ProcessGroupCollectives(
+        dist_module.DistEnv(rank=1, world_size=2, launched=True),
+        "gloo",
+        torch.device("cpu"),
+        None,
+        None,
+        False,
+    )
+    assert collectives.broadcast_object(None) == obj
+    assert received == [1, size]

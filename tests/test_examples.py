@@ -83,7 +83,7 @@ def on_meta(name: str, charlm_data: Path) -> tuple[Any, MetaTrainer, dict[str, A
     module, loaders = build(name, charlm_data)
     module.to(META)
     trainer = MetaTrainer(module)
-    module._trainer = trainer
+    module.trainer = trainer
     assert module.device == META and all(p.device == META for p in module.parameters())
     batches = {split: [t.to(META) for t in next(iter(loader))] for split, loader in loaders.items()}
     return module, trainer, batches

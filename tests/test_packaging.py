@@ -17,6 +17,8 @@ from disttrain.cli import main as cli
 
 
 def _stage_args(command: list[str]):
+    # the disttrain command's own parser is the unit: the image's CMD must parse as a stage
+    # of `disttrain launch`, and running it instead would launch the job
     args, extra = cli._parser().parse_known_args(command)
     return args, extra
 
