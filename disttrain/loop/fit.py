@@ -179,6 +179,7 @@ def train_epoch(run: Run, loop: FitLoop, epoch: int, first: int) -> tuple[list[A
     if loop.saved_rng is not None and first == 0:
         set_rng_state(loop.saved_rng)  # where the checkpoint was taken: after the epoch
         loop.saved_rng = None
+    loaders.set_epoch(loop.train_data, epoch)  # before on_epoch_start, which may read it
     loop.call(Hook.ON_EPOCH_START)
     outputs: list[Any] = []
     with loaders.epoch_batches(loop.train_data, epoch, first) as batches:
