@@ -16,7 +16,15 @@ PACKAGE = ROOT / "disttrain"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 # imported inside functions on purpose: optional extras, example data, and torch's FSDP/DCP
 # modules (about 0.5 s of import time that runs without FSDP do not pay)
-LAZY_OK = ("torch.distributed.", "torch.utils.tensorboard", "matplotlib", "sklearn", "pydoc_data")
+LAZY_OK = (
+    "torch.distributed.",
+    "torch.utils.tensorboard",
+    "matplotlib",
+    "sklearn",
+    "pydoc_data",
+    "mlflow",
+    "wandb",
+)
 
 
 def _name(path: Path) -> str:

@@ -22,8 +22,8 @@ from disttrain.config import cli
 from disttrain.examples.charlm import CharLM
 from disttrain.examples.digits import DigitsClassifier, DigitsData
 from disttrain.examples.regression import Regression
+from disttrain.loggers import NullLogger
 from disttrain.loop import optim
-from disttrain.observe.loggers import NullLogger
 from disttrain.observe.metrics import Reporter
 
 META = torch.device("meta")

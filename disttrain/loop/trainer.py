@@ -23,6 +23,7 @@ from disttrain.checkpoint.snapshot import export, save
 from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv, select_device
+from disttrain.loggers import Logger, make_loggers
 from disttrain.loop import optim, strategy
 from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
@@ -30,7 +31,6 @@ from disttrain.loop.precision import autocast_context
 from disttrain.loop.seeding import seed_for_run
 from disttrain.observe.console import configure_logging, writes_run_output
 from disttrain.observe.flight import FlightRecorder
-from disttrain.observe.loggers import Logger, make_logger
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
 from disttrain.observe.progress import ProgressBar
@@ -78,7 +78,7 @@ class Trainer:
             self.callbacks.append(ModelCheckpoint())
         if cfg.enable_progress_bar and writes_run_output(self.env.rank):
             self.callbacks.append(ProgressBar(cfg.log_every_n_steps))
-        logger = make_logger(cfg.logger, cfg.default_root_dir, self.env.rank)
+        logger = make_loggers(cfg.logger, cfg.default_root_dir, self.env.rank)
         self.reporter = Reporter(logger, cfg.log_every_n_steps, cfg.sync_step_metrics)
         self.flight = FlightRecorder(self.env.rank)
         self.flight.progress = self
