@@ -162,6 +162,10 @@ def test_smoke_run_logs_its_metrics_and_plots_them(tmp_path):
     assert proc.returncode == 0, proc.stderr[-6000:]
     columns, rows = read_csv(run_dir / "metrics.csv")
     assert {"train_loss", "lr", "val_loss"} <= set(columns)
+    # the config's monitors: the learning rate, tokens per second at each rank and in all
+    monitors = {"lr-AdamW", "throughput/tokens_per_sec", "throughput/epoch/tokens_per_sec"}
+    assert monitors <= set(columns), columns
+    assert values(rows, "lr-AdamW") == values(rows, "lr")
     assert len(values(rows, "train_loss")) == 6  # 2 epochs of 3 steps, every step logged
     assert values(rows, "lr") == [0.05] * 6
     assert len(values(rows, "val_loss")) == 2  # one per epoch; the sanity check is not logged
@@ -231,6 +235,10 @@ def test_default_config_fit_then_test_of_its_checkpoint(tmp_path):
     assert fit.returncode == 0, fit.stderr[-6000:]
     columns, rows = read_csv(run_dir / "metrics.csv")
     assert {"train_loss", "lr", "val_loss"} <= set(columns)
+    # the config's monitors: the learning rate, tokens per second at each rank and in all
+    monitors = {"lr-AdamW", "throughput/tokens_per_sec", "throughput/epoch/tokens_per_sec"}
+    assert monitors <= set(columns), columns
+    assert values(rows, "lr-AdamW") == values(rows, "lr")
     assert all(math.isfinite(v) for key in ("train_loss", "val_loss") for v in values(rows, key))
 
     test = disttrain_cli(
