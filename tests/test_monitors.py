@@ -26,7 +26,7 @@ from disttrain.callbacks import (
     ThroughputMonitor,
 )
 from disttrain.callbacks.lr_monitor import lr_names
-from disttrain.callbacks.throughput import PEAK_BF16_DENSE, first_numel
+from disttrain.callbacks.throughput import PEAK_BF16_DENSE, first_numel, peak_flops
 from disttrain.dist.collectives import ProcessGroupCollectives
 
 EVERY = 2  # log_every_n_steps; 16 samples, batches of 2, 2 ranks: 4 steps an epoch
@@ -223,6 +223,25 @@ def test_tokens_per_batch_and_peaks():
     assert names[("a100",)] == 312e12 and names[("h100",)] == names[("h200",)] == 989e12
 
 
+@pytest.mark.parametrize(
+    ("device_name", "peak"),
+    [  # torch.cuda.get_device_name() as these GPUs report themselves
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_mfu_peak_by_device_name(monkeypatch, device_name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+    assert peak_flops(torch.device("cpu")) is None
+
+
 def test_monitors_in_one_process_with_accumulation_and_two_optimizers(tmp_path):
     """Two optimizers (the step ends with the second), 2 micro-batches a step: FLOPs of
     the whole first step; both learning rates, once per epoch."""
@@ -237,7 +256,7 @@ def test_monitors_in_one_process_with_accumulation_and_two_optimizers(tmp_path):
                 torch.optim.SGD(self.net[2].parameters(), lr=0.2),
             ]
 
-    throughput = ThroughputMonitor()
+    throughput = ThroughputMonitor(peak_flops=1e6)  # MFU against a made-up peak
     trainer = _fit(
         TwoOptimizers(n_train=16, batch_size=2),
         tmp_path,
@@ -249,6 +268,8 @@ def test_monitors_in_one_process_with_accumulation_and_two_optimizers(tmp_path):
     m = _metrics(tmp_path / "metrics.csv")
     assert m["lr-SGD"] == {4: 0.1, 8: 0.1}  # once per epoch, at its end
     assert m["lr-SGD-1"] == {4: 0.2, 8: 0.2}
+    for k, flops in m["throughput/flops_per_sec"].items():
+        assert m["throughput/mfu"][k] == pytest.approx(flops / 1e6)
     assert trainer.callback_metrics["throughput/epoch/samples_per_sec"] > 0
 
 
