@@ -20,6 +20,13 @@ the first step, imports included; peak RSS is the process's maximum resident set
     python benchmarks/overhead.py                 # everything, ~2 minutes on 2 cores
     python benchmarks/overhead.py --workloads tiny --rounds 5 --steps 400
     python benchmarks/overhead.py --accelerator cuda   # on GPUs: NCCL, cuda:LOCAL_RANK
+    python benchmarks/overhead.py --monitors      # and disttrain with its monitors on
+
+With ``--monitors`` each round also runs disttrain with the learning-rate and throughput
+monitors on (``LearningRateMonitor()``, ``ThroughputMonitor()``: their defaults, logging every
+``log_every_n_steps``), interleaved with the run without them (their order alternates from
+round to round); ``monitors paired`` is the median over rounds of each round's median step
+time with the monitors over the one without, and the collectives are counted with them on.
 
 With ``--accelerator cuda`` both loops run on ``cuda:LOCAL_RANK`` (NCCL under torchrun), the
 batches come from pinned memory without blocking, and each step's stamp waits for the GPU
@@ -66,6 +73,17 @@ COLLECTIVES = (
     "send",
     "recv",
 )
+
+
+def monitors_on() -> bool:
+    """Whether ``--monitors`` asked for the monitor variant (inherited by torchrun workers)."""
+    return os.environ.get("BENCH_MONITORS") == "1"
+
+
+def monitor_callbacks() -> list:
+    from disttrain.callbacks import LearningRateMonitor, ThroughputMonitor
+
+    return [LearningRateMonitor(), ThroughputMonitor()]
 
 
 def accelerator() -> str:
@@ -203,15 +221,24 @@ def measure(workload: str, rounds: int, steps: int) -> dict:
     if ddp:
         dist.init_process_group("nccl" if device().type == "cuda" else "gloo")
     data = make_data(workload, steps, world)
-    times: dict[str, list[float]] = {"hand": [], "disttrain": []}
+    variants = ["disttrain", "monitors"] if monitors_on() else ["disttrain"]
+    times: dict[str, list[float]] = {"hand": [], **{v: [] for v in variants}}
     paired: list[float] = []  # per round: disttrain's median over the hand-written loop's
+    paired_monitors: list[float] = []  # per round: with the monitors over without them
     run_dir = tempfile.mkdtemp(prefix="disttrain-bench-")
     for r in range(rounds):  # each fit in a directory of its own: a fresh fit never mixes
         hand = step_times(hand_written(workload, data, rank, world))
-        ours = step_times(with_disttrain(workload, data, os.path.join(run_dir, f"round{r}")))
         times["hand"] += hand
-        times["disttrain"] += ours
-        paired.append(statistics.median(ours) / statistics.median(hand))
+        medians = {"hand": statistics.median(hand)}
+        for variant in variants if r % 2 == 0 else variants[::-1]:
+            options = {"callbacks": monitor_callbacks()} if variant == "monitors" else {}
+            where = os.path.join(run_dir, f"round{r}-{variant}")
+            ours = step_times(with_disttrain(workload, data, where, **options))
+            times[variant] += ours
+            medians[variant] = statistics.median(ours)
+        paired.append(medians["disttrain"] / medians["hand"])
+        if monitors_on():
+            paired_monitors.append(medians["monitors"] / medians["disttrain"])
     count_dir = os.path.join(run_dir, "count")
     collectives = count_collectives(workload, data, rank, world, count_dir) if ddp else {}
     if dist.is_initialized():
@@ -228,11 +255,21 @@ def measure(workload: str, rounds: int, steps: int) -> dict:
         "hand_min_max": [min(times["hand"]) * 1e3, max(times["hand"]) * 1e3],
         "disttrain_min_max": [min(times["disttrain"]) * 1e3, max(times["disttrain"]) * 1e3],
         "collectives": collectives,
+        **(
+            {
+                "monitors_ms": med["monitors"],
+                "monitors_paired": statistics.median(paired_monitors),
+                "monitors_paired_rounds": paired_monitors,
+            }
+            if monitors_on()
+            else {}
+        ),
     }
 
 
 def count_collectives(workload, data, rank, world, run_dir) -> dict:
-    """Python-level collectives per steady-state step: hand-written DDP vs disttrain."""
+    """Python-level collectives per steady-state step: hand-written DDP vs disttrain (with
+    ``--monitors``: with them on, logging every 2 steps so that log points are counted)."""
     import disttrain
 
     counter = CollectiveCounter()
@@ -245,7 +282,8 @@ def count_collectives(workload, data, rank, world, run_dir) -> dict:
     trainer = disttrain.Trainer(
         max_epochs=1,
         num_sanity_val_steps=0,
-        callbacks=[Mark()],
+        callbacks=[Mark(), *(monitor_callbacks() if monitors_on() else [])],
+        log_every_n_steps=2 if monitors_on() else 50,
         default_root_dir=run_dir,
         accelerator=accelerator(),
     )
@@ -325,9 +363,14 @@ def main() -> None:
     parser.add_argument("--workloads", default="tiny,compute")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--accelerator", choices=("cpu", "cuda"), default=None)
+    parser.add_argument(
+        "--monitors", action="store_true", help="also with the LR and throughput monitors"
+    )
     args = parser.parse_args()
     if args.accelerator:
         os.environ["BENCH_ACCELERATOR"] = args.accelerator
+    if args.monitors:
+        os.environ["BENCH_MONITORS"] = "1"
     if "RANK" in os.environ:  # a torchrun worker
         for workload in args.workloads.split(","):
             result = measure(workload, args.rounds, args.steps)
@@ -353,6 +396,16 @@ def main() -> None:
             f"{r['hand_ms']:>10.3f}{r['disttrain_ms']:>14.3f}{r['ratio']:>8.3f}"
             f"{r['paired_ratio']:>8.3f}{f'{lo:.3f}-{hi:.3f}':>24}{extra!s:>26}"
         )
+    if monitors_on():
+        head = f"{'workload':<10}{'ranks':>6}{'DDP':>5}{'monitors off ms':>17}{'on ms':>9}"
+        print(f"\n{head}{'on/off paired':>15}")
+        for r in rows:
+            print(
+                f"{r['workload']:<10}{r['world_size']:>6}{'yes' if r['ddp'] else 'no':>5}"
+                f"{r['disttrain_ms']:>17.3f}"
+                f"{r['monitors_ms']:>9.3f}{r['monitors_paired']:>15.3f}  rounds: "
+                + " ".join(f"{x:.3f}" for x in r["monitors_paired_rounds"])
+            )
     starts = {kind: [cold_start(kind, "tiny") for _ in range(3)] for kind in ("hand", "disttrain")}
     for kind, runs in starts.items():
         print(

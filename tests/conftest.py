@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -273,3 +278,90 @@ def disttrain_log(caplog):
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
+
+
+# -- an S3 server on this machine: moto's standalone server, a real socket -----------------
+BUCKET = "disttrain-tests"
+
+
+@dataclasses.dataclass(frozen=True)
+class S3:
+    """A prefix of its own for one test in the session's bucket (``url``: ``s3://...``), and
+    the variables every process needs to reach the server (``env``: set in this process
+    for the test; subprocesses started from it inherit them)."""
+
+    url: str
+    env: dict[str, str]
+
+
+def _s3_env(endpoint: str) -> dict[str, str]:
+    """boto3, and s3fs through aiobotocore, read the endpoint from ``AWS_ENDPOINT_URL``
+    (botocore >= 1.31); credentials and region from the usual variables; nothing from the
+    developer's ~/.aws or an instance metadata service."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def _wait_for_moto(proc: subprocess.Popen, log: Path, timeout: float = 60) -> str:
+    """The endpoint, once the server answers; its port is the free one it bound (``-p 0``),
+    read from its log, so no other process can take it in between."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"moto's S3 server exited ({proc.returncode}):\n{log.read_text()}")
+        found = re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())
+        if found:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{found[1]}/moto-api/", timeout=2).close()
+                return found[1]
+        time.sleep(0.05)
+    pytest.fail(f"moto's S3 server did not answer within {timeout}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")  # one server per test worker (about 1 s to start)
+def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """moto's S3 server as a subprocess on a free port of 127.0.0.1, with one bucket;
+    yields the environment that reaches it. Stopped after the session."""
+    import boto3
+
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        env = _s3_env(_wait_for_moto(proc, log))
+        boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_DEFAULT_REGION"],
+        ).create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request) -> S3:
+    """The session's S3 server, reachable from this test and the processes it starts."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    prefix = re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name)
+    return S3(f"s3://{BUCKET}/{prefix}-{secrets.token_hex(3)}", dict(s3_server))

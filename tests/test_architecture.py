@@ -18,7 +18,15 @@ PACKAGE = ROOT / "disttrain"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 # imported inside functions on purpose: optional extras, example data, and torch's FSDP/DCP
 # modules (about 0.5 s of import time that runs without FSDP do not pay)
-LAZY_OK = ("torch.distributed.", "torch.utils.tensorboard", "matplotlib", "sklearn", "pydoc_data")
+LAZY_OK = (
+    "torch.distributed.",
+    "torch.utils.tensorboard",
+    "matplotlib",
+    "sklearn",
+    "pydoc_data",
+    "mlflow",
+    "wandb",
+)
 
 
 def _name(path: Path) -> str:
@@ -156,8 +164,9 @@ LAYERS: list[set[str]] = [
     {"dist"},  # torch.distributed: the environment, collectives, launcher, FSDP, flight recorder
     {"data"},  # loaders, samplers, streams: what a rank reads
     {"api"},  # what a user implements: Module, ModelHooks, Callback, DataModule, TrainerState
+    {"observe"},  # metrics, profiler, plots, which ranks print
+    {"loggers"},  # where metrics go: CSV, TensorBoard, MLflow, W&B, your own
     {"config"},  # the trainer's options, YAML run files
-    {"observe"},  # metrics, loggers, profiler, plots, which ranks print
     {"ranks"},  # the hook table and the dispatcher
     {"checkpoint"},  # the format, taking and restoring one, where to resume from
     {"callbacks"},  # ModelCheckpoint, EarlyStopping, the progress bar

@@ -22,8 +22,8 @@ from disttrain.cli import main as cli
 from disttrain.examples.charlm import CharLM
 from disttrain.examples.digits import DigitsClassifier, DigitsData
 from disttrain.examples.regression import Regression
+from disttrain.loggers import NullLogger
 from disttrain.loop import optim
-from disttrain.observe.loggers import NullLogger
 from disttrain.observe.metrics import Reporter
 
 META = torch.device("meta")
@@ -231,6 +231,10 @@ def test_default_config_fit_then_test_of_its_checkpoint(tmp_path):
     assert fit.returncode == 0, fit.stderr[-6000:]
     columns, rows = read_csv(run_dir / "metrics.csv")
     assert {"train_loss", "lr", "val_loss"} <= set(columns)
+    # the config's monitors: the learning rate, tokens per second at each rank and in all
+    monitors = {"lr-AdamW", "throughput/tokens_per_sec", "throughput/epoch/tokens_per_sec"}
+    assert monitors <= set(columns), columns
+    assert values(rows, "lr-AdamW") == values(rows, "lr")
     assert all(math.isfinite(v) for key in ("train_loss", "val_loss") for v in values(rows, key))
 
     test = disttrain_cli(

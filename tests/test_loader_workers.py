@@ -458,6 +458,7 @@ def test_the_epoch_reaches_a_map_datasets_persistent_workers():
     assert loader.persistent_workers
     with ended(loader):
         for epoch in range(3):
+            loaders.set_epoch(loader, epoch)
             with loaders.epoch_batches(loader, epoch, 0) as batches:
                 assert {v for batch in batches for v in batch.tolist()} == {epoch}
 

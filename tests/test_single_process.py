@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from common import Regressor, StatefulPrepare, TwoHeads
+from common import IndexedData, Regressor, StatefulPrepare, TwoHeads
 
 import disttrain
 from disttrain import ConfigError, HookFailed, Trainer
@@ -232,3 +232,26 @@ def test_validate_and_test_evaluate_a_checkpoint_with_resume(tmp_path):
     evaluator = Trainer(default_root_dir=str(tmp_path), resume="auto")
     evaluator.validate(fresh)
     assert evaluator.callback_metrics["val_mse"] == pytest.approx(after_fit, rel=1e-6)
+
+
+class SeesItsSamplersEpoch(Regressor):
+    """Its own DistributedSampler: on_epoch_start reads the epoch the sampler was given."""
+
+    def __init__(self):
+        super().__init__(n_train=8)
+        self.seen_in_hook: list[tuple[int, int]] = []
+
+    def train_dataloader(self):
+        data = IndexedData(self.n_train)
+        sampler = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0)
+        self.sampler = sampler
+        return torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler)
+
+    def on_epoch_start(self):
+        self.seen_in_hook.append((self.current_epoch, self.sampler.epoch))
+
+
+def test_on_epoch_start_runs_after_the_samplers_set_epoch(tmp_path):
+    module = SeesItsSamplersEpoch()
+    disttrain.Trainer(max_epochs=3, default_root_dir=str(tmp_path)).fit(module)
+    assert module.seen_in_hook == [(0, 0), (1, 1), (2, 2)]

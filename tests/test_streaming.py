@@ -259,6 +259,7 @@ def stream_counts(outdir):
             loader = loaders.train_loader(loader, rank, world, 7, "S")
             for epoch in (0, 1):
                 read = []
+                loaders.set_epoch(loader, epoch)
                 with loaders.epoch_batches(loader, epoch, 0) as batches:
                     for _, _, sid, worker in batches:
                         read += zip(sid.tolist(), worker.tolist())

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from disttrain.dist.collectives import Collectives
+
 
 class MetricRecorder(Protocol):
     """Where ``Module.log`` puts a value (``disttrain.observe.metrics.Reporter``)."""
@@ -75,6 +77,22 @@ class TrainerState(Protocol):
     @property
     def seed(self) -> int | None:
         """The run's seed (the user's where they seeded first), None if nothing is seeded."""
+        ...
+
+    @property
+    def config(self) -> Any:
+        """The run's options (``disttrain.TrainerConfig``), read-only."""
+        ...
+
+    @property
+    def collectives(self) -> Collectives:
+        """The run's collectives (a null object in one process): for a callback's own
+        gather or reduction, on every rank at the same point."""
+        ...
+
+    @property
+    def sharded(self) -> bool:
+        """Whether fit holds the module sharded (FSDP)."""
         ...
 
     @property

@@ -200,9 +200,18 @@ def plain_config(run: CheckpointedRun) -> dict[str, Any]:
     """The run's config as plain data: the resolved YAML config, or the trainer's options."""
     if run.resolved_config is not None:
         return _plain(run.resolved_config)
-    options = dataclasses.asdict(dataclasses.replace(run.config, callbacks=[]))
+    # callbacks and logger objects by class name (asdict would deep-copy them, a live run too)
+    options = dataclasses.asdict(dataclasses.replace(run.config, callbacks=[], logger=None))
     options["callbacks"] = [type(cb).__qualname__ for cb in run.config.callbacks]
+    logger = run.config.logger
+    named = [_named(x) for x in logger] if isinstance(logger, list) else _named(logger)
+    options["logger"] = named
     return _plain({"trainer": options})
+
+
+def _named(entry: Any) -> Any:
+    """A logger option's entry as plain data: a name or spec as it is, an object's class."""
+    return entry if entry is None or isinstance(entry, (str, dict)) else type(entry).__qualname__
 
 
 def _plain(value: Any) -> Any:

@@ -9,6 +9,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
+from disttrain.loggers.build import LOGGERS
+from disttrain.loggers.core import Logger
+
 
 class ConfigError(ValueError):
     """A bad option: the message names the key (and the file, when there is one)."""
@@ -49,7 +52,9 @@ class TrainerConfig:
     # "auto": the most advanced checkpoint in the run directory, if any (the default of runs
     # from a YAML config); a path; None: start fresh (refused among an earlier run's checkpoints)
     resume: str | None = None
-    logger: Literal["csv", "tensorboard"] | None = "csv"  # written by global rank 0 only
+    # "csv", "tensorboard", "mlflow", "wandb", a Logger, {class_path, init_args}, a list of
+    # these, or None/False (True: "csv"); written by global rank 0 only (disttrain.loggers)
+    logger: str | bool | Logger | dict | list | None = "csv"
     log_every_n_steps: int = 50  # step metrics to the logger, progress lines
     sync_step_metrics: bool = False  # reduce step metrics over ranks (one collective/interval)
     enable_progress_bar: bool = True  # tqdm on a terminal, log lines otherwise; rank 0 only
@@ -87,6 +92,7 @@ class TrainerConfig:
                 raise ConfigError(
                     name, f"must be a positive number of seconds, got {getattr(self, name)}"
                 )
+        object.__setattr__(self, "logger", _checked_logger(self.logger))
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ConfigError("gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
 
@@ -105,6 +111,37 @@ class TrainerConfig:
             return cls(**options)
         except ConfigError as err:
             raise ConfigError(f"{prefix}{err.key}", err.problem, source) from None
+
+
+def _checked_logger(value: Any) -> Any:
+    """``logger`` as the trainer builds it: True is "csv", False is None; each entry of a list
+    a name, a ``Logger`` or a ``{class_path, init_args}`` mapping (errors name ``logger.I``)."""
+    if isinstance(value, bool):
+        return "csv" if value else None
+    for i, entry in enumerate(value if isinstance(value, list) else [value]):
+        key = f"logger.{i}" if isinstance(value, list) else "logger"
+        if (entry is None and not isinstance(value, list)) or isinstance(entry, Logger):
+            continue
+        if isinstance(entry, str) and entry not in LOGGERS:
+            close = difflib.get_close_matches(entry, list(LOGGERS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(key, f"unknown logger {entry!r}{hint}; expected one of {_NAMES}")
+        if isinstance(entry, Mapping):
+            unknown = sorted(set(map(str, entry)) - {"class_path", "init_args"})
+            if unknown or not isinstance(entry.get("class_path"), str):
+                raise ConfigError(key, "a logger spec is {class_path: pkg.Class, init_args: {...}}")
+            if not isinstance(entry.get("init_args") or {}, Mapping):
+                raise ConfigError(f"{key}.init_args", "must be a mapping")
+        elif not isinstance(entry, str):
+            raise ConfigError(
+                key,
+                f"expected a logger name ({_NAMES}), a disttrain Logger or {{class_path, "
+                f"init_args}}, got {type(entry).__name__} {entry!r}",
+            )
+    return value
+
+
+_NAMES = ", ".join(LOGGERS)
 
 
 def check_type(key: str, value: Any, annotation: Any) -> None:

@@ -31,6 +31,7 @@ from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import Callback
 from disttrain.api.module import Module
 from disttrain.config.options import ConfigError, TrainerConfig, check_type
+from disttrain.loggers.core import Logger
 
 TOP_KEYS = ("model", "data", "trainer", "launch", "seed", "run_dir")
 
@@ -186,6 +187,8 @@ def _trainer_section(
         _class_spec(cb, f"trainer.callbacks.{i}", Callback, fail)
         for i, cb in enumerate(callbacks_raw)
     ]
+    if "logger" in trainer_raw:
+        trainer_raw["logger"] = _logger_specs(trainer_raw["logger"], fail)
     seed = raw.get("seed", 0)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         fail("seed", f"expected int or null, got {type(seed).__name__} {seed!r}")
@@ -213,6 +216,22 @@ def _trainer_section(
         fail(err.key, err.problem)
     trainer = dataclasses.replace(trainer, callbacks=callbacks)
     return trainer, callbacks, seed, run_dir
+
+
+def _logger_specs(raw: Any, fail: Callable[[str, str], typing.NoReturn]) -> Any:
+    """``trainer.logger``'s ``{class_path, init_args}`` entries checked as callbacks are (the
+    class a ``disttrain.loggers.Logger``, its arguments); names are TrainerConfig's to check.
+    The specs stay plain data: the trainer builds them (``disttrain.loggers.make_loggers``)."""
+    if isinstance(raw, dict):
+        return _spec_dict(_class_spec(raw, "trainer.logger", Logger, fail))
+    if isinstance(raw, list):
+        return [
+            _spec_dict(_class_spec(entry, f"trainer.logger.{i}", Logger, fail))
+            if isinstance(entry, dict)
+            else entry
+            for i, entry in enumerate(raw)
+        ]
+    return raw
 
 
 def build_callbacks(config: RunConfig) -> TrainerConfig:

@@ -32,22 +32,29 @@ from disttrain.data.workers import WorkerInit, reading, rebuilt
 data_log = logging.getLogger("disttrain.data")
 
 
+def set_epoch(loader: Any, epoch: int) -> None:
+    """``set_epoch(epoch)`` on every sampler of ``loader``'s chain that has one (a user's
+    ``BatchSampler(DistributedSampler(...))`` included) and on its dataset (a stream's shard
+    order, ``streams.py``): before ``on_epoch_start``, which may read them."""
+    for chained in sampling_chain(loader):
+        if callable(getattr(chained, "set_epoch", None)):
+            chained.set_epoch(epoch)
+    dataset: Any = getattr(loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
 @contextlib.contextmanager
 def epoch_batches(loader: Any, epoch: int, first_batch: int) -> Iterator[Iterator[Any]]:
-    """Start ``epoch`` of ``loader`` at batch ``first_batch``: the same order, nothing repeated.
-    The batches are read in a ``with`` block, whose end shuts the loader's workers down
-    (``workers.reading``).
+    """Start ``epoch`` of ``loader`` (after ``set_epoch``) at batch ``first_batch``: the same
+    order, nothing repeated. The batches are read in a ``with`` block, whose end shuts the
+    loader's workers down (``workers.reading``).
 
     Samplers disttrain built skip without loading anything; other loaders load and drop the
     batches already trained.
     """
-    for chained in sampling_chain(loader):  # a user's BatchSampler(DistributedSampler(...))
-        if callable(getattr(chained, "set_epoch", None)):
-            chained.set_epoch(epoch)
     sampler: Any = getattr(loader, "sampler", None)
     dataset: Any = getattr(loader, "dataset", None)
-    if hasattr(dataset, "set_epoch"):  # a stream's shard order (streams.py)
-        dataset.set_epoch(epoch)
     dropped, source = first_batch, loader  # batches read again and dropped; what reads
     if first_batch and isinstance(sampler, ResumableDistributedSampler):
         if sampler.resharded is None or sampler.resharded.epoch != epoch:

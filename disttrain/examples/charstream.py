@@ -201,6 +201,12 @@ class DataWait(disttrain.Callback):
         )
 
 
+def tokens_per_batch(batch) -> int:
+    """The tokens a training batch trains on (``ThroughputMonitor(tokens_per_batch=...)``):
+    each window's inputs, one fewer than its length."""
+    return batch.shape[0] * (batch.shape[1] - 1)
+
+
 if __name__ == "__main__":
     disttrain.seed_everything(0)
     trainer = disttrain.Trainer(

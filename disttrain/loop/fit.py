@@ -1,7 +1,9 @@
-"""``Run.fit``, one function per loop level, in the order things happen.
+"""``Trainer.fit``, one function per loop level, in the order things happen.
 
 ``fit`` (start, sanity check, epochs, finish) → ``train_epoch`` → ``train_batch`` →
-``forward_backward`` (per optimizer) and ``optimizer_step``. Every hook is one visible line:
+``forward_backward`` (per optimizer) and ``optimizer_step``. Each level takes the run (``run``:
+what the loop reads and changes, ``disttrain.loop.run``) and this fit's plumbing (``loop``:
+``disttrain.loop.fitloop.FitLoop``). Every hook is one visible line:
 ``loop.call(Hook.X, ...)``, or for the per-batch hooks the same callable looked up once
 (``loop.hooks.on_batch_end()``); the dispatcher decides on which ranks it runs and what sync
 follows (``disttrain.ranks.table`` draws the whole loop next to its rank rules).
@@ -70,7 +72,7 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     warn_if_built_unseeded(module, run.seed)
     call(Hook.PREPARE_DATA)
     dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, run)
-    log.info("loop directory: %s", Path(cfg.default_root_dir).resolve())
+    log.info("run directory: %s", Path(cfg.default_root_dir).resolve())
     call(Hook.SETUP, "fit")
     module.to(run.device)
     call(Hook.ON_FIT_START)
@@ -141,14 +143,14 @@ def sanity_check(run: Run, loop: FitLoop) -> None:
 
 
 def train(run: Run, loop: FitLoop, module: Module) -> None:
-    """The epochs, from where a resumed loop stopped; every rank leaves after the same step."""
+    """The epochs, from where a resumed run stopped; every rank leaves after the same step."""
     cfg, progress = run.config, loop.progress
     start_epoch, start_batch = progress.resume_point() if progress else (0, 0)
     if progress and progress.epoch_finished:  # saved before that epoch's scheduler step
         optim.step_schedulers(run.schedulers, "epoch", progress.epoch + 1)
     if start_epoch >= cfg.max_epochs or run.global_step >= _max_steps(run):
         log.info(
-            "nothing to train: the checkpoint is at epoch %d, step %d, and the loop ends at "
+            "nothing to train: the checkpoint is at epoch %d, step %d, and the run ends at "
             "max_epochs=%d, max_steps=%s; raise them to train on",
             run.current_epoch,
             run.global_step,
@@ -179,6 +181,7 @@ def train_epoch(run: Run, loop: FitLoop, epoch: int, first: int) -> tuple[list[A
     if loop.saved_rng is not None and first == 0:
         set_rng_state(loop.saved_rng)  # where the checkpoint was taken: after the epoch
         loop.saved_rng = None
+    loaders.set_epoch(loop.train_data, epoch)  # before on_epoch_start, which may read it
     loop.call(Hook.ON_EPOCH_START)
     outputs: list[Any] = []
     with loaders.epoch_batches(loop.train_data, epoch, first) as batches:
@@ -331,11 +334,16 @@ def _save_now(run: Run) -> Path:
 
 
 def _say_where_files_went(run: Run) -> None:
-    run_dir = Path(run.config.default_root_dir)
     callback = run.checkpoint_callback
     if callback is not None and callback.saved:
         log.info("checkpoints: %s", callback.directory(run.trainer) / callback.saved[-1])
-    if run.config.logger == "csv":
-        log.info("metrics: %s", run_dir / "metrics.csv")
-    elif run.config.logger == "tensorboard":
-        log.info("metrics: %s (tensorboard --logdir %s)", *[run_dir / "tensorboard"] * 2)
+    for logger in run.logger.loggers:  # each one the user gave, by where it saved
+        where = getattr(logger, "path", None) or logger.log_dir
+        if where is None:
+            continue
+        if logger.name == "csv":
+            log.info("metrics: %s", where)
+        elif logger.name == "tensorboard":
+            log.info("metrics: %s (tensorboard --logdir %s)", where, where)
+        else:
+            log.info("metrics: %s (%s)", where, logger.name)

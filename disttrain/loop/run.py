@@ -32,11 +32,11 @@ from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv, select_device
 from disttrain.dist.flight import FlightRecorder
+from disttrain.loggers import Logger, make_loggers
 from disttrain.loop.optim import SchedulerEntry
 from disttrain.loop.precision import autocast_context
 from disttrain.loop.strategy import Step
 from disttrain.observe.console import configure_logging, writes_run_output
-from disttrain.observe.loggers import Logger, make_logger
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
 from disttrain.ranks.dispatch import Dispatcher
@@ -61,7 +61,7 @@ class Run:
         self.seed = seed_for_run(config.seed, explicit_seed)  # the user's seeding stands
         self.device = select_device(config.accelerator, self.env)
         self.callbacks: list[Callback] = _callbacks(config, self.env.rank)
-        logger = make_logger(config.logger, config.default_root_dir, self.env.rank)
+        logger = make_loggers(config.logger, config.default_root_dir, self.env.rank)
         self.reporter = Reporter(logger, config.log_every_n_steps, config.sync_step_metrics)
         self.flight = FlightRecorder(self.env.rank)
         self.flight.progress = self

@@ -21,11 +21,11 @@ from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
+from disttrain.loggers import Logger
 from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
 from disttrain.loop.optim import SchedulerEntry
 from disttrain.loop.run import Run
-from disttrain.observe.loggers import Logger
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
 
@@ -200,6 +200,11 @@ class Trainer:
     def logger(self) -> Logger:
         """The run's logger (``NullLogger`` on ranks that write nothing)."""
         return self._run.reporter.logger
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """Every logger the run writes to (Lightning 2's ``trainer.loggers``)."""
+        return self._run.reporter.logger.loggers
 
     @property
     def callback_metrics(self) -> dict[str, float]:
