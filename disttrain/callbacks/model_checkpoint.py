@@ -22,7 +22,8 @@ log = logging.getLogger("disttrain.callbacks")
 
 
 class ModelCheckpoint(Callback):
-    """Save checkpoints every N optimizer steps and/or every N epochs; keep the last K, and
+    """Save checkpoints every N optimizer steps (``every_n_steps``, or Lightning's
+    ``every_n_train_steps``) and/or every N epochs; keep the last K, and
     optionally the best K by a monitored metric; keep ``last.ckpt`` naming the newest.
 
     ``monitor`` names a key of ``trainer.callback_metrics`` (a metric logged with
@@ -42,7 +43,15 @@ class ModelCheckpoint(Callback):
         monitor: str | None = None,
         mode: str = "min",
         save_top_k: int = 1,
+        every_n_train_steps: int | None = None,
     ) -> None:
+        if every_n_train_steps is not None:  # Lightning's name
+            if every_n_steps not in (None, every_n_train_steps):
+                raise ValueError(
+                    "ModelCheckpoint: every_n_steps and every_n_train_steps are the same "
+                    f"option; got {every_n_steps} and {every_n_train_steps}"
+                )
+            every_n_steps = every_n_train_steps
         if mode not in ("min", "max"):
             raise ValueError(f"ModelCheckpoint: mode must be 'min' or 'max', got {mode!r}")
         if keep_last_k < 0 or save_top_k < 0:

@@ -80,6 +80,16 @@ class Trainer:
         return self._run.seed
 
     @property
+    def max_epochs(self) -> int | None:
+        """As given: None (1000, or no limit under ``max_steps``), -1 (no limit) or N."""
+        return self._run.config.max_epochs
+
+    @property
+    def max_steps(self) -> int | None:
+        """Optimizer steps the run ends after; None: no limit (``-1`` is read as None)."""
+        return self._run.config.max_steps
+
+    @property
     def default_root_dir(self) -> str:
         return self._run.config.default_root_dir
 

@@ -26,6 +26,7 @@ The whole of ``Trainer.fit``, with every hook in place (``[v]`` verdict, ``[a]``
             if accumulation boundary:
                 for optimizer: clip; optimizer.step(); on_before_zero_grad(optimizer); zero_grad()
                 step-interval schedulers
+            validation every val_check_interval batches, if set (inside the epoch)
             on_batch_end()
         validation (every check_val_every_n_epoch), as the sanity check but on all batches
         training_epoch_end(outputs); on_epoch_end(); epoch-interval schedulers
