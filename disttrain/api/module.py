@@ -90,6 +90,7 @@ class Module(ModelHooks, torch.nn.Module):
         reduce: str = "mean",
         batch_size: int | None = None,
         prog_bar: bool = False,
+        sync_dist: bool | None = None,
     ) -> None:
         """Record a metric; the trainer reduces it across ranks at fixed points.
 
@@ -100,6 +101,9 @@ class Module(ModelHooks, torch.nn.Module):
         ``batch_size``, by default the batch's length; ``sum``, ``max``, ``min``) in one
         collective at the end of the loop. Reduced values appear in
         ``trainer.callback_metrics`` and the logger. Logging is local: it costs no collective.
+        ``sync_dist`` (Lightning's) is accepted: epoch values are always reduced over every
+        rank, exactly; a step value is global rank 0's, or the ranks' mean with the trainer's
+        ``sync_step_metrics=True`` (one collective per ``log_every_n_steps``).
         """
         trainer = self._trainer
         if trainer is None:

@@ -45,6 +45,7 @@ class TrainerConfig:
     val_check_interval: int | float | None = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None  # max global L2 norm; None or 0: no clipping
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"  # "value": each element
     precision: Precision = "32"
     accelerator: Accelerator = "auto"
     seed: int | None = 0  # seeds Python, torch and the samplers; None leaves RNGs alone

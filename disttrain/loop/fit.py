@@ -16,7 +16,7 @@ import functools
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,7 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
         progress=progress,
         saved_rng=saved_rng,
         val_every=None if val_data is None else _batches_between_validations(cfg, n_train),
+        clip=_clipping(cfg.gradient_clip_val, cfg.gradient_clip_algorithm),
         optimizers=optimizers,
     )
     call(Hook.ON_TRAIN_START)
@@ -271,12 +272,12 @@ def forward_backward(
 def optimizer_step(run: Run, loop: FitLoop) -> None:
     """Clip, step, ``on_before_zero_grad``, zero every optimizer; then the step-interval
     schedulers and the step's metrics."""
-    scaler, clip = run.scaler, run.config.gradient_clip_val
+    scaler, clip = run.scaler, loop.clip
     for optimizer, group in zip(run.optimizers, loop.params):
-        if clip:
+        if clip is not None:
             if scaler is not None:  # 16-mixed: clip the true gradients
                 scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(group, clip)
+            clip(group)
         if scaler is None:
             optimizer.step()
         else:
@@ -355,6 +356,16 @@ def _validates_after(run: Run, every: int, n_train: int | float, trained: int) -
         return run.global_step % (every // run.config.accumulate_grad_batches) == 0
     in_epoch = (run.current_epoch + 1) % every_n_epochs == 0
     return in_epoch and trained % every == 0 and trained < n_train
+
+
+def _clipping(value: float | None, algorithm: str) -> Callable[[list[torch.Tensor]], Any] | None:
+    """``gradient_clip_val`` by ``gradient_clip_algorithm``: the global L2 norm of each
+    optimizer's parameters, or each gradient element; None when not clipping."""
+    if not value:
+        return None
+    if algorithm == "value":
+        return functools.partial(torch.nn.utils.clip_grad_value_, clip_value=value)
+    return functools.partial(torch.nn.utils.clip_grad_norm_, max_norm=value)
 
 
 def _max_steps(run: Run) -> float:

@@ -43,6 +43,7 @@ class FitLoop:
     progress: Progress | None  # the checkpoint resumed from
     saved_rng: dict | None  # this rank's RNG state of that checkpoint, put back once
     val_every: int | None  # val_check_interval in batches (None: at epochs' ends only)
+    clip: Callable[[list[torch.Tensor]], Any] | None  # gradient clipping, if asked for
     optimizers: InitVar[list[torch.optim.Optimizer]]
     params: list[list[torch.Tensor]] = field(init=False)  # per optimizer, for clipping
     step_args: list[tuple[int, ...]] = field(init=False)  # (optimizer_idx,) with several

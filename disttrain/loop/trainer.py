@@ -7,6 +7,7 @@ The loop itself is ``disttrain.loop.fit`` and ``disttrain.loop.evaluation``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from disttrain.api.datamodule import DataModule
+from disttrain.api.datamodule import DataModule, given_loaders
 from disttrain.api.hooks import Callback
 from disttrain.api.module import Module
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
@@ -26,6 +27,7 @@ from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
 from disttrain.loop.optim import SchedulerEntry
 from disttrain.loop.run import Run
+from disttrain.loop.sources import estimated_stepping_batches
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
 
@@ -88,6 +90,12 @@ class Trainer:
     def max_steps(self) -> int | None:
         """Optimizer steps the run ends after; None: no limit (``-1`` is read as None)."""
         return self._run.config.max_steps
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        """Optimizer steps this fit takes (``math.inf`` if unbounded): per-rank batches per
+        epoch over the accumulation, times the epochs, capped by ``max_steps``."""
+        return estimated_stepping_batches(self._run)
 
     @property
     def default_root_dir(self) -> str:
@@ -267,16 +275,47 @@ class Trainer:
         return self._run.manage_files(fn, *args)
 
     # -- the stages ----------------------------------------------------------------------------
-    def fit(self, module: Module, datamodule: DataModule | None = None) -> None:
+    def fit(
+        self,
+        module: Module,
+        datamodule: DataModule | Any = None,
+        *,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        ckpt_path: str | None = None,
+    ) -> None:
         """Train ``module``: the lifecycle of ``docs/lifecycle.md`` on every rank
         (``disttrain.loop.fit``, level by level).
 
-        Dataloaders come from ``datamodule`` where it defines them, else from ``module``. With
-        ``resume`` (or after an elastic restart) training goes on from a checkpoint exactly
-        where it stopped. On SIGTERM or Ctrl-C every rank stops after the same optimizer step,
-        a checkpoint is written and ``Preempted`` is raised.
+        Dataloaders come from ``datamodule`` where it defines them, else from ``module``;
+        ``train_dataloaders``/``val_dataloaders`` (Lightning's keywords; a DataLoader as the
+        second argument is taken as the training one) replace the module's. With ``resume``
+        or ``ckpt_path`` (the same, for this fit; ``"last"`` is ``"auto"``), or after an
+        elastic restart, training goes on from a checkpoint exactly where it stopped. On
+        SIGTERM or Ctrl-C every rank stops after the same optimizer step, a checkpoint is
+        written and ``Preempted`` is raised.
         """
-        fit(self._run, module, datamodule)
+        if datamodule is not None and not isinstance(datamodule, DataModule):
+            if train_dataloaders is not None:
+                raise TypeError(
+                    "Trainer.fit: the second argument is the datamodule; "
+                    f"got a {type(datamodule).__name__} and train_dataloaders"
+                )
+            datamodule, train_dataloaders = None, datamodule  # fit(model, train_loader)
+        if train_dataloaders is not None or val_dataloaders is not None:
+            if datamodule is not None:
+                raise TypeError(
+                    "Trainer.fit: give a datamodule or train_dataloaders/val_dataloaders, not both"
+                )
+            datamodule = given_loaders(train_dataloaders, val_dataloaders)
+        config = self._run.config
+        if ckpt_path is not None:
+            resume = "auto" if ckpt_path == "last" else str(ckpt_path)
+            self._run.config = dataclasses.replace(config, resume=resume)
+        try:
+            fit(self._run, module, datamodule)
+        finally:
+            self._run.config = config
 
     def validate(self, module: Module, datamodule: DataModule | None = None) -> Any:
         """Run the validation loop once over all of ``val_dataloader`` on every rank; with
