@@ -32,3 +32,6 @@ class DataModule:
 
     def test_dataloader(self) -> Any:
         return None
+
+    def predict_dataloader(self) -> Any:
+        return None

@@ -154,6 +154,24 @@ class ModelHooks:
         on. Must not call collectives.
         """
 
+    def on_predict_start(self) -> None:
+        """Runs on every rank at the beginning of ``Trainer.predict``'s loop, in eval mode
+        under ``torch.inference_mode``. May use collectives."""
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Runs on every rank before each predict batch (``batch`` as the DataLoader returned
+        it). Ranks may hold different numbers of batches: must not call collectives."""
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Runs on every rank after each ``predict_step``, with its ``outputs``;
+        ``trainer.predict_batch_indices`` are the batch's dataset indices. Ranks may hold
+        different numbers of batches: must not call collectives."""
+
+    def on_predict_end(self) -> None:
+        """Runs on every rank after every rank finished its predict batches, before the
+        predictions are gathered; a verdict follows (a failure on any rank stops every rank).
+        May use collectives."""
+
 
 class Callback:
     """Override any of these to observe or steer a run without touching the module.
@@ -219,6 +237,22 @@ class Callback:
         self, trainer: TrainerState, module: Any, checkpoint: dict[str, Any]
     ) -> None:
         """All ranks, when a run resumes from ``checkpoint``."""
+
+    def on_predict_start(self, trainer: TrainerState, module: Any) -> None:
+        """All ranks, at the beginning of the predict loop."""
+
+    def on_predict_batch_start(
+        self, trainer: TrainerState, module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """All ranks, before each predict batch (no collectives)."""
+
+    def on_predict_batch_end(
+        self, trainer: TrainerState, module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """All ranks, after each ``predict_step`` (no collectives)."""
+
+    def on_predict_end(self, trainer: TrainerState, module: Any) -> None:
+        """All ranks, once every rank finished predicting; a verdict follows."""
 
     def state_dict(self) -> dict[str, Any]:
         """This callback's state, saved in every checkpoint (under its class name)."""

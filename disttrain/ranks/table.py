@@ -33,6 +33,23 @@ The whole of ``Trainer.fit``, with every hook in place (``[v]`` verdict, ``[a]``
     on_fit_end()
     teardown("fit")                      # all                                [v]
 
+``Trainer.predict`` (``disttrain.loop.predict``), with the loop's own verdict ``[v]``::
+
+    prepare_data()                       # as in fit                          [v, long timeout]
+    setup("predict")                     # all                                [v]
+    module.to(device); weights from ckpt_path / resume; the unpadded loader, in blocks
+    model.eval(); torch.inference_mode()
+    on_predict_start()                                   # the loop: no collective inside
+    for batch_idx, batch in loader:                      # (ranks hold different numbers)
+        on_predict_batch_start(batch, batch_idx)
+        batch = transfer_batch_to_device(batch, device)
+        outputs = predict_step(batch, batch_idx)
+        on_predict_batch_end(outputs, batch, batch_idx)
+                                         # the loop (action predict)         [v]
+    on_predict_end()                     # all                                [v]
+    predictions gathered in dataset order, once (return_predictions=True)
+    teardown("predict")                  # all                                [v]
+
 Every rank runs the same sequence; only ``prepare_data`` is limited to some ranks. Callbacks
 run before the module's hook of the same name. ``HOOK_TABLE`` below is the single statement of
 which ranks run a hook and what synchronisation follows; ``disttrain.ranks.dispatch`` applies
@@ -85,6 +102,10 @@ class Hook(str, enum.Enum):
     TEARDOWN = "teardown"
     ON_SAVE_CHECKPOINT = "on_save_checkpoint"
     ON_LOAD_CHECKPOINT = "on_load_checkpoint"
+    ON_PREDICT_START = "on_predict_start"
+    ON_PREDICT_BATCH_START = "on_predict_batch_start"
+    ON_PREDICT_BATCH_END = "on_predict_batch_end"
+    ON_PREDICT_END = "on_predict_end"
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,10 @@ HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.TEARDOWN:                  Rule(Ranks.ALL, Sync.VERDICT),
     Hook.ON_SAVE_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_LOAD_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_PREDICT_START:          Rule(Ranks.ALL, Sync.NONE),  # inside the predict action
+    Hook.ON_PREDICT_BATCH_START:    Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_PREDICT_BATCH_END:      Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_PREDICT_END:            Rule(Ranks.ALL, Sync.VERDICT),
 }  # fmt: skip
 
 
@@ -127,6 +152,7 @@ class Action(str, enum.Enum):
     WRITE_CHECKPOINT = "write_checkpoint"  # one file, atomically, from the gathered state
     MANAGE_FILES = "manage_files"  # choose, clean up or delete files in the run directory
     LOAD_CHECKPOINT = "load_checkpoint"  # every rank reads the file global zero chose
+    PREDICT = "predict"  # the predict loop over this rank's shard: a failure stops every rank
 
 
 ACTION_TABLE: Mapping[Action, Rule] = {
@@ -134,6 +160,7 @@ ACTION_TABLE: Mapping[Action, Rule] = {
     Action.WRITE_CHECKPOINT: Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT, callbacks=False),
     Action.MANAGE_FILES:     Rule(Ranks.GLOBAL_ZERO, Sync.DECISION, callbacks=False),
     Action.LOAD_CHECKPOINT:  Rule(Ranks.ALL, Sync.VERDICT_LONG, callbacks=False),
+    Action.PREDICT:          Rule(Ranks.ALL, Sync.VERDICT, callbacks=False),
 }  # fmt: skip
 
 
