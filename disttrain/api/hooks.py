@@ -26,7 +26,7 @@ class ModelHooks:
     """
 
     def prepare_data(self) -> None:
-        """Download and preprocess data, once, before anything else in fit/validate/test.
+        """Download and preprocess data, once, before anything else in any stage.
 
         Runs on global rank 0 only (on local rank 0 of every node with
         ``Trainer(prepare_data_per_node=True)``); every other rank waits for it at a barrier
@@ -41,12 +41,13 @@ class ModelHooks:
         """Build what depends on data (layers, vocabularies) on every rank.
 
         Runs on all ranks after ``prepare_data`` and before the module is moved to its device
-        and wrapped in DDP; ``stage`` is ``"fit"``, ``"validate"`` or ``"test"``. A failure on
-        any rank stops every rank (a verdict follows). May use collectives.
+        and wrapped in DDP; ``stage`` is ``"fit"``, ``"validate"``, ``"test"`` or
+        ``"predict"``. A failure on any rank stops every rank (a verdict follows). May use
+        collectives.
         """
 
     def teardown(self, stage: str) -> None:
-        """Release what ``setup`` built, at the end of fit/validate/test.
+        """Release what ``setup`` built, at the end of fit/validate/test/predict.
 
         Runs on all ranks, also when the stage ran to completion after an early stop; a verdict
         follows, then the process group is destroyed. May use collectives.
