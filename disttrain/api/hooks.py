@@ -156,8 +156,8 @@ class ModelHooks:
         """
 
     def on_predict_start(self) -> None:
-        """Runs on every rank at the beginning of ``Trainer.predict``'s loop, in eval mode
-        under ``torch.inference_mode``. May use collectives."""
+        """Runs on every rank at the beginning of ``Trainer.predict``, in eval mode, before
+        the loop over the batches; a verdict follows. May use collectives."""
 
     def on_predict_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Runs on every rank before each predict batch (``batch`` as the DataLoader returned
@@ -240,7 +240,7 @@ class Callback:
         """All ranks, when a run resumes from ``checkpoint``."""
 
     def on_predict_start(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the beginning of the predict loop."""
+        """All ranks, at the beginning of predict; a verdict follows."""
 
     def on_predict_batch_start(
         self, trainer: TrainerState, module: Any, batch: Any, batch_idx: int

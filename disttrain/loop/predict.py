@@ -47,6 +47,7 @@ def run_prediction(
         restore_weights(run, ckpt_path)
         loader = _loader_for(run, module, dataloader)
         with ended(loader), evaluating(module):
+            call(Hook.ON_PREDICT_START)
             kept = dispatcher.run(Action.PREDICT, predict_shard, run, dispatcher, loader, keep)
             call(Hook.ON_PREDICT_END)
         predictions = None
@@ -60,8 +61,8 @@ def run_prediction(
 
 
 def predict_shard(run: Run, dispatcher: Dispatcher, loader: Any, keep: bool) -> list[Any]:
-    """``on_predict_start``, then ``predict_step`` over this rank's block of the dataset under
-    ``torch.inference_mode``; returns the outputs on the CPU (nothing with ``keep`` off).
+    """``predict_step`` over this rank's block of the dataset under ``torch.inference_mode``;
+    returns the outputs on the CPU (nothing with ``keep`` off).
     ``trainer.predict_batch_indices`` holds each batch's dataset indices meanwhile."""
     module = run.running_module
     step = module.predict_step
@@ -70,7 +71,6 @@ def predict_shard(run: Run, dispatcher: Dispatcher, loader: Any, keep: bool) -> 
     transfer = dispatcher.caller(Hook.TRANSFER_BATCH_TO_DEVICE)
     kept: list[Any] = []
     with torch.inference_mode(), run.autocast, reading(loader) as batches:
-        dispatcher.call(Hook.ON_PREDICT_START)
         try:
             # the batch sampler again, in the main process: each batch's dataset indices
             for batch_idx, (batch, indices) in enumerate(zip(batches, loader.batch_sampler)):

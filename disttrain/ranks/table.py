@@ -33,19 +33,20 @@ The whole of ``Trainer.fit``, with every hook in place (``[v]`` verdict, ``[a]``
     on_fit_end()
     teardown("fit")                      # all                                [v]
 
-``Trainer.predict`` (``disttrain.loop.predict``), with the loop's own verdict ``[v]``::
+``Trainer.predict`` (``disttrain.loop.predict``)::
 
     prepare_data()                       # as in fit                          [v, long timeout]
     setup("predict")                     # all                                [v]
     module.to(device); weights from ckpt_path / resume; the unpadded loader, in blocks
-    model.eval(); torch.inference_mode()
-    on_predict_start()                                   # the loop: no collective inside
-    for batch_idx, batch in loader:                      # (ranks hold different numbers)
+    module.eval()
+    on_predict_start()                   # all                                [v]
+    under torch.inference_mode(), no collective (ranks hold different numbers of batches):
+    for batch_idx, batch in loader:
         on_predict_batch_start(batch, batch_idx)
         batch = transfer_batch_to_device(batch, device)
         outputs = predict_step(batch, batch_idx)
         on_predict_batch_end(outputs, batch, batch_idx)
-                                         # the loop (action predict)         [v]
+                                         # the loop: trainer action predict   [v]
     on_predict_end()                     # all                                [v]
     predictions gathered in dataset order, once (return_predictions=True)
     teardown("predict")                  # all                                [v]
@@ -138,7 +139,7 @@ HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.TEARDOWN:                  Rule(Ranks.ALL, Sync.VERDICT),
     Hook.ON_SAVE_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_LOAD_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
-    Hook.ON_PREDICT_START:          Rule(Ranks.ALL, Sync.NONE),  # inside the predict action
+    Hook.ON_PREDICT_START:          Rule(Ranks.ALL, Sync.VERDICT),
     Hook.ON_PREDICT_BATCH_START:    Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_PREDICT_BATCH_END:      Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_PREDICT_END:            Rule(Ranks.ALL, Sync.VERDICT),
