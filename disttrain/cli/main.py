@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 2 -m disttrain fit --config configs/default.yaml
     disttrain launch --nproc-per-node 2 fit --config configs/default.yaml
     disttrain print-config --config configs/default.yaml --set trainer.max_epochs=3
-    disttrain predict --config configs/default.yaml trainer.resume=auto   # RUN_DIR/predictions
+    disttrain predict --config configs/smoke.yaml trainer.resume=auto   # RUN_DIR/predictions
 
 Configuration errors exit with code 2 before anything is written or spawned.
 """
