@@ -146,7 +146,9 @@ def test_launch_with_a_bad_config_spawns_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", ["fit", "validate", "test", "launch", "print-config"])
+@pytest.mark.parametrize(
+    "command", ["fit", "validate", "test", "predict", "launch", "print-config"]
+)
 def test_help_lists_every_option(command):
     out = subprocess.run(
         [sys.executable, "-m", "disttrain", command, "--help"],

@@ -33,6 +33,9 @@ class DataModule:
     def test_dataloader(self) -> Any:
         return None
 
+    def predict_dataloader(self) -> Any:
+        return None
+
 
 def given_loaders(train: Any = None, val: Any = None) -> DataModule:
     """The loaders handed to ``Trainer.fit(module, train_dataloaders=..., val_dataloaders=...)``

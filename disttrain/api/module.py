@@ -16,10 +16,11 @@ class Module(ModelHooks, torch.nn.Module):
     """A ``torch.nn.Module`` with Lightning 0.8's hooks and step methods.
 
     Implement ``training_step`` and ``configure_optimizers`` and the dataloaders you use; add
-    ``validation_step``/``test_step`` to evaluate. Every step method runs on every rank, on
-    that rank's shard of the data; under DDP ``training_step`` runs inside DDP's forward, so
-    the gradient all-reduce happens in ``backward``. Evaluation steps run on the unwrapped
-    module (no DDP collective), each sample exactly once across ranks.
+    ``validation_step``/``test_step`` to evaluate, ``predict_step`` to predict. Every step
+    method runs on every rank, on that rank's shard of the data; under DDP ``training_step``
+    runs inside DDP's forward, so the gradient all-reduce happens in ``backward``. Evaluation
+    and predict steps run on the unwrapped module (no DDP collective), each sample exactly
+    once across ranks.
     """
 
     def __init__(self) -> None:
@@ -53,6 +54,13 @@ class Module(ModelHooks, torch.nn.Module):
     def test_epoch_end(self, outputs: list[Any]) -> None:
         """Receives this rank's ``test_step`` outputs at the end of ``Trainer.test``."""
 
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        """Predict one batch of this rank's shard and return the prediction (tensors, or
+        containers of them). Runs on every rank in eval mode under ``torch.inference_mode``,
+        on the unwrapped module; must not call collectives (ranks may hold different numbers
+        of batches). The default returns ``self(batch)``."""
+        return self(batch)
+
     def training_epoch_end(self, outputs: list[Any]) -> None:
         """Receives this rank's ``training_step`` outputs (detached) at the end of an epoch;
         with several optimizers each entry is a list with one output per optimizer."""
@@ -77,6 +85,11 @@ class Module(ModelHooks, torch.nn.Module):
 
     def test_dataloader(self) -> Any:
         """The test ``DataLoader`` (optional); it is sharded without padding."""
+        return None
+
+    def predict_dataloader(self) -> Any:
+        """The ``DataLoader`` of ``Trainer.predict`` (a map-style dataset with a batch size,
+        not shuffled); it is sharded without padding, each rank a block of the dataset."""
         return None
 
     # -- metrics -------------------------------------------------------------------------------

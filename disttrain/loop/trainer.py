@@ -1,8 +1,10 @@
-"""``Trainer``: fit, validate and test a :class:`disttrain.Module`, one loop for every backend.
+"""``Trainer``: fit, validate, test and predict with a :class:`disttrain.Module`, one loop for
+every backend.
 
 A façade: what hooks and callbacks may read is ``disttrain.api.state.TrainerState``, and every
 property here reads the run (``disttrain.loop.run.Run``), the one owner of the loop's state.
-The loop itself is ``disttrain.loop.fit`` and ``disttrain.loop.evaluation``.
+The loop itself is ``disttrain.loop.fit``, ``disttrain.loop.evaluation`` and
+``disttrain.loop.predict``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from disttrain.loggers import Logger
 from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
 from disttrain.loop.optim import SchedulerEntry
+from disttrain.loop.predict import run_prediction
 from disttrain.loop.run import Run
 from disttrain.loop.sources import estimated_stepping_batches
 from disttrain.observe.metrics import Reporter
@@ -163,6 +166,11 @@ class Trainer:
         return self._run.num_training_batches
 
     @property
+    def predict_batch_indices(self) -> list[int] | None:
+        """During ``predict``'s batch hooks: the dataset indices of the batch (per rank)."""
+        return self._run.predict_batch_indices
+
+    @property
     def should_stop(self) -> bool:
         """Set it (on any rank) to stop every rank after an agreed optimizer step."""
         return self._run.should_stop
@@ -182,7 +190,8 @@ class Trainer:
 
     @property
     def running_module(self) -> Module:
-        """The module being fit, validated or tested (an error outside a run)."""
+        """The module being fit, validated, tested or predicted with (an error outside a
+        run)."""
         return self._run.running_module
 
     @property
@@ -330,3 +339,26 @@ class Trainer:
         tested on rank 0 only; here every rank takes its shard). Returns what
         ``test_epoch_end`` returned on this rank."""
         return run_evaluation(self._run, module, datamodule, "test")
+
+    def predict(
+        self,
+        module: Module,
+        dataloaders: Any = None,
+        datamodule: DataModule | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+        return_predictions: bool = True,
+    ) -> list[Any] | None:
+        """Run ``predict_step`` once over every sample of ``dataloaders`` (else the data
+        module's or the module's ``predict_dataloader``), on every rank: each rank predicts
+        one block of the dataset, unpadded, so every sample is predicted exactly once. The
+        module runs in eval mode under ``torch.inference_mode``, on the weights of
+        ``ckpt_path`` (else ``resume``) if given.
+
+        Returns, on every rank, the ``predict_step`` outputs of every batch of every rank
+        (moved to the CPU), in dataset order, gathered once at the end; batch boundaries
+        follow each rank's block, so concatenate them. With ``return_predictions=False``
+        nothing is kept or gathered and None is returned: pair it with
+        ``disttrain.callbacks.PredictionWriter`` for outputs too large to gather.
+        """
+        path = None if ckpt_path is None else os.fspath(ckpt_path)
+        return run_prediction(self._run, module, datamodule, dataloaders, path, return_predictions)
