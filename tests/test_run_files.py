@@ -193,7 +193,7 @@ def test_a_typo_in_an_override_is_reported_as_the_override():
             "'n_sample' (it takes: n_samples, n_features, batch_size, lr) (did you mean "
             "'model.init_args.n_samples'?)",
         ),
-        ("trainer.max_epochs=one", "trainer.max_epochs: expected int, got str 'one'"),
+        ("trainer.max_epochs=one", "trainer.max_epochs: expected int or null, got str 'one'"),
         ("model.init_args.lr=fast", "model.init_args.lr: expected float, got str 'fast'"),
         ("trainer.max_epochs=[1", "trainer.max_epochs: the value is not valid YAML: "),
         ("seed.x=1", "seed: is not a section; cannot set a key in it"),
