@@ -104,17 +104,20 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
         progress = dataclasses.replace(progress, next_batch=first)
     run.count_samples = sample_counter(train_data)
     run.num_training_batches = n_train
-    hooks = BatchHooks(*map(dispatcher.caller, _BATCH_HOOKS))
+    optim.warn_if_epoch_schedulers_never_step(
+        schedulers, cfg.max_epochs, cfg.max_steps, n_train, cfg.accumulate_grad_batches
+    )
     loop = FitLoop(
         call=call,
         forward=forward,
-        hooks=hooks,
+        hooks=_batch_hooks(dispatcher),
         stopping=stopping,
         train_data=train_data,
         val_data=val_data,
         n_train=n_train,
         n_val=loaders.limit_batches(val_data, cfg.limit_val_batches, "limit_val_batches"),
         keep_outputs=overridden(module, "training_epoch_end", Module),
+        unscale_first=dispatcher.implemented(Hook.ON_BEFORE_OPTIMIZER_STEP),
         progress=progress,
         saved_rng=saved_rng,
         optimizers=optimizers,
@@ -126,11 +129,32 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
 _BATCH_HOOKS = (
     Hook.ON_BATCH_START,
     Hook.TRANSFER_BATCH_TO_DEVICE,
+    Hook.ON_TRAIN_BATCH_START,
+    Hook.ON_BEFORE_BACKWARD,
     Hook.BACKWARD,
     Hook.ON_AFTER_BACKWARD,
+    Hook.ON_BEFORE_OPTIMIZER_STEP,
     Hook.ON_BEFORE_ZERO_GRAD,
+    Hook.ON_TRAIN_BATCH_END,
     Hook.ON_BATCH_END,
 )
+
+
+def _batch_hooks(dispatcher: Dispatcher) -> BatchHooks:
+    """The per-batch hooks as the loop holds them; a hook nobody implements is a no-op."""
+    hooks = BatchHooks(**{hook.value: dispatcher.caller(hook) for hook in _BATCH_HOOKS})
+    if dispatcher.implemented(Hook.ON_TRAIN_BATCH_END):  # Lightning hands it detached outputs
+        hooks = dataclasses.replace(hooks, on_train_batch_end=_detaching(hooks.on_train_batch_end))
+    return hooks
+
+
+def _detaching(on_train_batch_end: Any) -> Any:
+    def run(outputs: Any, batch: Any, batch_idx: int) -> Any:
+        if isinstance(outputs, list):  # several optimizers: one output each
+            return on_train_batch_end([detached(o) for o in outputs], batch, batch_idx)
+        return on_train_batch_end(detached(outputs), batch, batch_idx)
+
+    return run
 
 
 def sanity_check(run: Run, loop: FitLoop) -> None:
@@ -140,6 +164,7 @@ def sanity_check(run: Run, loop: FitLoop) -> None:
         run.sanity_checking = True
         evaluate(run, loop.call, loop.val_data, min(loop.n_val, steps), "validation")
         run.sanity_checking = False
+    loop.call(Hook.ON_SANITY_CHECK_END)
 
 
 def train(run: Run, loop: FitLoop, module: Module) -> None:
@@ -183,6 +208,7 @@ def train_epoch(run: Run, loop: FitLoop, epoch: int, first: int) -> tuple[list[A
         loop.saved_rng = None
     loaders.set_epoch(loop.train_data, epoch)  # before on_epoch_start, which may read it
     loop.call(Hook.ON_EPOCH_START)
+    loop.call(Hook.ON_TRAIN_EPOCH_START)
     outputs: list[Any] = []
     with loaders.epoch_batches(loop.train_data, epoch, first) as batches:
         if run.profiler is not None:
@@ -205,11 +231,14 @@ def train_batches(
 ) -> tuple[bool, EpochEnd]:
     """The epoch's ``(batch_idx, batch)`` pairs until its data or an agreed stop ends it;
     returns whether the last batch ended an accumulation window, and why the batches end."""
-    on_batch_start, stopping = loop.hooks.on_batch_start, loop.stopping
+    hooks, stopping, device = loop.hooks, loop.stopping, run.device
     max_steps = _max_steps(run)
     boundary = True
     for batch_idx, batch in items:
-        if on_batch_start(batch) == -1:  # agreed: every rank ends the epoch at this batch
+        if hooks.on_batch_start(batch) == -1:  # agreed: every rank ends the epoch here
+            return boundary, EpochEnd.MINUS_ONE
+        batch = run.reporter.batch = hooks.transfer_batch_to_device(batch, device)
+        if hooks.on_train_batch_start(batch, batch_idx) == -1:  # agreed, as on_batch_start's
             return boundary, EpochEnd.MINUS_ONE
         stopping.before_step(items, batch_idx)  # at a window's end: does this rank's data end?
         boundary = train_batch(run, loop, batch, batch_idx, outputs)
@@ -225,25 +254,28 @@ def train_batches(
 
 
 def train_batch(run: Run, loop: FitLoop, batch: Any, batch_idx: int, outputs: list[Any]) -> bool:
-    """One batch: forward and backward for every optimizer, then, at an accumulation
-    boundary, the optimizer step. Returns whether the optimizers stepped."""
+    """One batch (on the device): forward and backward for every optimizer, then, at an
+    accumulation boundary, the optimizer step. Returns whether the optimizers stepped."""
     hooks, accumulate = loop.hooks, run.config.accumulate_grad_batches
-    batch = run.reporter.batch = hooks.transfer_batch_to_device(batch, run.device)
     boundary = _ends_window(accumulate, loop, batch_idx)
     with NULL_CONTEXT if boundary else run.fit_step.no_sync():
-        forward_backward(run, loop, batch, batch_idx, outputs)
+        out = forward_backward(run, loop, batch, batch_idx, outputs)
     if boundary:
         optimizer_step(run, loop)
     run.at_step_boundary, run.next_batch = boundary, batch_idx + 1
+    hooks.on_train_batch_end(out, batch, batch_idx)
     hooks.on_batch_end()
     return boundary
 
 
 def forward_backward(
     run: Run, loop: FitLoop, batch: Any, batch_idx: int, outputs: list[Any]
-) -> None:
-    """``training_step`` → ``backward`` → ``on_after_backward`` for each optimizer in turn."""
+) -> Any:
+    """``training_step`` → ``on_before_backward`` → ``backward`` → ``on_after_backward`` for
+    each optimizer in turn. Returns what ``training_step`` returned (a list with several)."""
     hooks, scaler, accumulate = loop.hooks, run.scaler, run.config.accumulate_grad_batches
+    several = len(run.optimizers) > 1
+    outs = []
     for i, optimizer in enumerate(run.optimizers):
         with run.autocast:
             out = loop.forward(batch, batch_idx, *loop.step_args[i])
@@ -252,20 +284,28 @@ def forward_backward(
             loss = loss / accumulate
         if scaler is not None:
             loss = scaler.scale(loss)
+        hooks.on_before_backward(loss)
         hooks.backward(run, loss, optimizer, i)
         hooks.on_after_backward()
         if loop.keep_outputs:
             outputs.append(detached(out))
+        if several:
+            outs.append(out)
+    return outs if several else out
 
 
 def optimizer_step(run: Run, loop: FitLoop) -> None:
-    """Clip, step, ``on_before_zero_grad``, zero every optimizer; then the step-interval
-    schedulers and the step's metrics."""
+    """Per optimizer: ``on_before_optimizer_step``, clip, step, ``on_before_zero_grad``,
+    zero; then the step-interval schedulers and the step's metrics."""
     scaler, clip = run.scaler, run.config.gradient_clip_val
+    unscale = clip or loop.unscale_first
     for optimizer, group in zip(run.optimizers, loop.params):
+        if (
+            scaler is not None and unscale
+        ):  # 16-mixed: the hook sees, and clipping bounds, the true gradients
+            scaler.unscale_(optimizer)
+        loop.hooks.on_before_optimizer_step(optimizer)
         if clip:
-            if scaler is not None:  # 16-mixed: clip the true gradients
-                scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(group, clip)
         if scaler is None:
             optimizer.step()
@@ -288,6 +328,7 @@ def end_epoch(run: Run, loop: FitLoop, module: Module, epoch: int, outputs: list
         evaluate(run, loop.call, loop.val_data, loop.n_val, "validation")
     module.training_epoch_end(per_batch(outputs, len(run.optimizers)))
     run.epoch_finished = True
+    loop.call(Hook.ON_TRAIN_EPOCH_END)
     loop.call(Hook.ON_EPOCH_END)
     vote = loop.stopping.local_vote(run.should_stop)
     stop = run.reporter.end_epoch(run.collectives, run.global_step, epoch, vote)

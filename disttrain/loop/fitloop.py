@@ -19,9 +19,13 @@ class BatchHooks:
 
     on_batch_start: Callable[..., Any]
     transfer_batch_to_device: Callable[..., Any]
+    on_train_batch_start: Callable[..., Any]
+    on_before_backward: Callable[..., Any]
     backward: Callable[..., Any]
     on_after_backward: Callable[..., Any]
+    on_before_optimizer_step: Callable[..., Any]
     on_before_zero_grad: Callable[..., Any]
+    on_train_batch_end: Callable[..., Any]  # detaches the step's outputs, if implemented
     on_batch_end: Callable[..., Any]
 
 
@@ -40,6 +44,7 @@ class FitLoop:
     n_train: int | float
     n_val: int | float
     keep_outputs: bool  # training_epoch_end is overridden: keep the steps' outputs
+    unscale_first: bool  # on_before_optimizer_step runs: unscale (16-mixed) before it
     progress: Progress | None  # the checkpoint resumed from
     saved_rng: dict | None  # this rank's RNG state of that checkpoint, put back once
     optimizers: InitVar[list[torch.optim.Optimizer]]
