@@ -227,6 +227,23 @@ def test_on_before_optimizer_step_sees_unscaled_gradients_under_16_mixed():
     assert len(seen) == 2 and finite and max(finite) < 100  # scaled, they would be > 1000
 
 
+def test_on_train_batch_end_gets_lightnings_dict_with_the_loss_detached():
+    seen = []
+
+    class TensorLoss(Regressor):  # training_step returns the loss tensor alone
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            seen.append(outputs)
+
+    disttrain.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+    ).fit(TensorLoss())
+    assert len(seen) == 2 and set(seen[0]) == {"loss"} and not seen[0]["loss"].requires_grad
+
+
 # -- Lightning hook names disttrain never calls -------------------------------------------------
 
 

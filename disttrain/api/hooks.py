@@ -129,8 +129,10 @@ class ModelHooks:
         """Lightning 2.x: runs on every rank once per batch, after the optimizer step (if
         this batch ended an accumulation window) and before ``on_batch_end``: as in Lightning
         2, on every micro-batch under gradient accumulation. ``outputs`` is what
-        ``training_step`` returned, detached (a list, one per optimizer, with several). May
-        use collectives."""
+        ``training_step`` returned, detached, as Lightning 2 hands it: ``{"loss": loss,
+        ...}`` (a loss returned alone becomes ``{"loss": loss}``; the loss is not divided by
+        ``accumulate_grad_batches``); a list, one per optimizer, with several. May use
+        collectives."""
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         """Lightning 2.x: runs on every rank before each ``backward``, with the loss it will

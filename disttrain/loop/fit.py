@@ -149,10 +149,17 @@ def _batch_hooks(dispatcher: Dispatcher) -> BatchHooks:
 
 
 def _detaching(on_train_batch_end: Any) -> Any:
+    """``on_train_batch_end`` handed what Lightning 2 hands it: ``{"loss": loss, ...}``
+    detached (a loss tensor returned alone becomes that dict); a list with several
+    optimizers."""
+
+    def as_lightning(output: Any) -> Any:
+        return detached({"loss": output} if isinstance(output, torch.Tensor) else output)
+
     def run(outputs: Any, batch: Any, batch_idx: int) -> Any:
         if isinstance(outputs, list):  # several optimizers: one output each
-            return on_train_batch_end([detached(o) for o in outputs], batch, batch_idx)
-        return on_train_batch_end(detached(outputs), batch, batch_idx)
+            return on_train_batch_end([as_lightning(o) for o in outputs], batch, batch_idx)
+        return on_train_batch_end(as_lightning(outputs), batch, batch_idx)
 
     return run
 
@@ -300,9 +307,8 @@ def optimizer_step(run: Run, loop: FitLoop) -> None:
     scaler, clip = run.scaler, run.config.gradient_clip_val
     unscale = clip or loop.unscale_first
     for optimizer, group in zip(run.optimizers, loop.params):
-        if (
-            scaler is not None and unscale
-        ):  # 16-mixed: the hook sees, and clipping bounds, the true gradients
+        # 16-mixed: the hook sees, and clipping bounds, the true gradients
+        if scaler is not None and unscale:
             scaler.unscale_(optimizer)
         loop.hooks.on_before_optimizer_step(optimizer)
         if clip:
