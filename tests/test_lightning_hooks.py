@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from common import Regressor, read_results, run_scenario, write_result
-from conftest import run_beside
+from conftest import run_alone, run_beside
 
 import disttrain
 from disttrain.api.lightning_names import CALLED, LIGHTNING_HOOKS, NEVER_CALLED
@@ -169,6 +169,14 @@ def test_lightning2_hooks_run_at_their_moments_on_two_ranks(tmp_path):
         assert result["test"] == expected_test(2), f"rank {rank}"
         assert result["rank_seen"] == pytest.approx(0.5)  # logged in on_validation_epoch_end
         assert result["global_step"] == 2
+
+
+def test_the_debug_mode_runs_the_lightning2_hooks_in_the_same_order(tmp_path):
+    run_alone(__file__, "lightning2", tmp_path)  # python FILE: one process, no launcher
+    (result,) = read_results(tmp_path, 1)
+    assert result["fit"] == expected_fit(4, accumulate=2, val_batches=1)  # 4 batches of 8
+    assert result["test"] == expected_test(2)
+    assert result["rank_seen"] == 0.0 and result["global_step"] == 2
 
 
 def minus_one(outdir):
