@@ -252,6 +252,40 @@ def test_on_train_batch_end_gets_lightnings_dict_with_the_loss_detached():
     assert len(seen) == 2 and set(seen[0]) == {"loss"} and not seen[0]["loss"].requires_grad
 
 
+class Counts(disttrain.Callback):
+    def __init__(self):
+        self.epochs = 0
+
+    def on_train_epoch_end(self, trainer, module):
+        self.epochs += 1
+
+
+class BringsCallbacks(Regressor):
+    def __init__(self, dirpath):
+        super().__init__(n_train=8)
+        self.dirpath = dirpath
+
+    def configure_callbacks(self):
+        return [disttrain.ModelCheckpoint(dirpath=self.dirpath), Counts()]
+
+
+def test_configure_callbacks_adds_the_modules_callbacks_and_replaces_the_trainers(tmp_path):
+    module = BringsCallbacks(str(tmp_path / "mine"))
+    trainer = disttrain.Trainer(
+        max_epochs=2,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[Counts()],
+    )
+    trainer.fit(module)
+    counts = [cb for cb in trainer.callbacks if isinstance(cb, Counts)]
+    assert len(counts) == 1 and counts[0].epochs == 2  # the module's replaced the trainer's
+    assert isinstance(trainer.callbacks[-1], disttrain.ModelCheckpoint)  # checkpoints last
+    assert sum(isinstance(cb, disttrain.ModelCheckpoint) for cb in trainer.callbacks) == 1
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir())  # it saved there
+
+
 # -- Lightning hook names disttrain never calls -------------------------------------------------
 
 

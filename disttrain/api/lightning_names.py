@@ -80,7 +80,6 @@ NEVER_CALLED: Mapping[str, str] = {
     "configure_apex": "use the precision option ('16-mixed' or 'bf16-mixed')",
     "on_post_move_to_device": "use setup(stage) or on_fit_start (after the move)",
     "on_before_accelerator_backend_setup": "use setup(stage)",
-    "configure_callbacks": "pass the callbacks to Trainer(callbacks=[...])",
     # start-up and failures (0.8, 1.x, 2.x)
     "on_init_start": "use __init__ or setup(stage)",
     "on_init_end": "use __init__ or setup(stage)",
@@ -117,7 +116,7 @@ CALLED: frozenset[str] = frozenset(
         *("on_validation_start", "on_validation_end", "on_validation_epoch_start"),
         *("on_validation_epoch_end", "on_validation_batch_start", "on_validation_batch_end"),
         *("on_test_start", "on_test_end", "on_test_epoch_start", "on_test_epoch_end"),
-        *("on_test_batch_start", "on_test_batch_end"),
+        *("on_test_batch_start", "on_test_batch_end", "configure_callbacks"),
     }
 )
 
