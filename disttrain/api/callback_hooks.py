@@ -167,6 +167,22 @@ class Callback:
     ) -> None:
         """All ranks, when a run resumes from ``checkpoint``."""
 
+    def on_predict_start(self, trainer: TrainerState, module: Any) -> None:
+        """All ranks, at the beginning of predict; a verdict follows."""
+
+    def on_predict_batch_start(
+        self, trainer: TrainerState, module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """All ranks, before each predict batch (no collectives)."""
+
+    def on_predict_batch_end(
+        self, trainer: TrainerState, module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """All ranks, after each ``predict_step`` (no collectives)."""
+
+    def on_predict_end(self, trainer: TrainerState, module: Any) -> None:
+        """All ranks, once every rank finished predicting; a verdict follows."""
+
     def state_dict(self) -> dict[str, Any]:
         """This callback's state, saved in every checkpoint (under its class name)."""
         return {}

@@ -19,7 +19,10 @@ _TRANSFER = (
     "super().transfer_batch_to_device(batch, device)"
 )
 _EVAL_MODE = "disttrain switches eval/train mode itself; use on_{}_start / on_{}_end"
-_PREDICT = "disttrain has no predict loop; use Trainer.test with test_step"
+_PREDICT = (
+    "Trainer.predict runs predict_step between on_predict_start / on_predict_end and per "
+    "batch on_predict_batch_start / on_predict_batch_end; use those"
+)
 _STEP_END = (
     "disttrain runs each step on its rank's whole batch (no DataParallel split to gather); "
     "do that work in {}_step"
@@ -45,18 +48,12 @@ NEVER_CALLED: Mapping[str, str] = {
     "on_validation_start",
     "on_test_model_eval": _EVAL_MODE.format("test", "test"),
     "on_test_model_train": _EVAL_MODE.format("test", "test"),
-    # prediction (1.x, 2.x)
-    "predict_step": _PREDICT,
-    "predict_dataloader": _PREDICT,
-    "on_predict_start": _PREDICT,
-    "on_predict_end": _PREDICT,
+    # prediction's epoch and mode hooks (1.x, 2.x)
     "on_predict_epoch_start": _PREDICT,
     "on_predict_epoch_end": _PREDICT,
-    "on_predict_batch_start": _PREDICT,
-    "on_predict_batch_end": _PREDICT,
     "on_predict_model_eval": _PREDICT,
     "on_predict_model_train": _PREDICT,
-    "on_predict_dataloader": _PREDICT,
+    "on_predict_dataloader": "use predict_dataloader()",
     # step-end methods of DataParallel (0.8, 1.x)
     "training_step_end": _STEP_END.format("training") + " or on_train_batch_end",
     "validation_step_end": _STEP_END.format("validation"),
@@ -117,6 +114,8 @@ CALLED: frozenset[str] = frozenset(
         *("on_validation_epoch_end", "on_validation_batch_start", "on_validation_batch_end"),
         *("on_test_start", "on_test_end", "on_test_epoch_start", "on_test_epoch_end"),
         *("on_test_batch_start", "on_test_batch_end", "configure_callbacks"),
+        *("predict_step", "predict_dataloader", "on_predict_start", "on_predict_end"),
+        *("on_predict_batch_start", "on_predict_batch_end"),
     }
 )
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import overridden
@@ -32,7 +32,7 @@ from disttrain.data.samplers import reshard, sample_counter
 from disttrain.data.workers import ended
 from disttrain.loop import optim, sources, strategy
 from disttrain.loop.evaluation import evaluate
-from disttrain.loop.fitloop import BatchHooks, FitLoop
+from disttrain.loop.fitloop import FitLoop, batch_hooks, clipping
 from disttrain.loop.outputs import detached, loss_of, per_batch
 from disttrain.loop.precision import NULL_CONTEXT, grad_scaler
 from disttrain.loop.run import Run
@@ -105,12 +105,12 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     run.count_samples = sample_counter(train_data)
     run.num_training_batches = n_train
     optim.warn_if_epoch_schedulers_never_step(
-        schedulers, cfg.max_epochs, cfg.max_steps, n_train, cfg.accumulate_grad_batches
+        schedulers, cfg.epoch_limit, cfg.max_steps, n_train, cfg.accumulate_grad_batches
     )
     loop = FitLoop(
         call=call,
         forward=forward,
-        hooks=_batch_hooks(dispatcher),
+        hooks=batch_hooks(dispatcher),
         stopping=stopping,
         train_data=train_data,
         val_data=val_data,
@@ -120,48 +120,12 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
         unscale_first=dispatcher.implemented(Hook.ON_BEFORE_OPTIMIZER_STEP),
         progress=progress,
         saved_rng=saved_rng,
+        val_every=None if val_data is None else _batches_between_validations(cfg, n_train),
+        clip=clipping(cfg.gradient_clip_val, cfg.gradient_clip_algorithm),
         optimizers=optimizers,
     )
     call(Hook.ON_TRAIN_START)
     return loop
-
-
-_BATCH_HOOKS = (
-    Hook.ON_BATCH_START,
-    Hook.TRANSFER_BATCH_TO_DEVICE,
-    Hook.ON_TRAIN_BATCH_START,
-    Hook.ON_BEFORE_BACKWARD,
-    Hook.BACKWARD,
-    Hook.ON_AFTER_BACKWARD,
-    Hook.ON_BEFORE_OPTIMIZER_STEP,
-    Hook.ON_BEFORE_ZERO_GRAD,
-    Hook.ON_TRAIN_BATCH_END,
-    Hook.ON_BATCH_END,
-)
-
-
-def _batch_hooks(dispatcher: Dispatcher) -> BatchHooks:
-    """The per-batch hooks as the loop holds them; a hook nobody implements is a no-op."""
-    hooks = BatchHooks(**{hook.value: dispatcher.caller(hook) for hook in _BATCH_HOOKS})
-    if dispatcher.implemented(Hook.ON_TRAIN_BATCH_END):  # Lightning hands it detached outputs
-        hooks = dataclasses.replace(hooks, on_train_batch_end=_detaching(hooks.on_train_batch_end))
-    return hooks
-
-
-def _detaching(on_train_batch_end: Any) -> Any:
-    """``on_train_batch_end`` handed what Lightning 2 hands it: ``{"loss": loss, ...}``
-    detached (a loss tensor returned alone becomes that dict); a list with several
-    optimizers."""
-
-    def as_lightning(output: Any) -> Any:
-        return detached({"loss": output} if isinstance(output, torch.Tensor) else output)
-
-    def run(outputs: Any, batch: Any, batch_idx: int) -> Any:
-        if isinstance(outputs, list):  # several optimizers: one output each
-            return on_train_batch_end([as_lightning(o) for o in outputs], batch, batch_idx)
-        return on_train_batch_end(as_lightning(outputs), batch, batch_idx)
-
-    return run
 
 
 def sanity_check(run: Run, loop: FitLoop) -> None:
@@ -180,10 +144,10 @@ def train(run: Run, loop: FitLoop, module: Module) -> None:
     start_epoch, start_batch = progress.resume_point() if progress else (0, 0)
     if progress and progress.epoch_finished:  # saved before that epoch's scheduler step
         optim.step_schedulers(run.schedulers, "epoch", progress.epoch + 1)
-    if start_epoch >= cfg.max_epochs or run.global_step >= _max_steps(run):
+    if start_epoch >= cfg.epoch_limit or run.global_step >= _max_steps(run):
         log.info(
             "nothing to train: the checkpoint is at epoch %d, step %d, and the run ends at "
-            "max_epochs=%d, max_steps=%s; raise them to train on",
+            "max_epochs=%s, max_steps=%s; raise them to train on",
             run.current_epoch,
             run.global_step,
             cfg.max_epochs,
@@ -192,7 +156,9 @@ def train(run: Run, loop: FitLoop, module: Module) -> None:
         return  # (every rank alike: the same config, the same checkpoint)
     loop.stopping.before_training()
     module.train()
-    for epoch in range(start_epoch, cfg.max_epochs):
+    for epoch in itertools.count(start_epoch):  # to max_epochs, or on until max_steps
+        if epoch >= cfg.epoch_limit:
+            break
         first = start_batch if epoch == start_epoch else 0
         outputs, end = train_epoch(run, loop, epoch, first)
         if end is EpochEnd.AGREED_STOP:
@@ -270,7 +236,12 @@ def train_batch(run: Run, loop: FitLoop, batch: Any, batch_idx: int, outputs: li
     if boundary:
         optimizer_step(run, loop)
     run.at_step_boundary, run.next_batch = boundary, batch_idx + 1
-    hooks.on_train_batch_end(out, batch, batch_idx)
+    hooks.on_train_batch_end(out, batch, batch_idx)  # before validation, as in Lightning 2
+    every = loop.val_every
+    if boundary and every and _validates_after(run, every, loop.n_train, batch_idx + 1):
+        # before on_batch_end: a checkpoint taken there holds this validation's result, and
+        # the RNG it drew, so a run resumed from it goes on as the uninterrupted one
+        evaluate(run, loop.call, loop.val_data, loop.n_val, "validation")
     hooks.on_batch_end()
     return boundary
 
@@ -304,15 +275,15 @@ def forward_backward(
 def optimizer_step(run: Run, loop: FitLoop) -> None:
     """Per optimizer: ``on_before_optimizer_step``, clip, step, ``on_before_zero_grad``,
     zero; then the step-interval schedulers and the step's metrics."""
-    scaler, clip = run.scaler, run.config.gradient_clip_val
-    unscale = clip or loop.unscale_first
+    scaler, clip = run.scaler, loop.clip
+    unscale = clip is not None or loop.unscale_first
     for optimizer, group in zip(run.optimizers, loop.params):
         # 16-mixed: the hook sees, and clipping bounds, the true gradients
         if scaler is not None and unscale:
             scaler.unscale_(optimizer)
         loop.hooks.on_before_optimizer_step(optimizer)
-        if clip:
-            torch.nn.utils.clip_grad_norm_(group, clip)
+        if clip is not None:
+            clip(group)
         if scaler is None:
             optimizer.step()
         else:
@@ -329,8 +300,8 @@ def optimizer_step(run: Run, loop: FitLoop) -> None:
 def end_epoch(run: Run, loop: FitLoop, module: Module, epoch: int, outputs: list[Any]) -> bool:
     """Validation, the epoch-end hooks, and one collective for the epoch's metrics and every
     rank's stop vote. Returns whether training stops here."""
-    every = run.config.check_val_every_n_epoch
-    if loop.val_data is not None and (epoch + 1) % every == 0:
+    every = run.config.check_val_every_n_epoch  # None: by val_check_interval alone
+    if loop.val_data is not None and every is not None and (epoch + 1) % every == 0:
         evaluate(run, loop.call, loop.val_data, loop.n_val, "validation")
     module.training_epoch_end(per_batch(outputs, len(run.optimizers)))
     run.epoch_finished = True
@@ -364,6 +335,34 @@ def finish(run: Run, loop: FitLoop) -> None:
 def _ends_window(accumulate: int, loop: FitLoop, batch_idx: int) -> bool:
     """Whether the optimizers step after ``batch_idx``: an accumulation window ends there."""
     return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == loop.n_train
+
+
+def _batches_between_validations(cfg: Any, n_train: int | float) -> int | None:
+    """``val_check_interval`` as a batch count (a multiple of the accumulation), or None."""
+    interval = cfg.val_check_interval
+    if interval is None or isinstance(interval, int):
+        return interval
+    if interval == 1.0:
+        return None  # the epoch's end, where validation runs anyway
+    if math.isinf(n_train):
+        raise ValueError(
+            f"val_check_interval={interval} is a fraction of the epoch, but the training "
+            "dataloader has no length; give a batch count (an int)"
+        )
+    accumulate = cfg.accumulate_grad_batches
+    batches = max(int(n_train * interval), accumulate)
+    return batches - batches % accumulate
+
+
+def _validates_after(run: Run, every: int, n_train: int | float, trained: int) -> bool:
+    """Whether validation runs after the ``trained``-th batch of the epoch (not at its last
+    one, which ends the epoch with its own validation), or, with ``check_val_every_n_epoch``
+    None, after every ``val_check_interval`` batches counted across epochs."""
+    every_n_epochs = run.config.check_val_every_n_epoch
+    if every_n_epochs is None:
+        return run.global_step % (every // run.config.accumulate_grad_batches) == 0
+    in_epoch = (run.current_epoch + 1) % every_n_epochs == 0
+    return in_epoch and trained % every == 0 and trained < n_train
 
 
 def _max_steps(run: Run) -> float:

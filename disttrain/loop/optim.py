@@ -101,13 +101,14 @@ def _entry(scheduler: Any) -> SchedulerEntry:
 
 def warn_if_epoch_schedulers_never_step(
     entries: list[SchedulerEntry],
-    max_epochs: int,
+    max_epochs: int | float,
     max_steps: int | None,
     n_train: int | float,
     accumulate: int,
 ) -> None:
     """Name the per-epoch schedulers that step too rarely to change the learning rate while
-    the run trains: every epoch that will run ends before their first step."""
+    the run trains: every epoch that will run ends before their first step. ``max_epochs``
+    is the run's epoch limit (``TrainerConfig.epoch_limit``: inf for none)."""
     epochs: int | float = max_epochs
     if max_steps is not None:
         if n_train == math.inf:  # a stream of unknown length: maybe one endless epoch

@@ -30,6 +30,7 @@ Lightning 2.x's hooks sit beside Lightning 0.8's, at their Lightning moments)::
                     optimizer.step(); on_before_zero_grad(optimizer); zero_grad()
                 step-interval schedulers
             on_train_batch_end(outputs, batch, batch_idx)
+            validation every val_check_interval batches, if set (inside the epoch)
             on_batch_end()
         validation (every check_val_every_n_epoch):
             on_pre_performance_check(); on_validation_start(); on_validation_epoch_start()
@@ -44,6 +45,24 @@ Lightning 2.x's hooks sit beside Lightning 0.8's, at their Lightning moments)::
     on_train_end()
     on_fit_end()
     teardown("fit")                      # all                                [v]
+
+``Trainer.predict`` (``disttrain.loop.predict``)::
+
+    prepare_data()                       # as in fit                          [v, long timeout]
+    setup("predict")                     # all                                [v]
+    module.to(device); weights from ckpt_path / resume; the unpadded loader, in blocks
+    module.eval()
+    on_predict_start()                   # all                                [v]
+    under torch.inference_mode(), no collective (ranks hold different numbers of batches):
+    for batch_idx, batch in loader:
+        on_predict_batch_start(batch, batch_idx)
+        batch = transfer_batch_to_device(batch, device)
+        outputs = predict_step(batch, batch_idx)
+        on_predict_batch_end(outputs, batch, batch_idx)
+                                         # the loop: trainer action predict   [v]
+    on_predict_end()                     # all                                [v]
+    predictions gathered in dataset order, once (return_predictions=True)
+    teardown("predict")                  # all                                [v]
 
 Every rank runs the same sequence; only ``prepare_data`` is limited to some ranks. Callbacks
 run before the module's hook of the same name. ``HOOK_TABLE`` below is the single statement of
@@ -116,6 +135,10 @@ class Hook(str, enum.Enum):
     TEARDOWN = "teardown"
     ON_SAVE_CHECKPOINT = "on_save_checkpoint"
     ON_LOAD_CHECKPOINT = "on_load_checkpoint"
+    ON_PREDICT_START = "on_predict_start"
+    ON_PREDICT_BATCH_START = "on_predict_batch_start"
+    ON_PREDICT_BATCH_END = "on_predict_batch_end"
+    ON_PREDICT_END = "on_predict_end"
 
 
 @dataclass(frozen=True)
@@ -167,6 +190,10 @@ HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.TEARDOWN:                  Rule(Ranks.ALL, Sync.VERDICT),
     Hook.ON_SAVE_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_LOAD_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_PREDICT_START:          Rule(Ranks.ALL, Sync.VERDICT),
+    Hook.ON_PREDICT_BATCH_START:    Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_PREDICT_BATCH_END:      Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_PREDICT_END:            Rule(Ranks.ALL, Sync.VERDICT),
 }  # fmt: skip
 
 
@@ -194,6 +221,7 @@ class Action(str, enum.Enum):
     WRITE_CHECKPOINT = "write_checkpoint"  # one file, atomically, from the gathered state
     MANAGE_FILES = "manage_files"  # choose, clean up or delete files in the run directory
     LOAD_CHECKPOINT = "load_checkpoint"  # every rank reads the file global zero chose
+    PREDICT = "predict"  # the predict loop over this rank's shard: a failure stops every rank
 
 
 ACTION_TABLE: Mapping[Action, Rule] = {
@@ -201,6 +229,7 @@ ACTION_TABLE: Mapping[Action, Rule] = {
     Action.WRITE_CHECKPOINT: Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT, callbacks=False),
     Action.MANAGE_FILES:     Rule(Ranks.GLOBAL_ZERO, Sync.DECISION, callbacks=False),
     Action.LOAD_CHECKPOINT:  Rule(Ranks.ALL, Sync.VERDICT_LONG, callbacks=False),
+    Action.PREDICT:          Rule(Ranks.ALL, Sync.VERDICT, callbacks=False),
 }  # fmt: skip
 
 
