@@ -150,6 +150,18 @@ def test_a_hook_nobody_overrides_runs_nothing_and_agrees_on_nothing():
     world = FakeWorld(0, 2, others_true=True)
     assert dispatcher(Recording(), world).call(Hook.ON_BATCH_START, "batch") is None
     assert world.calls == []  # on_batch_start's agreement is paid only by those who override it
+    assert dispatcher(Recording(), world).call(Hook.ON_TRAIN_BATCH_START, "batch", 0) is None
+    assert world.calls == []  # nor is on_train_batch_start's
+
+
+def test_implemented_says_whether_anything_runs_for_a_hook():
+    module, world = Recording(), FakeWorld(0, 2)
+    plain = dispatcher(module, world)
+    with_callback = dispatcher(module, world, callbacks=[Notes(module.ran)])
+    assert plain.implemented(Hook.ON_EPOCH_START)  # the module overrides it
+    assert not plain.implemented(Hook.ON_BEFORE_OPTIMIZER_STEP)
+    assert with_callback.implemented(Hook.ON_EPOCH_START)
+    assert not with_callback.implemented(Hook.ON_TRAIN_BATCH_END)
 
 
 def test_a_hook_with_a_verdict_cannot_be_held_as_a_plain_caller():
@@ -165,6 +177,9 @@ class StopsOn(ModelHooks):
     def on_batch_start(self, batch: Any) -> int | None:
         return self.answer
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return self.answer
+
 
 @pytest.mark.parametrize(
     "mine, others_true, agreed", [(None, False, None), (None, True, -1), (-1, False, -1)]
@@ -174,6 +189,9 @@ def test_minus_one_from_on_batch_start_on_any_rank_is_minus_one_on_every_rank(
 ):
     world = FakeWorld(1, 2, others_true=others_true)
     assert dispatcher(StopsOn(mine), world).call(Hook.ON_BATCH_START, "batch") == agreed
+    assert world.calls == [("any_true", False)]
+    world = FakeWorld(1, 2, others_true=others_true)
+    assert dispatcher(StopsOn(mine), world).call(Hook.ON_TRAIN_BATCH_START, "batch", 0) == agreed
     assert world.calls == [("any_true", False)]
 
 

@@ -6,7 +6,7 @@ import inspect
 
 import disttrain
 from disttrain import HOOK_TABLE, Callback, Hook, ModelHooks, Ranks, Sync
-from disttrain.ranks.table import hook_schedule
+from disttrain.ranks.table import PER_MICRO_BATCH, PER_OPTIMIZER_STEP, hook_schedule
 
 
 def _public_methods(cls) -> set[str]:
@@ -61,9 +61,19 @@ def test_rank_rules():
     assert HOOK_TABLE[Hook.PREPARE_DATA].sync is Sync.VERDICT_LONG
     assert hook_schedule(prepare_data_per_node=True)[Hook.PREPARE_DATA].ranks is Ranks.LOCAL_ZERO
     assert HOOK_TABLE[Hook.ON_BATCH_START].sync is Sync.AGREE_STOP
+    assert HOOK_TABLE[Hook.ON_TRAIN_BATCH_START].sync is Sync.AGREE_STOP
     assert HOOK_TABLE[Hook.SETUP].sync is Sync.VERDICT_LONG  # start-up: a generous timeout
     assert HOOK_TABLE[Hook.TEARDOWN].sync is Sync.VERDICT
     assert all(r.ranks is Ranks.ALL for h, r in HOOK_TABLE.items() if h is not Hook.PREPARE_DATA)
+
+
+def test_the_table_names_the_hooks_of_every_micro_batch_and_of_every_optimizer_step():
+    assert {Hook.ON_BEFORE_OPTIMIZER_STEP, Hook.ON_BEFORE_ZERO_GRAD} == PER_OPTIMIZER_STEP
+    assert {Hook.ON_TRAIN_BATCH_END, Hook.ON_BATCH_END, Hook.BACKWARD} <= PER_MICRO_BATCH
+    assert not PER_MICRO_BATCH & PER_OPTIMIZER_STEP
+    # the docstrings say which: "per micro-batch" / "once per optimizer step"
+    for hook in PER_OPTIMIZER_STEP:
+        assert "once per optimizer step" in getattr(ModelHooks, hook.value).__doc__, hook
 
 
 def test_module_is_model_hooks_and_nn_module():

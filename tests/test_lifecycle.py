@@ -50,10 +50,16 @@ class Expected:
 
     def evaluation(self, batches: int, kind: str) -> None:
         self("on_pre_performance_check")
+        self(f"on_{kind}_start")
+        self(f"on_{kind}_epoch_start")
         for _ in range(batches):
             self("transfer_batch_to_device")
+            self(f"on_{kind}_batch_start")
             self(f"{kind}_step")
+            self(f"on_{kind}_batch_end")
         self(f"{kind}_epoch_end")
+        self(f"on_{kind}_epoch_end")
+        self(f"on_{kind}_end")
         self("on_post_performance_check")
 
 
@@ -66,18 +72,25 @@ def expected_fit(rank: int, epochs: int, train_batches: int, val_batches: int, s
     e("on_train_start")
     e("on_sanity_check_start")
     e.evaluation(sanity, "validation")
+    e("on_sanity_check_end")
     for _ in range(epochs):
         e("on_epoch_start")
+        e("on_train_epoch_start")
         for _ in range(train_batches):
             e("on_batch_start")
             e("transfer_batch_to_device")
+            e("on_train_batch_start")
             e("training_step")
+            e("on_before_backward")
             e("backward", "0")
             e("on_after_backward")
+            e("on_before_optimizer_step")
             e("on_before_zero_grad")
+            e("on_train_batch_end")
             e("on_batch_end")
         e.evaluation(val_batches, "validation")
         e("training_epoch_end")
+        e("on_train_epoch_end")
         # the default ModelCheckpoint (the last callback) saves in on_epoch_end
         e.calls.append("cb:on_epoch_end")
         e("on_save_checkpoint")

@@ -1,7 +1,8 @@
-"""The hooks you override: ``ModelHooks`` (a module's, every hook of Lightning 0.8's model
-hooks) and ``Callback`` (the notification hooks, for code kept out of the module), each
-saying when it runs, on which ranks and whether it may use collectives (the rules
-themselves are ``disttrain.ranks.table``)."""
+"""The hooks you override: ``ModelHooks`` (a module's: every hook of Lightning 0.8's model
+hooks, and Lightning 2.x's training, validation and test hooks at their Lightning 2.x moments)
+and ``Callback`` (the notification hooks, for code kept out of the module,
+``disttrain.api.callback_hooks``), each saying when it runs, on which ranks and whether it may
+use collectives (the rules themselves are ``disttrain.ranks.table``)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from disttrain.api.callback_hooks import Callback
 from disttrain.data.transfer import move_to_device
+
+__all__ = ["Callback", "ModelHooks", "overridden", "warn_deprecated_overrides"]
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.api.state import TrainerState
 
 
 class ModelHooks:
-    """The hooks of Lightning 0.8's ``ModelHooks``, scheduled by rank.
+    """The hooks of Lightning 0.8's ``ModelHooks`` and Lightning 2.x's, scheduled by rank.
+
+    Lightning 0.8's and 2.x's hooks of the same moment both run, 0.8's first at a start and
+    last at an end (``on_epoch_start`` → ``on_train_epoch_start`` ... ``on_train_epoch_end``
+    → ``on_epoch_end``), as in Lightning 1.x, which had both. Per micro-batch (every batch,
+    also inside a gradient-accumulation window): ``on_batch_start``,
+    ``on_train_batch_start``, ``on_before_backward``, ``backward``, ``on_after_backward``,
+    ``on_train_batch_end``, ``on_batch_end``. Once per optimizer step:
+    ``on_before_optimizer_step``, ``on_before_zero_grad``.
 
     Override any of them in your :class:`disttrain.Module`. Unless a docstring says otherwise a
     hook runs on every rank, in the same order, so it may call collectives (all ranks reach it).
@@ -76,6 +88,10 @@ class ModelHooks:
         Deprecated in Lightning 0.8; still called, and overriding it warns once.
         """
 
+    def on_sanity_check_end(self) -> None:
+        """Runs on every rank right after the sanity-check validation (Lightning 1.x/2.x).
+        May use collectives."""
+
     def on_pre_performance_check(self) -> None:
         """Runs on every rank at the very beginning of a validation loop (sanity check,
         in-fit validation, ``Trainer.validate`` and ``Trainer.test``). May use collectives."""
@@ -89,8 +105,102 @@ class ModelHooks:
         ``set_epoch``. May use collectives."""
 
     def on_epoch_end(self) -> None:
-        """Runs on every rank at the very end of a training epoch, after validation and
-        ``training_epoch_end``. May use collectives."""
+        """Runs on every rank at the very end of a training epoch, after validation,
+        ``training_epoch_end`` and ``on_train_epoch_end``. May use collectives."""
+
+    def on_train_epoch_start(self) -> None:
+        """Lightning 2.x: runs on every rank at the beginning of a training epoch, right after
+        ``on_epoch_start``. May use collectives."""
+
+    def on_train_epoch_end(self) -> None:
+        """Lightning 2.x: runs on every rank at the end of a training epoch, after validation
+        and ``training_epoch_end``, before ``on_epoch_end`` (and so before the default
+        ``ModelCheckpoint`` saves). What it logs is reduced with the epoch's values. May use
+        collectives."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        """Lightning 2.x: runs on every rank once per batch (micro-batch under gradient
+        accumulation), after ``transfer_batch_to_device`` (``batch`` is on the device) and
+        before ``training_step``. Return ``-1`` to end this epoch's training: agreed as for
+        ``on_batch_start`` (any rank's -1 stops every rank at this batch), which costs one
+        small all-reduce per batch only when you override it. Must not call collectives."""
+        return None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Lightning 2.x: runs on every rank once per batch, after the optimizer step (if
+        this batch ended an accumulation window) and before ``on_batch_end``: as in Lightning
+        2, on every micro-batch under gradient accumulation. ``outputs`` is what
+        ``training_step`` returned, detached, as Lightning 2 hands it: ``{"loss": loss,
+        ...}`` (a loss returned alone becomes ``{"loss": loss}``; the loss is not divided by
+        ``accumulate_grad_batches``); a list, one per optimizer, with several. May use
+        collectives."""
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Lightning 2.x: runs on every rank before each ``backward``, with the loss it will
+        get (divided by ``accumulate_grad_batches``, scaled under ``16-mixed``). Must not call
+        collectives."""
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Lightning 2.x: runs on every rank once per optimizer step (not per micro-batch),
+        per optimizer, before gradient clipping and ``optimizer.step()``: the gradients are
+        all-reduced, and unscaled under ``16-mixed``. The place to inspect or change
+        gradients. Must not call collectives."""
+
+    def on_validation_start(self) -> None:
+        """Lightning 2.x: runs on every rank at the start of a validation loop (sanity check
+        and in-fit validation), after ``on_pre_performance_check`` and the switch to eval
+        mode. May use collectives."""
+
+    def on_validation_epoch_start(self) -> None:
+        """Lightning 2.x: runs on every rank right before the first validation batch. May use
+        collectives."""
+
+    def on_validation_batch_start(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Lightning 2.x: runs on every rank before each ``validation_step``, after
+        ``transfer_batch_to_device``. Ranks may hold different numbers of batches: must not
+        call collectives."""
+
+    def on_validation_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Lightning 2.x: runs on every rank after each ``validation_step``, with what it
+        returned. Must not call collectives (ranks may hold different numbers of batches)."""
+
+    def on_validation_epoch_end(self) -> None:
+        """Lightning 2.x: runs on every rank after ``validation_epoch_end``; what it logs is
+        reduced over all ranks with the loop's values (the place to log epoch metrics). May
+        use collectives."""
+
+    def on_validation_end(self) -> None:
+        """Lightning 2.x: runs on every rank at the end of a validation loop, after its
+        values are reduced (``trainer.callback_metrics`` has them), before
+        ``on_post_performance_check``. May use collectives."""
+
+    def on_test_start(self) -> None:
+        """Lightning 2.x: as ``on_validation_start``, on every rank, for ``Trainer.test``."""
+
+    def on_test_epoch_start(self) -> None:
+        """Lightning 2.x: as ``on_validation_epoch_start``, on every rank, for the test loop."""
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Lightning 2.x: as ``on_validation_batch_start``, on every rank, before each
+        ``test_step``. Must not call collectives."""
+
+    def on_test_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Lightning 2.x: as ``on_validation_batch_end``, on every rank, after each
+        ``test_step``. Must not call collectives."""
+
+    def on_test_epoch_end(self) -> None:
+        """Lightning 2.x: as ``on_validation_epoch_end``, on every rank, after
+        ``test_epoch_end``: what it logs is reduced over all ranks. May use collectives."""
+
+    def on_test_end(self) -> None:
+        """Lightning 2.x: as ``on_validation_end``, on every rank, at the end of the test
+        loop. May use collectives."""
 
     def on_batch_start(self, batch: Any) -> int | None:
         """Runs on every rank before anything happens to a training batch.
@@ -132,12 +242,14 @@ class ModelHooks:
 
     def on_before_zero_grad(self, optimizer: Any) -> None:
         """Runs on every rank after ``optimizer.step()`` and before ``optimizer.zero_grad()``,
-        once per optimizer at every accumulation boundary: the place to inspect updated
-        weights."""
+        once per optimizer step (at every accumulation boundary, not per micro-batch), per
+        optimizer: the place to inspect updated weights."""
 
     def on_batch_end(self) -> None:
-        """Runs on every rank at the end of a training batch, after the optimizer step (if
-        any). May use collectives."""
+        """Runs on every rank at the end of every training batch (every micro-batch under
+        gradient accumulation), after the optimizer step (if any) and
+        ``on_train_batch_end``. For once per optimizer step, use ``on_before_optimizer_step``
+        or ``on_before_zero_grad``. May use collectives."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add your own entries to ``checkpoint`` (a dict) before it is written.
@@ -172,95 +284,6 @@ class ModelHooks:
         """Runs on every rank after every rank finished its predict batches, before the
         predictions are gathered; a verdict follows (a failure on any rank stops every rank).
         May use collectives."""
-
-
-class Callback:
-    """Override any of these to observe or steer a run without touching the module.
-
-    Every method receives ``(trainer, module, ...)`` with the same extra arguments as the
-    module's hook of the same name (see :class:`disttrain.ModelHooks` for when each runs and on
-    which ranks); callbacks run in list order before the module. The three hooks that do work
-    (``prepare_data``, ``backward``, ``transfer_batch_to_device``) belong to the module alone.
-    Return values are ignored.
-    """
-
-    def setup(self, trainer: TrainerState, module: Any, stage: str) -> None:
-        """All ranks, before the module's ``setup``."""
-
-    def teardown(self, trainer: TrainerState, module: Any, stage: str) -> None:
-        """All ranks, before the module's ``teardown``."""
-
-    def on_fit_start(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the very beginning of fit."""
-
-    def on_fit_end(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the very end of fit."""
-
-    def on_train_start(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, before the sanity check."""
-
-    def on_train_end(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the end of training."""
-
-    def on_sanity_check_start(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, before the sanity check (deprecated in the seed; warns once)."""
-
-    def on_pre_performance_check(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the beginning of every validation loop."""
-
-    def on_post_performance_check(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the end of every validation loop."""
-
-    def on_epoch_start(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the beginning of a training epoch."""
-
-    def on_epoch_end(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the end of a training epoch."""
-
-    def on_batch_start(self, trainer: TrainerState, module: Any, batch: Any) -> None:
-        """All ranks, before a training batch (its return value is ignored)."""
-
-    def on_after_backward(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, after each backward."""
-
-    def on_before_zero_grad(self, trainer: TrainerState, module: Any, optimizer: Any) -> None:
-        """All ranks, after each optimizer step and before its ``zero_grad``."""
-
-    def on_batch_end(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the end of a training batch."""
-
-    def on_save_checkpoint(
-        self, trainer: TrainerState, module: Any, checkpoint: dict[str, Any]
-    ) -> None:
-        """All ranks, while a checkpoint is assembled; add entries to ``checkpoint``."""
-
-    def on_load_checkpoint(
-        self, trainer: TrainerState, module: Any, checkpoint: dict[str, Any]
-    ) -> None:
-        """All ranks, when a run resumes from ``checkpoint``."""
-
-    def on_predict_start(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, at the beginning of predict; a verdict follows."""
-
-    def on_predict_batch_start(
-        self, trainer: TrainerState, module: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """All ranks, before each predict batch (no collectives)."""
-
-    def on_predict_batch_end(
-        self, trainer: TrainerState, module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """All ranks, after each ``predict_step`` (no collectives)."""
-
-    def on_predict_end(self, trainer: TrainerState, module: Any) -> None:
-        """All ranks, once every rank finished predicting; a verdict follows."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """This callback's state, saved in every checkpoint (under its class name)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned, when a run resumes."""
 
 
 def overridden(obj: object, name: str, base: type) -> bool:

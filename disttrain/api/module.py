@@ -74,6 +74,12 @@ class Module(ModelHooks, torch.nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement configure_optimizers")
 
+    def configure_callbacks(self) -> Any:
+        """Callbacks this module brings (a callback or a list of them), as in Lightning: called
+        on every rank when fit, validate, test or predict starts, before ``prepare_data``. Each
+        replaces the trainer's callback of its class; checkpoint callbacks run last."""
+        return []
+
     def train_dataloader(self) -> Any:
         """The training ``DataLoader``; its sampler is replaced by a ``DistributedSampler``
         (shuffling if the loader shuffled), so return the loader you would use on one process."""

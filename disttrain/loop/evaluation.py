@@ -19,21 +19,44 @@ from disttrain.loop.run import Run
 from disttrain.loop.session import open_session, write_run_files
 from disttrain.ranks.table import Action, Hook
 
+# Lightning 2.x's hooks of an evaluation loop, per kind: start, epoch start, batch start,
+# batch end, epoch end, end.
+_EVAL_HOOKS = {
+    "validation": (
+        Hook.ON_VALIDATION_START,
+        Hook.ON_VALIDATION_EPOCH_START,
+        Hook.ON_VALIDATION_BATCH_START,
+        Hook.ON_VALIDATION_BATCH_END,
+        Hook.ON_VALIDATION_EPOCH_END,
+        Hook.ON_VALIDATION_END,
+    ),
+    "test": (
+        Hook.ON_TEST_START,
+        Hook.ON_TEST_EPOCH_START,
+        Hook.ON_TEST_BATCH_START,
+        Hook.ON_TEST_BATCH_END,
+        Hook.ON_TEST_EPOCH_END,
+        Hook.ON_TEST_END,
+    ),
+}
+
 
 def evaluate(run: Run, call: Callable[..., Any], loader: Any, limit: int | float, kind: str) -> Any:
     """Run ``{kind}_step`` over ``loader`` with no collective per batch (the unwrapped module
     under DDP, the module unsharded for the whole loop under FSDP: ranks may hold different
-    numbers of batches), then
-    ``{kind}_epoch_end``; its logged epoch values are reduced over all ranks in one collective
-    (not for the sanity check). Returns what ``{kind}_epoch_end`` returned. The loader's
-    workers end with the loop (persistent ones stay for the next validation, see
-    ``workers.reading``)."""
+    numbers of batches), then ``{kind}_epoch_end`` and ``on_{kind}_epoch_end``; the epoch
+    values logged are reduced over all ranks in one collective (not for the sanity check).
+    Returns what ``{kind}_epoch_end`` returned. The loader's workers end with the loop
+    (persistent ones stay for the next validation, see ``workers.reading``)."""
     module = run.running_module
     fit_step = run.step  # under FSDP, steps go through the sharded root's __call__
     step = fit_step.call(f"{kind}_step") if fit_step else getattr(module, f"{kind}_step")
+    start, epoch_start, batch_start, batch_end, epoch_end, end = _EVAL_HOOKS[kind]
     call(Hook.ON_PRE_PERFORMANCE_CHECK)
     was_training = module.training
     module.eval()
+    call(start)
+    call(epoch_start)
     outputs = []
     reporter = run.reporter
     reporter.evaluating = True
@@ -41,14 +64,19 @@ def evaluate(run: Run, call: Callable[..., Any], loader: Any, limit: int | float
     with torch.no_grad(), run.autocast, evaluating, reading(loader) as batches:
         for batch_idx, batch in zip(batch_indices(0, limit), batches):
             batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, run.device)
-            outputs.append(step(batch, batch_idx))
+            call(batch_start, batch, batch_idx)
+            out = step(batch, batch_idx)
+            call(batch_end, out, batch, batch_idx)
+            outputs.append(out)
     result = getattr(module, f"{kind}_epoch_end")(outputs)
+    call(epoch_end)  # what it logs is reduced with the loop's values
     reporter.evaluating = False
     if run.sanity_checking:
         reporter.skip_evaluation()
     else:
         reporter.end_evaluation(run.collectives, run.global_step)
         run.callback_metrics.update(scalar_metrics(result))
+    call(end)
     module.train(was_training)
     call(Hook.ON_POST_PERFORMANCE_CHECK)
     return result

@@ -16,11 +16,9 @@ import functools
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import overridden
@@ -34,7 +32,7 @@ from disttrain.data.samplers import reshard, sample_counter
 from disttrain.data.workers import ended
 from disttrain.loop import optim, sources, strategy
 from disttrain.loop.evaluation import evaluate
-from disttrain.loop.fitloop import BatchHooks, FitLoop
+from disttrain.loop.fitloop import FitLoop, batch_hooks, clipping
 from disttrain.loop.outputs import detached, loss_of, per_batch
 from disttrain.loop.precision import NULL_CONTEXT, grad_scaler
 from disttrain.loop.run import Run
@@ -106,35 +104,28 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
         progress = dataclasses.replace(progress, next_batch=first)
     run.count_samples = sample_counter(train_data)
     run.num_training_batches = n_train
-    hooks = BatchHooks(*map(dispatcher.caller, _BATCH_HOOKS))
+    optim.warn_if_epoch_schedulers_never_step(
+        schedulers, cfg.epoch_limit, cfg.max_steps, n_train, cfg.accumulate_grad_batches
+    )
     loop = FitLoop(
         call=call,
         forward=forward,
-        hooks=hooks,
+        hooks=batch_hooks(dispatcher),
         stopping=stopping,
         train_data=train_data,
         val_data=val_data,
         n_train=n_train,
         n_val=loaders.limit_batches(val_data, cfg.limit_val_batches, "limit_val_batches"),
         keep_outputs=overridden(module, "training_epoch_end", Module),
+        unscale_first=dispatcher.implemented(Hook.ON_BEFORE_OPTIMIZER_STEP),
         progress=progress,
         saved_rng=saved_rng,
         val_every=None if val_data is None else _batches_between_validations(cfg, n_train),
-        clip=_clipping(cfg.gradient_clip_val, cfg.gradient_clip_algorithm),
+        clip=clipping(cfg.gradient_clip_val, cfg.gradient_clip_algorithm),
         optimizers=optimizers,
     )
     call(Hook.ON_TRAIN_START)
     return loop
-
-
-_BATCH_HOOKS = (
-    Hook.ON_BATCH_START,
-    Hook.TRANSFER_BATCH_TO_DEVICE,
-    Hook.BACKWARD,
-    Hook.ON_AFTER_BACKWARD,
-    Hook.ON_BEFORE_ZERO_GRAD,
-    Hook.ON_BATCH_END,
-)
 
 
 def sanity_check(run: Run, loop: FitLoop) -> None:
@@ -144,6 +135,7 @@ def sanity_check(run: Run, loop: FitLoop) -> None:
         run.sanity_checking = True
         evaluate(run, loop.call, loop.val_data, min(loop.n_val, steps), "validation")
         run.sanity_checking = False
+    loop.call(Hook.ON_SANITY_CHECK_END)
 
 
 def train(run: Run, loop: FitLoop, module: Module) -> None:
@@ -189,6 +181,7 @@ def train_epoch(run: Run, loop: FitLoop, epoch: int, first: int) -> tuple[list[A
         loop.saved_rng = None
     loaders.set_epoch(loop.train_data, epoch)  # before on_epoch_start, which may read it
     loop.call(Hook.ON_EPOCH_START)
+    loop.call(Hook.ON_TRAIN_EPOCH_START)
     outputs: list[Any] = []
     with loaders.epoch_batches(loop.train_data, epoch, first) as batches:
         if run.profiler is not None:
@@ -211,11 +204,14 @@ def train_batches(
 ) -> tuple[bool, EpochEnd]:
     """The epoch's ``(batch_idx, batch)`` pairs until its data or an agreed stop ends it;
     returns whether the last batch ended an accumulation window, and why the batches end."""
-    on_batch_start, stopping = loop.hooks.on_batch_start, loop.stopping
+    hooks, stopping, device = loop.hooks, loop.stopping, run.device
     max_steps = _max_steps(run)
     boundary = True
     for batch_idx, batch in items:
-        if on_batch_start(batch) == -1:  # agreed: every rank ends the epoch at this batch
+        if hooks.on_batch_start(batch) == -1:  # agreed: every rank ends the epoch here
+            return boundary, EpochEnd.MINUS_ONE
+        batch = run.reporter.batch = hooks.transfer_batch_to_device(batch, device)
+        if hooks.on_train_batch_start(batch, batch_idx) == -1:  # agreed, as on_batch_start's
             return boundary, EpochEnd.MINUS_ONE
         stopping.before_step(items, batch_idx)  # at a window's end: does this rank's data end?
         boundary = train_batch(run, loop, batch, batch_idx, outputs)
@@ -231,16 +227,16 @@ def train_batches(
 
 
 def train_batch(run: Run, loop: FitLoop, batch: Any, batch_idx: int, outputs: list[Any]) -> bool:
-    """One batch: forward and backward for every optimizer, then, at an accumulation
-    boundary, the optimizer step. Returns whether the optimizers stepped."""
+    """One batch (on the device): forward and backward for every optimizer, then, at an
+    accumulation boundary, the optimizer step. Returns whether the optimizers stepped."""
     hooks, accumulate = loop.hooks, run.config.accumulate_grad_batches
-    batch = run.reporter.batch = hooks.transfer_batch_to_device(batch, run.device)
     boundary = _ends_window(accumulate, loop, batch_idx)
     with NULL_CONTEXT if boundary else run.fit_step.no_sync():
-        forward_backward(run, loop, batch, batch_idx, outputs)
+        out = forward_backward(run, loop, batch, batch_idx, outputs)
     if boundary:
         optimizer_step(run, loop)
     run.at_step_boundary, run.next_batch = boundary, batch_idx + 1
+    hooks.on_train_batch_end(out, batch, batch_idx)  # before validation, as in Lightning 2
     every = loop.val_every
     if boundary and every and _validates_after(run, every, loop.n_train, batch_idx + 1):
         # before on_batch_end: a checkpoint taken there holds this validation's result, and
@@ -252,9 +248,12 @@ def train_batch(run: Run, loop: FitLoop, batch: Any, batch_idx: int, outputs: li
 
 def forward_backward(
     run: Run, loop: FitLoop, batch: Any, batch_idx: int, outputs: list[Any]
-) -> None:
-    """``training_step`` → ``backward`` → ``on_after_backward`` for each optimizer in turn."""
+) -> Any:
+    """``training_step`` → ``on_before_backward`` → ``backward`` → ``on_after_backward`` for
+    each optimizer in turn. Returns what ``training_step`` returned (a list with several)."""
     hooks, scaler, accumulate = loop.hooks, run.scaler, run.config.accumulate_grad_batches
+    several = len(run.optimizers) > 1
+    outs = []
     for i, optimizer in enumerate(run.optimizers):
         with run.autocast:
             out = loop.forward(batch, batch_idx, *loop.step_args[i])
@@ -263,20 +262,27 @@ def forward_backward(
             loss = loss / accumulate
         if scaler is not None:
             loss = scaler.scale(loss)
+        hooks.on_before_backward(loss)
         hooks.backward(run, loss, optimizer, i)
         hooks.on_after_backward()
         if loop.keep_outputs:
             outputs.append(detached(out))
+        if several:
+            outs.append(out)
+    return outs if several else out
 
 
 def optimizer_step(run: Run, loop: FitLoop) -> None:
-    """Clip, step, ``on_before_zero_grad``, zero every optimizer; then the step-interval
-    schedulers and the step's metrics."""
+    """Per optimizer: ``on_before_optimizer_step``, clip, step, ``on_before_zero_grad``,
+    zero; then the step-interval schedulers and the step's metrics."""
     scaler, clip = run.scaler, loop.clip
+    unscale = clip is not None or loop.unscale_first
     for optimizer, group in zip(run.optimizers, loop.params):
+        # 16-mixed: the hook sees, and clipping bounds, the true gradients
+        if scaler is not None and unscale:
+            scaler.unscale_(optimizer)
+        loop.hooks.on_before_optimizer_step(optimizer)
         if clip is not None:
-            if scaler is not None:  # 16-mixed: clip the true gradients
-                scaler.unscale_(optimizer)
             clip(group)
         if scaler is None:
             optimizer.step()
@@ -299,6 +305,7 @@ def end_epoch(run: Run, loop: FitLoop, module: Module, epoch: int, outputs: list
         evaluate(run, loop.call, loop.val_data, loop.n_val, "validation")
     module.training_epoch_end(per_batch(outputs, len(run.optimizers)))
     run.epoch_finished = True
+    loop.call(Hook.ON_TRAIN_EPOCH_END)
     loop.call(Hook.ON_EPOCH_END)
     vote = loop.stopping.local_vote(run.should_stop)
     stop = run.reporter.end_epoch(run.collectives, run.global_step, epoch, vote)
@@ -356,16 +363,6 @@ def _validates_after(run: Run, every: int, n_train: int | float, trained: int) -
         return run.global_step % (every // run.config.accumulate_grad_batches) == 0
     in_epoch = (run.current_epoch + 1) % every_n_epochs == 0
     return in_epoch and trained % every == 0 and trained < n_train
-
-
-def _clipping(value: float | None, algorithm: str) -> Callable[[list[torch.Tensor]], Any] | None:
-    """``gradient_clip_val`` by ``gradient_clip_algorithm``: the global L2 norm of each
-    optimizer's parameters, or each gradient element; None when not clipping."""
-    if not value:
-        return None
-    if algorithm == "value":
-        return functools.partial(torch.nn.utils.clip_grad_value_, clip_value=value)
-    return functools.partial(torch.nn.utils.clip_grad_norm_, max_norm=value)
 
 
 def _max_steps(run: Run) -> float:

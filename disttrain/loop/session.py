@@ -11,7 +11,9 @@ from typing import Any
 import yaml
 
 from disttrain.api.datamodule import DataModule
+from disttrain.api.hooks import Callback
 from disttrain.api.module import Module
+from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.checkpoint.format import plain_config
 from disttrain.dist.collectives import Collectives, connect
 from disttrain.loop.run import Run
@@ -32,6 +34,7 @@ def open_session(run: Run, module: Module, datamodule: DataModule | None) -> Ite
     try:
         module.trainer = run.trainer
         run.module, run.datamodule, run.should_stop = module, datamodule, False
+        run.callbacks = with_module_callbacks(run.callbacks, module.configure_callbacks())
         run.dispatcher = dispatcher = Dispatcher(
             hook_schedule(cfg.prepare_data_per_node),
             module,
@@ -55,6 +58,20 @@ def open_session(run: Run, module: Module, datamodule: DataModule | None) -> Ite
         run.dispatcher, run.step = None, None
         run.collectives.close()
         run.collectives = Collectives()
+
+
+def with_module_callbacks(callbacks: list[Callback], own: Any) -> list[Callback]:
+    """The trainer's callbacks with those ``configure_callbacks`` returned, as Lightning merges
+    them: a module's callback replaces the trainer's of its class (or a base class of it), and
+    checkpoint callbacks go last, so they save after the others ran."""
+    own = [own] if isinstance(own, Callback) else list(own or [])
+    if not own:
+        return callbacks
+    replaced = {type(cb) for cb in callbacks if any(isinstance(o, type(cb)) for o in own)}
+    replaced.discard(Callback)
+    merged = [cb for cb in callbacks if type(cb) not in replaced] + own
+    checkpoints = [cb for cb in merged if isinstance(cb, ModelCheckpoint)]
+    return [cb for cb in merged if not isinstance(cb, ModelCheckpoint)] + checkpoints
 
 
 def hyperparams(run: Run) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import Callback, ModelHooks, overridden, warn_deprecated_overrides
+from disttrain.api.lightning_names import warn_never_called
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
 from disttrain.dist.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder
@@ -75,13 +76,20 @@ class Dispatcher:
         self.trainer = trainer  # what callbacks get as their first argument
         self.running_limited_hook: str | None = None  # Module.log refuses to run in it
         warn_deprecated_overrides(module, ModelHooks)
+        warn_never_called(module, ModelHooks)
+        if datamodule is not None:
+            warn_never_called(datamodule, DataModule)
         for callback in callbacks:
             warn_deprecated_overrides(callback, Callback)
+            warn_never_called(callback, Callback)
+        self._implemented: set[Hook] = set()
         in_group = recorder is not None and collectives.backend != "none"
         for hook, rule in table.items():
             sync, runner = _plan(
                 hook, rule, module, callbacks, trainer, datamodule, recorder, profiler, in_group
             )
+            if runner is not None:
+                self._implemented.add(hook)
             if sync is Sync.NONE or sync is Sync.AGREE_STOP:
                 self._callers[hook] = _local_caller(hook, sync, runner, env.rank, collectives)
             else:
@@ -99,6 +107,11 @@ class Dispatcher:
         if hook in self._verdicts:
             raise ValueError(f"hook '{hook.value}' ends in a verdict: run it with call()")
         return self._callers[hook]
+
+    def implemented(self, hook: Hook) -> bool:
+        """Whether anything runs for ``hook`` (a callback, the data module or the module):
+        the loop prepares a hook's arguments only then."""
+        return hook in self._implemented
 
     def run(self, action: Action, fn: Callable[..., Any], *args: Any) -> Any:
         """Run trainer work ``fn`` on the ranks ``ACTION_TABLE`` names, then its verdict."""

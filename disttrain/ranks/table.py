@@ -1,6 +1,7 @@
 """The model hooks, the table that says on which ranks each runs, and the loop they live in.
 
-The whole of ``Trainer.fit``, with every hook in place (``[v]`` verdict, ``[a]`` agreement)::
+The whole of ``Trainer.fit``, with every hook in place (``[v]`` verdict, ``[a]`` agreement;
+Lightning 2.x's hooks sit beside Lightning 0.8's, at their Lightning moments)::
 
     prepare_data()                       # global zero (local zero per node)  [v, long timeout]
     setup("fit")                         # all                                [v]
@@ -9,27 +10,38 @@ The whole of ``Trainer.fit``, with every hook in place (``[v]`` verdict, ``[a]``
     configure_optimizers(); wrap in DDP; dataloaders with distributed samplers
     on_train_start()
     on_sanity_check_start()
-    on_pre_performance_check()           # sanity validation, num_sanity_val_steps batches
-        transfer_batch_to_device(batch, device); validation_step(batch, i)
-        validation_epoch_end(outputs)
-    on_post_performance_check()
+    validation(num_sanity_val_steps batches)                 # as below
+    on_sanity_check_end()
     for epoch:
         set_epoch(epoch) of each sampler in the loader's chain and of the dataset, if any
-        on_epoch_start()
-        for batch_idx, batch in loader:
+        on_epoch_start(); on_train_epoch_start()
+        for batch_idx, batch in loader:                      # once per micro-batch:
             on_batch_start(batch)                            # [a] -1 on any rank ends the epoch
             batch = transfer_batch_to_device(batch, device)
+            on_train_batch_start(batch, batch_idx)           # [a] -1 on any rank ends the epoch
             for i, optimizer:                                # no grad all-reduce off-boundary
                 loss = training_step(batch, batch_idx[, i]) / accumulate_grad_batches
+                on_before_backward(loss)
                 backward(trainer, loss, optimizer, i)
                 on_after_backward()
-            if accumulation boundary:
-                for optimizer: clip; optimizer.step(); on_before_zero_grad(optimizer); zero_grad()
+            if accumulation boundary:                        # once per optimizer step:
+                for optimizer:
+                    unscale (16-mixed); on_before_optimizer_step(optimizer); clip
+                    optimizer.step(); on_before_zero_grad(optimizer); zero_grad()
                 step-interval schedulers
+            on_train_batch_end(outputs, batch, batch_idx)
             validation every val_check_interval batches, if set (inside the epoch)
             on_batch_end()
-        validation (every check_val_every_n_epoch), as the sanity check but on all batches
-        training_epoch_end(outputs); on_epoch_end(); epoch-interval schedulers
+        validation (every check_val_every_n_epoch):
+            on_pre_performance_check(); on_validation_start(); on_validation_epoch_start()
+            for batch_idx, batch:
+                transfer_batch_to_device(batch, device)
+                on_validation_batch_start(batch, batch_idx); validation_step(batch, batch_idx)
+                on_validation_batch_end(outputs, batch, batch_idx)
+            validation_epoch_end(outputs); on_validation_epoch_end()   # logged values reduced
+            on_validation_end(); on_post_performance_check()
+        training_epoch_end(outputs); on_train_epoch_end(); on_epoch_end()
+        epoch-interval schedulers
     on_train_end()
     on_fit_end()
     teardown("fit")                      # all                                [v]
@@ -89,15 +101,34 @@ class Hook(str, enum.Enum):
     ON_FIT_START = "on_fit_start"
     ON_TRAIN_START = "on_train_start"
     ON_SANITY_CHECK_START = "on_sanity_check_start"
+    ON_SANITY_CHECK_END = "on_sanity_check_end"
     ON_PRE_PERFORMANCE_CHECK = "on_pre_performance_check"
     ON_POST_PERFORMANCE_CHECK = "on_post_performance_check"
     ON_EPOCH_START = "on_epoch_start"
+    ON_TRAIN_EPOCH_START = "on_train_epoch_start"
     ON_BATCH_START = "on_batch_start"
     TRANSFER_BATCH_TO_DEVICE = "transfer_batch_to_device"
+    ON_TRAIN_BATCH_START = "on_train_batch_start"
+    ON_BEFORE_BACKWARD = "on_before_backward"
     BACKWARD = "backward"
     ON_AFTER_BACKWARD = "on_after_backward"
+    ON_BEFORE_OPTIMIZER_STEP = "on_before_optimizer_step"
     ON_BEFORE_ZERO_GRAD = "on_before_zero_grad"
+    ON_TRAIN_BATCH_END = "on_train_batch_end"
     ON_BATCH_END = "on_batch_end"
+    ON_VALIDATION_START = "on_validation_start"
+    ON_VALIDATION_EPOCH_START = "on_validation_epoch_start"
+    ON_VALIDATION_BATCH_START = "on_validation_batch_start"
+    ON_VALIDATION_BATCH_END = "on_validation_batch_end"
+    ON_VALIDATION_EPOCH_END = "on_validation_epoch_end"
+    ON_VALIDATION_END = "on_validation_end"
+    ON_TEST_START = "on_test_start"
+    ON_TEST_EPOCH_START = "on_test_epoch_start"
+    ON_TEST_BATCH_START = "on_test_batch_start"
+    ON_TEST_BATCH_END = "on_test_batch_end"
+    ON_TEST_EPOCH_END = "on_test_epoch_end"
+    ON_TEST_END = "on_test_end"
+    ON_TRAIN_EPOCH_END = "on_train_epoch_end"
     ON_EPOCH_END = "on_epoch_end"
     ON_TRAIN_END = "on_train_end"
     ON_FIT_END = "on_fit_end"
@@ -118,22 +149,41 @@ class Rule:
     forbids_state: bool = False  # True: assigning module attributes in the hook is an error
 
 
-# hook                              ranks            sync that follows
+# hook                              ranks            sync that follows        runs once per
 HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.PREPARE_DATA:              Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT_LONG, callbacks=False, forbids_state=True),  # noqa: E501
     Hook.SETUP:                     Rule(Ranks.ALL, Sync.VERDICT_LONG),
     Hook.ON_FIT_START:              Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_TRAIN_START:            Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_SANITY_CHECK_START:     Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_SANITY_CHECK_END:       Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_PRE_PERFORMANCE_CHECK:  Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_POST_PERFORMANCE_CHECK: Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_EPOCH_START:            Rule(Ranks.ALL, Sync.NONE),
-    Hook.ON_BATCH_START:            Rule(Ranks.ALL, Sync.AGREE_STOP),
-    Hook.TRANSFER_BATCH_TO_DEVICE:  Rule(Ranks.ALL, Sync.NONE, callbacks=False),
-    Hook.BACKWARD:                  Rule(Ranks.ALL, Sync.NONE, callbacks=False),
-    Hook.ON_AFTER_BACKWARD:         Rule(Ranks.ALL, Sync.NONE),
-    Hook.ON_BEFORE_ZERO_GRAD:       Rule(Ranks.ALL, Sync.NONE),
-    Hook.ON_BATCH_END:              Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_TRAIN_EPOCH_START:      Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_BATCH_START:            Rule(Ranks.ALL, Sync.AGREE_STOP),               # micro-batch
+    Hook.TRANSFER_BATCH_TO_DEVICE:  Rule(Ranks.ALL, Sync.NONE, callbacks=False),    # micro-batch
+    Hook.ON_TRAIN_BATCH_START:      Rule(Ranks.ALL, Sync.AGREE_STOP),               # micro-batch
+    Hook.ON_BEFORE_BACKWARD:        Rule(Ranks.ALL, Sync.NONE),                     # micro-batch
+    Hook.BACKWARD:                  Rule(Ranks.ALL, Sync.NONE, callbacks=False),    # micro-batch
+    Hook.ON_AFTER_BACKWARD:         Rule(Ranks.ALL, Sync.NONE),                     # micro-batch
+    Hook.ON_BEFORE_OPTIMIZER_STEP:  Rule(Ranks.ALL, Sync.NONE),                     # optimizer step
+    Hook.ON_BEFORE_ZERO_GRAD:       Rule(Ranks.ALL, Sync.NONE),                     # optimizer step
+    Hook.ON_TRAIN_BATCH_END:        Rule(Ranks.ALL, Sync.NONE),                     # micro-batch
+    Hook.ON_BATCH_END:              Rule(Ranks.ALL, Sync.NONE),                     # micro-batch
+    Hook.ON_VALIDATION_START:       Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_VALIDATION_EPOCH_START: Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_VALIDATION_BATCH_START: Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_VALIDATION_BATCH_END:   Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_VALIDATION_EPOCH_END:   Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_VALIDATION_END:         Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_TEST_START:             Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_TEST_EPOCH_START:       Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_TEST_BATCH_START:       Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_TEST_BATCH_END:         Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_TEST_EPOCH_END:         Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_TEST_END:               Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_TRAIN_EPOCH_END:        Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_EPOCH_END:              Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_TRAIN_END:              Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_FIT_END:                Rule(Ranks.ALL, Sync.NONE),
@@ -145,6 +195,23 @@ HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.ON_PREDICT_BATCH_END:      Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_PREDICT_END:            Rule(Ranks.ALL, Sync.VERDICT),
 }  # fmt: skip
+
+
+# The training hooks that run per micro-batch (every batch, also inside an accumulation window)
+# and those that run once per optimizer step (the window's last batch), as the comments above say.
+PER_MICRO_BATCH = frozenset(
+    {
+        Hook.ON_BATCH_START,
+        Hook.TRANSFER_BATCH_TO_DEVICE,
+        Hook.ON_TRAIN_BATCH_START,
+        Hook.ON_BEFORE_BACKWARD,
+        Hook.BACKWARD,
+        Hook.ON_AFTER_BACKWARD,
+        Hook.ON_TRAIN_BATCH_END,
+        Hook.ON_BATCH_END,
+    }
+)
+PER_OPTIMIZER_STEP = frozenset({Hook.ON_BEFORE_OPTIMIZER_STEP, Hook.ON_BEFORE_ZERO_GRAD})
 
 
 class Action(str, enum.Enum):
