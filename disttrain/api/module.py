@@ -120,6 +120,9 @@ class Module(ModelHooks, torch.nn.Module):
         ``batch_size``, by default the batch's length; ``sum``, ``max``, ``min``) in one
         collective at the end of the loop. Reduced values appear in
         ``trainer.callback_metrics`` and the logger. Logging is local: it costs no collective.
+        ``value`` may be a ``torchmetrics.Metric`` (updated by the step): its epoch value is its
+        own ``compute()`` at the loop's end, synced over every rank by torchmetrics, then it
+        is reset; its step value is what its last call on a batch returned.
         ``sync_dist`` (Lightning's) is accepted: epoch values are always reduced over every
         rank, exactly; a step value is global rank 0's, or the ranks' mean with the trainer's
         ``sync_step_metrics=True`` (one collective per ``log_every_n_steps``).
@@ -134,6 +137,7 @@ class Module(ModelHooks, torch.nn.Module):
                 "ranks (e.g. setup) instead"
             )
         if trainer.sanity_checking:
+            trainer.reporter.discard(value)
             return
         trainer.reporter.record(
             name,

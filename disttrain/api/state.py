@@ -34,6 +34,10 @@ class MetricRecorder(Protocol):
         prog_bar: bool,
     ) -> None: ...
 
+    def discard(self, value: Any) -> None:
+        """A value logged during the sanity check: not recorded (a metric object is reset)."""
+        ...
+
 
 class TrainerState(Protocol):
     """The trainer as hooks and callbacks see it (see the module docstring)."""

@@ -5,6 +5,8 @@
 - Epoch values are accumulated per rank (means weighted by batch size, so they are exact over
   an unpadded evaluation shard) and reduced in one collective at the end of each validation
   loop and one at the end of each training epoch, which also carries the stop votes.
+- A ``torchmetrics.Metric`` logged as the value is computed by its own ``compute()`` at that
+  end (its state synced over every rank by torchmetrics, then reset): exact for any metric.
 """
 
 from __future__ import annotations
@@ -53,12 +55,22 @@ def _pick(reduce: str, a: Any, b: Any) -> Any:
     return max(a, b) if reduce == "max" else min(a, b)
 
 
+def is_metric_object(value: Any) -> bool:
+    """A ``torchmetrics.Metric`` (told by its methods: torchmetrics stays optional)."""
+    return all(callable(getattr(value, m, None)) for m in ("update", "compute", "reset", "sync"))
+
+
+GLOBAL = "global"  # a value already computed over every rank (a torchmetrics Metric's)
+
+
 class MetricStore:
-    """What one rank logged: this step's values and the epoch's accumulators."""
+    """What one rank logged: this step's values, the epoch's accumulators, and the
+    ``torchmetrics`` objects logged this epoch (computed over every rank at its end)."""
 
     def __init__(self) -> None:
         self.step: dict[str, Any] = {}
         self.epoch: dict[str, _Accumulator] = {}
+        self.metrics: dict[str, Any] = {}
         self.prog_bar: set[str] = set()
 
     def log(
@@ -73,6 +85,9 @@ class MetricStore:
     ) -> None:
         if reduce not in REDUCE_OPS:
             raise ValueError(f"log('{name}'): reduce must be one of {REDUCE_OPS}, got {reduce!r}")
+        if is_metric_object(value):
+            self._log_metric_object(name, value, on_step, on_epoch, prog_bar)
+            return
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(
@@ -95,10 +110,38 @@ class MetricStore:
         if prog_bar:
             self.prog_bar.add(f"{name}_step" if both else name)
 
+    def _log_metric_object(
+        self, name: str, metric: Any, on_step: bool, on_epoch: bool, prog_bar: bool
+    ) -> None:
+        """A ``torchmetrics.Metric``: its epoch value is its own ``compute()`` at the loop's
+        end (it syncs its state over every rank: exact, whatever each rank held); its step
+        value, the batch's value its last ``forward`` returned (this rank's)."""
+        both = on_step and on_epoch
+        if on_step:
+            batch_value = getattr(metric, "_forward_cache", None)
+            if not isinstance(batch_value, torch.Tensor) or batch_value.numel() != 1:
+                raise ValueError(
+                    f"log('{name}'): a step value of a {type(metric).__name__} is what calling "
+                    "it on the batch returned; call metric(preds, target) before logging it "
+                    "on_step, or log it with on_step=False"
+                )
+            self.step[f"{name}_step" if both else name] = batch_value.detach()
+        if on_epoch:
+            key = f"{name}_epoch" if both else name
+            known = self.metrics.setdefault(key, metric)
+            if known is not metric:
+                raise ValueError(f"log('{name}'): two different metric objects under one name")
+        if prog_bar:
+            self.prog_bar.add(f"{name}_step" if both else name)
+
     def take_epoch(self) -> dict[str, tuple[str, float, float]]:
-        """This rank's epoch accumulators as plain numbers, and a fresh start."""
+        """This rank's epoch accumulators as plain numbers, and a fresh start. A metric
+        object is computed here, on every rank at once (its sync is a collective)."""
         packed = {k: (a.reduce, _number(a.total), a.weight) for k, a in self.epoch.items()}
-        self.epoch = {}
+        for key, metric in sorted(self.metrics.items()):  # the same order on every rank
+            packed[key] = (GLOBAL, _number(metric.compute()), 1.0)
+            metric.reset()
+        self.epoch, self.metrics = {}, {}
         return packed
 
     def step_values(self) -> dict[str, float]:
@@ -110,6 +153,9 @@ def reduce_epoch(per_rank: list[dict[str, tuple[str, float, float]]]) -> dict[st
     merged: dict[str, _Accumulator] = {}
     for packed in per_rank:
         for key, (reduce, total, weight) in packed.items():
+            if reduce == GLOBAL:  # the same on every rank: computed over all of them
+                merged[key] = _Accumulator("max", total, 1.0)
+                continue
             acc = merged.setdefault(key, _Accumulator(reduce))
             if weight == 0.0:
                 continue
@@ -181,6 +227,12 @@ class Reporter:
         if batch_size is None:
             batch_size = batch_size_of(self.batch) or 1
         store.log(name, value, on_step, on_epoch, reduce, batch_size, prog_bar)
+
+    def discard(self, value: Any) -> None:
+        """A value logged during the sanity check: not recorded; a metric object is reset, so
+        the sanity batches it was updated with do not count in the first validation."""
+        if is_metric_object(value):
+            value.reset()
 
     def after_step(self, collectives: Collectives, global_step: int) -> None:
         """Every ``log_every_n_steps`` optimizer steps: the step values to the logger."""
