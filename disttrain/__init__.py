@@ -3,8 +3,15 @@
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import Callback, ModelHooks
 from disttrain.api.module import Module
-from disttrain.callbacks.early_stopping import EarlyStopping
-from disttrain.callbacks.model_checkpoint import ModelCheckpoint
+from disttrain.callbacks import (
+    DeviceStatsMonitor,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelSummary,
+    PredictionWriter,
+    ThroughputMonitor,
+)
 from disttrain.checkpoint.format import CheckpointError
 from disttrain.config.options import ConfigError, TrainerConfig
 from disttrain.data.streams import ShardedStream
@@ -23,16 +30,21 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataModule",
+    "DeviceStatsMonitor",
     "EarlyStopping",
     "Hook",
     "HookFailed",
+    "LearningRateMonitor",
     "ModelCheckpoint",
     "ModelHooks",
+    "ModelSummary",
     "Module",
+    "PredictionWriter",
     "Preempted",
     "Ranks",
     "ShardedStream",
     "Sync",
+    "ThroughputMonitor",
     "Trainer",
     "TrainerConfig",
     "__version__",
