@@ -22,7 +22,17 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{key}: {problem}")
 
 
-Precision = Literal["32", "bf16-mixed", "16-mixed"]
+Precision = Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"]
+# Lightning's short forms (YAML reads a bare 32 as an int): each becomes its full name
+PRECISION_ALIASES: dict[Any, str] = {
+    32: "32-true",
+    "32": "32-true",
+    16: "16-mixed",
+    "16": "16-mixed",
+    "bf16": "bf16-mixed",
+    64: "64-true",
+    "64": "64-true",
+}
 Accelerator = Literal["auto", "cpu", "cuda"]
 
 
@@ -39,7 +49,7 @@ class TrainerConfig:
     check_val_every_n_epoch: int = 1
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None  # max global L2 norm; None or 0: no clipping
-    precision: Precision = "32"
+    precision: Precision = "32-true"  # or 16-mixed, bf16-mixed, bf16-true, 16-true, 64-true
     accelerator: Accelerator = "auto"
     seed: int | None = 0  # seeds Python, torch and the samplers; None leaves RNGs alone
     callbacks: list = dataclasses.field(default_factory=list)
@@ -64,8 +74,7 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # fsdp: recompute each block's activations
 
     def __post_init__(self) -> None:
-        if self.precision == 32 and not isinstance(self.precision, bool):  # YAML reads 32 as int
-            object.__setattr__(self, "precision", "32")
+        object.__setattr__(self, "precision", _checked_precision(self.precision))
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             check_type(field.name, getattr(self, field.name), hints[field.name])
@@ -111,6 +120,21 @@ class TrainerConfig:
             return cls(**options)
         except ConfigError as err:
             raise ConfigError(f"{prefix}{err.key}", err.problem, source) from None
+
+
+def _checked_precision(value: Any) -> str:
+    """``precision`` by its full name (aliases such as ``16`` or ``"bf16"`` resolved)."""
+    names = typing.get_args(Precision)
+    if isinstance(value, str) and value in names:
+        return value
+    if isinstance(value, (int, str)) and not isinstance(value, bool) and value in PRECISION_ALIASES:
+        return PRECISION_ALIASES[value]
+    aliases = ", ".join(repr(a) for a in PRECISION_ALIASES)
+    raise ConfigError(
+        "precision",
+        f"expected one of {', '.join(map(repr, names))} (or an alias: {aliases}), "
+        f"got {type(value).__name__} {value!r}",
+    )
 
 
 def _checked_logger(value: Any) -> Any:

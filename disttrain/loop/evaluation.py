@@ -38,10 +38,13 @@ def evaluate(run: Run, call: Callable[..., Any], loader: Any, limit: int | float
     reporter = run.reporter
     reporter.evaluating = True
     evaluating = fit_step.evaluating() if fit_step else contextlib.nullcontext()
-    with torch.no_grad(), run.autocast, evaluating, reading(loader) as batches:
+    convert = run.convert_input
+    with torch.no_grad(), evaluating, reading(loader) as batches:
         for batch_idx, batch in zip(batch_indices(0, limit), batches):
-            batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, run.device)
-            outputs.append(step(batch, batch_idx))
+            batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, run.device)
+            batch = reporter.batch = batch if convert is None else convert(batch)
+            with run.autocast:  # around the step only: not around the loader's reading
+                outputs.append(step(batch, batch_idx))
     result = getattr(module, f"{kind}_epoch_end")(outputs)
     reporter.evaluating = False
     if run.sanity_checking:
@@ -71,7 +74,7 @@ def run_evaluation(run: Run, module: Any, datamodule: Any, stage: str) -> Any:
         call(Hook.PREPARE_DATA)
         dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, run, stage)
         call(Hook.SETUP, stage)
-        module.to(run.device)
+        module.to(device=run.device, dtype=run.param_dtype)
         restore_weights(run)  # with resume=auto|path
         loader = sources.eval_loader_for(run, module, loader_name, f"{kind}_step")
         if loader is None:

@@ -74,7 +74,7 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, run)
     log.info("run directory: %s", Path(cfg.default_root_dir).resolve())
     call(Hook.SETUP, "fit")
-    module.to(run.device)
+    module.to(device=run.device, dtype=run.param_dtype)  # *-true: before the optimizers
     call(Hook.ON_FIT_START)
     configure = lambda: optim.normalise(module.configure_optimizers())  # noqa: E731
     step, (optimizers, schedulers) = strategy.build(
@@ -105,6 +105,10 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     run.count_samples = sample_counter(train_data)
     run.num_training_batches = n_train
     hooks = BatchHooks(*map(dispatcher.caller, _BATCH_HOOKS))
+    if run.convert_input is not None:  # *-true: the batch's floats in the parameters' dtype
+        transfer, convert = hooks.transfer_batch_to_device, run.convert_input
+        moved = lambda *args: convert(transfer(*args))  # noqa: E731
+        hooks = dataclasses.replace(hooks, transfer_batch_to_device=moved)
     loop = FitLoop(
         call=call,
         forward=forward,

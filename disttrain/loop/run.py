@@ -34,7 +34,7 @@ from disttrain.dist.env import DistEnv, select_device
 from disttrain.dist.flight import FlightRecorder
 from disttrain.loggers import Logger, make_loggers
 from disttrain.loop.optim import SchedulerEntry
-from disttrain.loop.precision import autocast_context
+from disttrain.loop.precision import autocast_context, input_converter, param_dtype
 from disttrain.loop.strategy import Step
 from disttrain.observe.console import configure_logging, writes_run_output
 from disttrain.observe.metrics import Reporter
@@ -69,6 +69,8 @@ class Run:
         self.profiler = SimpleProfiler() if config.profiler == "simple" else None
         self.profile_report: str | None = None
         self.autocast = autocast_context(config.precision, self.device)
+        self.param_dtype = param_dtype(config.precision)  # *-true: the module's dtype
+        self.convert_input = input_converter(config.precision)  # *-true: a batch's floats
         # where the loop stands
         self.current_epoch = 0
         self.global_step = 0
