@@ -18,6 +18,7 @@ from disttrain.loop.outputs import scalar_metrics
 from disttrain.loop.run import Run
 from disttrain.loop.session import open_session, write_run_files
 from disttrain.ranks.table import Action, Hook
+from disttrain.rng import seed_rank
 
 
 def evaluate(run: Run, call: Callable[..., Any], loader: Any, limit: int | float, kind: str) -> Any:
@@ -76,6 +77,7 @@ def run_evaluation(run: Run, module: Any, datamodule: Any, stage: str) -> Any:
         call(Hook.SETUP, stage)
         module.to(device=run.device, dtype=run.param_dtype)
         restore_weights(run)  # with resume=auto|path
+        seed_rank(run.seed, run.global_rank)  # each rank draws its own (rng.py)
         loader = sources.eval_loader_for(run, module, loader_name, f"{kind}_step")
         if loader is None:
             raise ValueError(

@@ -42,7 +42,7 @@ from disttrain.loop.stopping import EpochEnd, Stopping
 from disttrain.observe.profiler import TRAINING_LOOP, report
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
-from disttrain.rng import set_rng_state, warn_if_built_unseeded
+from disttrain.rng import seed_rank, set_rng_state, warn_if_built_unseeded
 
 log = logging.getLogger("disttrain.run")
 
@@ -81,6 +81,9 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
         cfg, run.collectives, run.device, module, configure, stopping
     )
     run.step, run.optimizers, run.schedulers = step, optimizers, schedulers
+    seed_rank(
+        run.seed, run.global_rank
+    )  # the module is alike on every rank: now each draws its own
     run.scaler = grad_scaler(cfg.precision, run.device)
     progress, saved_rng, saved_data, saved_world_size = resume(run)
     run.logger.resume_from(progress.global_step if progress else None)
