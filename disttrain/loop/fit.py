@@ -107,15 +107,10 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
         progress = dataclasses.replace(progress, next_batch=first)
     run.count_samples = sample_counter(train_data)
     run.num_training_batches = n_train
-    hooks = BatchHooks(*map(dispatcher.caller, _BATCH_HOOKS))
-    if run.convert_input is not None:  # *-true: the batch's floats in the parameters' dtype
-        transfer, convert = hooks.transfer_batch_to_device, run.convert_input
-        moved = lambda *args: convert(transfer(*args))  # noqa: E731
-        hooks = dataclasses.replace(hooks, transfer_batch_to_device=moved)
     loop = FitLoop(
         call=call,
         forward=forward,
-        hooks=hooks,
+        hooks=_batch_hooks(run, dispatcher),
         stopping=stopping,
         train_data=train_data,
         val_data=val_data,
@@ -138,6 +133,17 @@ _BATCH_HOOKS = (
     Hook.ON_BEFORE_ZERO_GRAD,
     Hook.ON_BATCH_END,
 )
+
+
+def _batch_hooks(run: Run, dispatcher: Dispatcher) -> BatchHooks:
+    """The per-batch hooks, looked up once; under ``*-true`` precision the batch's floats
+    are converted to the parameters' dtype after ``transfer_batch_to_device``."""
+    hooks = BatchHooks(*map(dispatcher.caller, _BATCH_HOOKS))
+    if run.convert_input is None:
+        return hooks
+    transfer, convert = hooks.transfer_batch_to_device, run.convert_input
+    moved = lambda *args: convert(transfer(*args))  # noqa: E731
+    return dataclasses.replace(hooks, transfer_batch_to_device=moved)
 
 
 def sanity_check(run: Run, loop: FitLoop) -> None:
