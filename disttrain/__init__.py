@@ -5,6 +5,7 @@ from disttrain.api.hooks import Callback, ModelHooks
 from disttrain.api.module import Module
 from disttrain.callbacks.early_stopping import EarlyStopping
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
+from disttrain.checkpoint import inference  # noqa: F401 (Module.load_from_checkpoint)
 from disttrain.checkpoint.format import CheckpointError
 from disttrain.config.options import ConfigError, TrainerConfig
 from disttrain.data.streams import ShardedStream

@@ -32,6 +32,7 @@ from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv, select_device
 from disttrain.dist.flight import FlightRecorder
+from disttrain.dist.fsdp import is_sharded
 from disttrain.loggers import Logger, make_loggers
 from disttrain.loop.optim import SchedulerEntry
 from disttrain.loop.precision import autocast_context, input_converter, param_dtype
@@ -40,7 +41,7 @@ from disttrain.observe.console import configure_logging, writes_run_output
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
 from disttrain.ranks.dispatch import Dispatcher
-from disttrain.ranks.table import Action
+from disttrain.ranks.table import Action, hook_schedule
 from disttrain.rng import seed_for_run
 
 
@@ -164,8 +165,28 @@ class Run:
         return saved
 
     def export_weights(self, path: str | os.PathLike) -> Path:
-        self.running("export_weights")
-        return export(self, path)
+        if self.dispatcher is not None:  # while fit/validate/test runs: collective
+            return export(self, path)
+        return export(self, path, self._after_session("export_weights"))
+
+    def _after_session(self, what: str) -> Dispatcher:
+        """Once fit/validate/test has returned: a dispatcher for the module that is left, with
+        no collectives (the process group is gone), so the table still decides which rank
+        writes and no rank waits for another."""
+        module = self.module
+        if module is None:
+            raise RuntimeError(
+                f"Trainer.{what}: no module: call it during or after fit, validate or test"
+            )
+        if is_sharded(module):
+            raise RuntimeError(
+                f"Trainer.{what} after fit under strategy='fsdp': the module's shards need the "
+                f"process group, which fit closed. Call trainer.{what}(path) inside fit (from "
+                "on_train_end, on every rank), or load the run's checkpoint directory with "
+                f"{type(module).__name__}.load_from_checkpoint(path)."
+            )
+        schedule = hook_schedule(self.config.prepare_data_per_node)
+        return Dispatcher(schedule, module, self.callbacks, self.trainer, self.env, Collectives())
 
     def manage_files(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.running("manage_files").run(Action.MANAGE_FILES, fn, *args)
