@@ -42,6 +42,9 @@ class TrainerConfig:
 
     max_epochs: int = 1000
     max_steps: int | None = None  # optimizer steps; None: no limit
+    # "DD:HH:MM:SS" (quote it in YAML), {days, hours, minutes, seconds} or seconds: an agreed
+    # stop after the step where any rank's training time runs out, then a checkpoint
+    max_time: str | dict | float | None = None
     limit_train_batches: int | float = 1.0  # an int counts batches, a float is a fraction
     limit_val_batches: int | float = 1.0
     limit_test_batches: int | float = 1.0
@@ -102,6 +105,7 @@ class TrainerConfig:
                     name, f"must be a positive number of seconds, got {getattr(self, name)}"
                 )
         object.__setattr__(self, "logger", _checked_logger(self.logger))
+        max_time_seconds(self.max_time)
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ConfigError("gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
 
@@ -120,6 +124,36 @@ class TrainerConfig:
             return cls(**options)
         except ConfigError as err:
             raise ConfigError(f"{prefix}{err.key}", err.problem, source) from None
+
+
+_TIME_UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+
+
+def max_time_seconds(value: Any) -> float | None:
+    """``max_time`` in seconds (None: no limit); a ``ConfigError`` naming it otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) != 4 or not all(part.isdigit() for part in parts):
+            raise ConfigError("max_time", f"expected 'DD:HH:MM:SS', got {value!r}")
+        days, hours, minutes, secs = map(int, parts)
+        seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+    elif isinstance(value, Mapping):
+        bad = [k for k, v in value.items() if k not in _TIME_UNITS or not _is_number(v)]
+        if bad:
+            units = ", ".join(_TIME_UNITS)
+            raise ConfigError("max_time", f"expected a mapping of {units} to numbers: {value!r}")
+        seconds = float(sum(_TIME_UNITS[k] * v for k, v in value.items()))
+    else:
+        seconds = float(value)
+    if seconds <= 0:
+        raise ConfigError("max_time", f"must be a positive duration, got {value!r}")
+    return seconds
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _checked_precision(value: Any) -> str:

@@ -25,6 +25,7 @@ from disttrain.api.hooks import overridden
 from disttrain.api.module import Module
 from disttrain.checkpoint.format import file_name
 from disttrain.checkpoint.resume import resume
+from disttrain.config.options import max_time_seconds
 from disttrain.data import loaders
 from disttrain.data.loaders import batch_indices
 from disttrain.data.positions import track_positions
@@ -53,7 +54,8 @@ def fit(run: Run, module: Module, datamodule: DataModule | None) -> None:
         open_session(run, module, datamodule) as dispatcher,
         PreemptionWatcher(run.flight.dump) as watcher,
     ):
-        loop = start(run, dispatcher, module, Stopping(run.collectives, watcher))
+        stopping = Stopping(run.collectives, watcher, max_time_seconds(run.config.max_time))
+        loop = start(run, dispatcher, module, stopping)
         with ended(loop.train_data, loop.val_data):  # their persistent workers, on any exit
             sanity_check(run, loop)
             profiler = run.profiler  # with it, each phase's share of the training loop
