@@ -45,6 +45,9 @@ class TrainerConfig:
     # "DD:HH:MM:SS" (quote it in YAML), {days, hours, minutes, seconds} or seconds: an agreed
     # stop after the step where any rank's training time runs out, then a checkpoint
     max_time: str | dict | float | None = None
+    # True or N: N batches (True: 1) each of training, validation and test, one epoch, no
+    # sanity check, no checkpoints, no logger, no run files: does the code run at all?
+    fast_dev_run: bool | int = False
     limit_train_batches: int | float = 1.0  # an int counts batches, a float is a fraction
     limit_val_batches: int | float = 1.0
     limit_test_batches: int | float = 1.0
@@ -89,7 +92,7 @@ class TrainerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("num_sanity_val_steps", "max_steps"):
+        for name in ("num_sanity_val_steps", "max_steps", "fast_dev_run"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(name, f"must be 0 or more, got {value}")

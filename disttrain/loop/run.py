@@ -13,6 +13,8 @@ itself. Three kinds of state live here, each once:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -44,6 +46,8 @@ from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, hook_schedule
 from disttrain.rng import seed_for_run
 
+log = logging.getLogger("disttrain.run")
+
 
 class Run:
     """One trainer's run (see the module docstring). ``trainer`` is the façade callbacks and
@@ -56,9 +60,18 @@ class Run:
         explicit_seed: bool,
         trainer: TrainerState,
     ) -> None:
+        config = _for_dev_run(config)
         self.config, self.resolved_config, self.trainer = config, resolved_config, trainer
         self.env = DistEnv.from_environ()
         configure_logging(self.env.rank)
+        if config.fast_dev_run:
+            n = config.limit_train_batches
+            log.info(
+                "fast_dev_run: %d batch%s each of training, validation and test, one epoch, no "
+                "sanity check; no checkpoints, no logger, no run files are written",
+                n,
+                "" if n == 1 else "es",
+            )
         self.seed = seed_for_run(config.seed, explicit_seed)  # the user's seeding stands
         self.device = select_device(config.accelerator, self.env)
         self.callbacks: list[Callback] = _callbacks(config, self.env.rank)
@@ -190,6 +203,26 @@ class Run:
 
     def manage_files(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.running("manage_files").run(Action.MANAGE_FILES, fn, *args)
+
+
+def _for_dev_run(config: TrainerConfig) -> TrainerConfig:
+    """``config`` as ``fast_dev_run`` runs it (unchanged without it)."""
+    if not config.fast_dev_run:
+        return config
+    n = int(config.fast_dev_run)  # True: 1
+    return dataclasses.replace(
+        config,
+        max_epochs=1,
+        limit_train_batches=n,
+        limit_val_batches=n,
+        limit_test_batches=n,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=1,
+        enable_checkpointing=False,
+        callbacks=[c for c in config.callbacks if not isinstance(c, ModelCheckpoint)],
+        logger=None,
+        resume=None,
+    )
 
 
 def _callbacks(config: TrainerConfig, rank: int) -> list[Callback]:

@@ -71,9 +71,9 @@ def write_run_files(run: Run, stage: str = "fit") -> None:
     repeats the run from scratch (``disttrain fit --config RUN_DIR/config.yaml``) instead of
     resuming a finished run and training nothing. ``validate`` and ``test`` leave it alone and
     write ``RUN_DIR/validate.config.yaml`` / ``test.config.yaml``, resume included: the record
-    of which checkpoint they evaluated.
+    of which checkpoint they evaluated. A ``fast_dev_run`` writes nothing.
     """
-    if run.resolved_config is None:
+    if run.resolved_config is None or run.config.fast_dev_run:
         return
     resolved = dict(run.resolved_config)
     name = "config.yaml" if stage == "fit" else f"{stage}.config.yaml"
