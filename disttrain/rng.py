@@ -36,13 +36,21 @@ _STARTUP_SEED = torch.initial_seed()  # drawn by torch from the OS: nobody has s
 _last: tuple[int, str] | None = None  # (seed, "user" | "trainer" | "derived") last seen
 
 
-def seed_everything(seed: int) -> int:
+def seed_everything(seed: int, workers: bool = True) -> int:
     """Seed Python's, torch's (every device) and, if it is loaded, NumPy's generators.
 
     Call it first in a script, before building the model: the model's initial weights and
     every later draw are then the same in each run, and a ``Trainer`` built afterwards keeps
-    this seed (it never reseeds what you seeded). Returns ``seed``.
+    this seed (it never reseeds what you seeded). Returns ``seed``. ``workers`` is accepted
+    for Lightning's ``seed_everything(42, workers=True)``: loader workers are always seeded
+    (torch seeds each worker's torch, ``random`` and NumPy from its loader's seed, which this
+    seed decides), so ``workers=False`` is refused rather than ignored.
     """
+    if not workers:
+        raise ValueError(
+            "seed_everything(workers=False): disttrain's loader workers are always seeded from "
+            "the run's seed (torch seeds each worker); drop the argument"
+        )
     _seed_generators(seed)
     _record(seed, "user")
     return seed

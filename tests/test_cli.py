@@ -129,7 +129,7 @@ def test_overrides_by_set_and_bare_and_print_config(tmp_path, capsys):
 
 
 def test_launch_with_a_bad_config_spawns_nothing(tmp_path):
-    path = write_config(tmp_path, GOOD.replace("max_epochs: 1", "max_epochs: -1"))
+    path = write_config(tmp_path, GOOD.replace("max_epochs: 1", "max_epochs: 0"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "disttrain", "launch", "fit", "--config", str(path)],
         stdout=subprocess.PIPE,
@@ -139,14 +139,16 @@ def test_launch_with_a_bad_config_spawns_nothing(tmp_path):
     )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert "trainer.max_epochs: must be at least 1" in err
+    assert "trainer.max_epochs: must be -1 (no limit) or at least 1" in err
     assert "torch.distributed" not in err and "rank" not in out
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # nothing of its process group is left
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", ["fit", "validate", "test", "launch", "print-config"])
+@pytest.mark.parametrize(
+    "command", ["fit", "validate", "test", "predict", "launch", "print-config"]
+)
 def test_help_lists_every_option(command):
     out = subprocess.run(
         [sys.executable, "-m", "disttrain", command, "--help"],

@@ -1,4 +1,5 @@
-"""Golden tests: the recorded hook order equals docs/lifecycle.md, in one process and at 2 ranks.
+"""Golden tests: the recorded hook order equals docs/lifecycle.md (fit's table, and predict's
+rows P1-P6), in one process and at 2 ranks.
 
 The 2-rank run is the scenario ``golden`` below, on torchrun ranks (``conftest.run_beside``)."""
 
@@ -8,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from common import (
     NOTIFY_HOOKS,
     Recorder,
@@ -30,6 +32,7 @@ STEP_METHODS = {
     "validation_epoch_end",
     "test_epoch_end",
     "training_epoch_end",
+    "predict_step",
 }
 
 
@@ -95,6 +98,22 @@ def expected_test(rank: int, batches: int):
     return e.calls
 
 
+def expected_predict(rank: int, batches: int):
+    e = Expected()
+    if rank == 0:
+        e("prepare_data")
+    e("setup", "predict")
+    e("on_predict_start")
+    for _ in range(batches):
+        e("on_predict_batch_start")
+        e("transfer_batch_to_device")
+        e("predict_step")
+        e("on_predict_batch_end")
+    e("on_predict_end")
+    e("teardown", "predict")
+    return e.calls
+
+
 def _bare(call: str) -> str:
     return call.removeprefix("cb:").split("(")[0]
 
@@ -107,15 +126,27 @@ def _first_occurrences(names):
     return seen
 
 
-def test_the_expected_order_names_the_hooks_in_the_lifecycle_pages_order():
+def _spec_names(text: str, row: str) -> list[str]:
+    """The hook and step names of ``text``'s table rows numbered as ``row`` (a regex)."""
     known = ({h.value for h in Hook} - CHECKPOINT_HOOKS) | STEP_METHODS
-    spec_names = []
-    for line in SPEC.read_text().split("## `trainer.validate")[0].splitlines():
-        if re.match(r"^\| \d+ \|", line):
+    names = []
+    for line in text.splitlines():
+        if re.match(rf"^\| {row} \|", line):
             hook_column = line.split("|")[2]
-            spec_names += [n for n in re.findall(r"`(\w+)", hook_column) if n in known]
+            names += [n for n in re.findall(r"`(\w+)", hook_column) if n in known]
+    return names
+
+
+def test_the_expected_order_names_the_hooks_in_the_lifecycle_pages_order():
+    fit_section = SPEC.read_text().split("## `trainer.validate")[0]
     built = [_bare(c) for c in expected_fit(0, 1, 1, 1, 1) if _bare(c) not in CHECKPOINT_HOOKS]
-    assert _first_occurrences(built) == _first_occurrences(spec_names)
+    assert _first_occurrences(built) == _first_occurrences(_spec_names(fit_section, r"\d+"))
+
+
+def test_the_expected_predict_order_names_the_hooks_of_the_pages_predict_rows():
+    section = SPEC.read_text().split("## `trainer.predict")[1].split("\n## ")[0]
+    built = [_bare(c) for c in expected_predict(0, 1)]
+    assert _first_occurrences(built) == _first_occurrences(_spec_names(section, r"P\d+"))
 
 
 def recorded_fit(**options):
@@ -141,6 +172,9 @@ def test_one_process_runs_the_hooks_in_the_lifecycle_pages_order():
     module.calls.clear()
     trainer.test(module)
     assert module.calls == expected_test(0, batches=4)  # 7 samples, batch size 2
+    module.calls.clear()
+    assert torch.cat(trainer.predict(module)).tolist() == list(range(7))
+    assert module.calls == expected_predict(0, batches=4)
 
 
 def golden(outdir):
@@ -149,7 +183,14 @@ def golden(outdir):
     fit_calls = list(module.calls)
     module.calls.clear()
     trainer.test(module)
-    write_result(outdir, trainer.global_rank, {"fit": fit_calls, "test": module.calls})
+    test_calls = list(module.calls)
+    module.calls.clear()
+    trainer.predict(module)
+    write_result(
+        outdir,
+        trainer.global_rank,
+        {"fit": fit_calls, "test": test_calls, "predict": module.calls},
+    )
 
 
 def test_each_of_two_ranks_runs_the_hooks_in_the_lifecycle_pages_order(tmp_path):
@@ -161,6 +202,8 @@ def test_each_of_two_ranks_runs_the_hooks_in_the_lifecycle_pages_order(tmp_path)
         ), f"rank {rank}"
         # 7 test samples over 2 ranks, unpadded: rank 0 has 4 (2 batches), rank 1 has 3 (2).
         assert result["test"] == expected_test(rank, batches=2), f"rank {rank}"
+        # predict in blocks: rank 0 samples 0-3 (2 batches), rank 1 samples 4-6 (2)
+        assert result["predict"] == expected_predict(rank, batches=2), f"rank {rank}"
 
 
 if __name__ == "__main__":

@@ -32,3 +32,18 @@ class DataModule:
 
     def test_dataloader(self) -> Any:
         return None
+
+    def predict_dataloader(self) -> Any:
+        return None
+
+
+def given_loaders(train: Any = None, val: Any = None) -> DataModule:
+    """The loaders handed to ``Trainer.fit(module, train_dataloaders=..., val_dataloaders=...)``
+    as a data module: each one given replaces the module's, the others stay the module's (the
+    trainer asks a data module for the loaders its class defines)."""
+    methods: dict[str, Any] = {}
+    if train is not None:
+        methods["train_dataloader"] = lambda self: train
+    if val is not None:
+        methods["val_dataloader"] = lambda self: val
+    return type("GivenLoaders", (DataModule,), methods)()

@@ -26,7 +26,7 @@ class ModelHooks:
     """
 
     def prepare_data(self) -> None:
-        """Download and preprocess data, once, before anything else in fit/validate/test.
+        """Download and preprocess data, once, before anything else in any stage.
 
         Runs on global rank 0 only (on local rank 0 of every node with
         ``Trainer(prepare_data_per_node=True)``); every other rank waits for it at a barrier
@@ -41,12 +41,13 @@ class ModelHooks:
         """Build what depends on data (layers, vocabularies) on every rank.
 
         Runs on all ranks after ``prepare_data`` and before the module is moved to its device
-        and wrapped in DDP; ``stage`` is ``"fit"``, ``"validate"`` or ``"test"``. A failure on
-        any rank stops every rank (a verdict follows). May use collectives.
+        and wrapped in DDP; ``stage`` is ``"fit"``, ``"validate"``, ``"test"`` or
+        ``"predict"``. A failure on any rank stops every rank (a verdict follows). May use
+        collectives.
         """
 
     def teardown(self, stage: str) -> None:
-        """Release what ``setup`` built, at the end of fit/validate/test.
+        """Release what ``setup`` built, at the end of fit/validate/test/predict.
 
         Runs on all ranks, also when the stage ran to completion after an early stop; a verdict
         follows, then the process group is destroyed. May use collectives.
@@ -154,6 +155,24 @@ class ModelHooks:
         on. Must not call collectives.
         """
 
+    def on_predict_start(self) -> None:
+        """Runs on every rank at the beginning of ``Trainer.predict``, in eval mode, before
+        the loop over the batches; a verdict follows. May use collectives."""
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Runs on every rank before each predict batch (``batch`` as the DataLoader returned
+        it). Ranks may hold different numbers of batches: must not call collectives."""
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Runs on every rank after each ``predict_step``, with its ``outputs``;
+        ``trainer.predict_batch_indices`` are the batch's dataset indices. Ranks may hold
+        different numbers of batches: must not call collectives."""
+
+    def on_predict_end(self) -> None:
+        """Runs on every rank after every rank finished its predict batches, before the
+        predictions are gathered; a verdict follows (a failure on any rank stops every rank).
+        May use collectives."""
+
 
 class Callback:
     """Override any of these to observe or steer a run without touching the module.
@@ -219,6 +238,22 @@ class Callback:
         self, trainer: TrainerState, module: Any, checkpoint: dict[str, Any]
     ) -> None:
         """All ranks, when a run resumes from ``checkpoint``."""
+
+    def on_predict_start(self, trainer: TrainerState, module: Any) -> None:
+        """All ranks, at the beginning of predict; a verdict follows."""
+
+    def on_predict_batch_start(
+        self, trainer: TrainerState, module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """All ranks, before each predict batch (no collectives)."""
+
+    def on_predict_batch_end(
+        self, trainer: TrainerState, module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """All ranks, after each ``predict_step`` (no collectives)."""
+
+    def on_predict_end(self, trainer: TrainerState, module: Any) -> None:
+        """All ranks, once every rank finished predicting; a verdict follows."""
 
     def state_dict(self) -> dict[str, Any]:
         """This callback's state, saved in every checkpoint (under its class name)."""

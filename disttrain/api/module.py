@@ -41,10 +41,11 @@ class Module(ModelHooks, torch.nn.Module):
     """A ``torch.nn.Module`` with Lightning 0.8's hooks and step methods.
 
     Implement ``training_step`` and ``configure_optimizers`` and the dataloaders you use; add
-    ``validation_step``/``test_step`` to evaluate. Every step method runs on every rank, on
-    that rank's shard of the data; under DDP ``training_step`` runs inside DDP's forward, so
-    the gradient all-reduce happens in ``backward``. Evaluation steps run on the unwrapped
-    module (no DDP collective), each sample exactly once across ranks.
+    ``validation_step``/``test_step`` to evaluate, ``predict_step`` to predict. Every step
+    method runs on every rank, on that rank's shard of the data; under DDP ``training_step``
+    runs inside DDP's forward, so the gradient all-reduce happens in ``backward``. Evaluation
+    and predict steps run on the unwrapped module (no DDP collective), each sample exactly
+    once across ranks.
     """
 
     def __init__(self) -> None:
@@ -120,6 +121,13 @@ class Module(ModelHooks, torch.nn.Module):
     def test_epoch_end(self, outputs: list[Any]) -> None:
         """Receives this rank's ``test_step`` outputs at the end of ``Trainer.test``."""
 
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        """Predict one batch of this rank's shard and return the prediction (tensors, or
+        containers of them). Runs on every rank in eval mode under ``torch.inference_mode``,
+        on the unwrapped module; must not call collectives (ranks may hold different numbers
+        of batches). The default returns ``self(batch)``."""
+        return self(batch)
+
     def training_epoch_end(self, outputs: list[Any]) -> None:
         """Receives this rank's ``training_step`` outputs (detached) at the end of an epoch;
         with several optimizers each entry is a list with one output per optimizer."""
@@ -146,6 +154,11 @@ class Module(ModelHooks, torch.nn.Module):
         """The test ``DataLoader`` (optional); it is sharded without padding."""
         return None
 
+    def predict_dataloader(self) -> Any:
+        """The ``DataLoader`` of ``Trainer.predict`` (a map-style dataset with a batch size,
+        not shuffled); it is sharded without padding, each rank a block of the dataset."""
+        return None
+
     # -- metrics -------------------------------------------------------------------------------
     def log(
         self,
@@ -157,6 +170,7 @@ class Module(ModelHooks, torch.nn.Module):
         reduce: str = "mean",
         batch_size: int | None = None,
         prog_bar: bool = False,
+        sync_dist: bool | None = None,
     ) -> None:
         """Record a metric; the trainer reduces it across ranks at fixed points.
 
@@ -167,6 +181,9 @@ class Module(ModelHooks, torch.nn.Module):
         ``batch_size``, by default the batch's length; ``sum``, ``max``, ``min``) in one
         collective at the end of the loop. Reduced values appear in
         ``trainer.callback_metrics`` and the logger. Logging is local: it costs no collective.
+        ``sync_dist`` (Lightning's) is accepted: epoch values are always reduced over every
+        rank, exactly; a step value is global rank 0's, or the ranks' mean with the trainer's
+        ``sync_step_metrics=True`` (one collective per ``log_every_n_steps``).
         """
         trainer = self._trainer
         if trainer is None:

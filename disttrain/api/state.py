@@ -116,6 +116,12 @@ class TrainerState(Protocol):
         ...
 
     @property
+    def predict_batch_indices(self) -> list[int] | None:
+        """During ``Trainer.predict``'s batch hooks: the dataset indices of the batch being
+        predicted (differs by rank); None elsewhere."""
+        ...
+
+    @property
     def should_stop(self) -> bool:
         """Set it on any rank to stop every rank after the same optimizer step."""
         ...

@@ -7,6 +7,7 @@ from disttrain.callbacks.early_stopping import EarlyStopping
 from disttrain.callbacks.lr_monitor import LearningRateMonitor
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.callbacks.model_summary import ModelSummary
+from disttrain.callbacks.prediction_writer import PredictionWriter
 from disttrain.callbacks.throughput import ThroughputMonitor
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "LearningRateMonitor",
     "ModelCheckpoint",
     "ModelSummary",
+    "PredictionWriter",
     "ThroughputMonitor",
 ]

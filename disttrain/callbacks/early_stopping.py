@@ -32,11 +32,12 @@ class EarlyStopping(Callback):
         mode: str = "min",
         min_delta: float = 0.0,
         check_finite: bool = True,
+        verbose: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
-        self.check_finite = check_finite
+        self.check_finite, self.verbose = check_finite, verbose
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.stopped_epoch: int | None = None
@@ -72,12 +73,22 @@ class EarlyStopping(Callback):
             else value > self.best + self.min_delta
         )
         if better:
+            if self.verbose:
+                log.info("EarlyStopping: %s improved to %.6g", self.monitor, value)
             self.best, self.wait = value, 0
             return
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = trainer.current_epoch
             trainer.should_stop = True
+        if self.verbose:
+            log.info(
+                "EarlyStopping: %s did not improve on %.6g for %d check(s)%s",
+                self.monitor,
+                self.best,
+                self.wait,
+                ": stopping" if trainer.should_stop else "",
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait}

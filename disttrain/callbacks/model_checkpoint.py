@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ import torch
 
 from disttrain.api.hooks import Callback
 from disttrain.callbacks.monitor import MonitorWatch
-from disttrain.checkpoint.format import LAST_NAME, file_name, remove
+from disttrain.checkpoint.format import LAST_NAME, SUFFIX, file_name, remove
 from disttrain.storage.atomic import atomic_link
 
 if TYPE_CHECKING:  # the trainer imports this module
@@ -22,14 +23,18 @@ log = logging.getLogger("disttrain.callbacks")
 
 
 class ModelCheckpoint(Callback):
-    """Save checkpoints every N optimizer steps and/or every N epochs; keep the last K, and
+    """Save checkpoints every N optimizer steps (``every_n_steps``, or Lightning's
+    ``every_n_train_steps``) and/or every N epochs; keep the last K, and
     optionally the best K by a monitored metric; keep ``last.ckpt`` naming the newest.
 
     ``monitor`` names a key of ``trainer.callback_metrics`` (a metric logged with
     ``self.log``, or what ``validation_epoch_end`` returned); its value is averaged over the
     ranks before it is compared, so every rank keeps the same files. A key the run never logs
     is an error once an epoch with validation has ended, naming the keys that were logged.
-    Files: ``DIRPATH/epoch=E-step=S.ckpt`` (default DIRPATH: ``RUN_DIR/checkpoints``).
+    Files: ``DIRPATH/epoch=E-step=S.ckpt`` (default DIRPATH: ``RUN_DIR/checkpoints``), or as
+    ``filename`` says in Lightning's template form (``"{epoch}-{val_loss:.2f}"`` →
+    ``epoch=3-val_loss=0.52.ckpt``). ``best_model_path``, ``best_model_score`` and
+    ``last_model_path`` read as in Lightning.
     """
 
     def __init__(
@@ -42,7 +47,16 @@ class ModelCheckpoint(Callback):
         monitor: str | None = None,
         mode: str = "min",
         save_top_k: int = 1,
+        every_n_train_steps: int | None = None,
+        filename: str | None = None,
     ) -> None:
+        if every_n_train_steps is not None:  # Lightning's name
+            if every_n_steps not in (None, every_n_train_steps):
+                raise ValueError(
+                    "ModelCheckpoint: every_n_steps and every_n_train_steps are the same "
+                    f"option; got {every_n_steps} and {every_n_train_steps}"
+                )
+            every_n_steps = every_n_train_steps
         if mode not in ("min", "max"):
             raise ValueError(f"ModelCheckpoint: mode must be 'min' or 'max', got {mode!r}")
         if keep_last_k < 0 or save_top_k < 0:
@@ -50,7 +64,9 @@ class ModelCheckpoint(Callback):
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and value < 1:
                 raise ValueError(f"ModelCheckpoint: {name} must be >= 1 or None, got {value}")
-        self.dirpath = dirpath
+        self.dirpath, self.filename = dirpath, filename
+        if filename is not None:
+            _formatted(filename, 0, 0, {})  # a bad template fails here, not at the first save
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.keep_last_k, self.save_last = keep_last_k, save_last
         self.monitor, self.mode, self.save_top_k = monitor, mode, save_top_k
@@ -58,6 +74,7 @@ class ModelCheckpoint(Callback):
         self.saved: list[str] = []  # file names, oldest first
         self.best: list[tuple[float, str]] = []  # (score, file name), best first
         self.last_saved_step = -1
+        self._directory: Path | None = None  # where the last save went
 
     def directory(self, trainer: TrainerState) -> Path:
         return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
@@ -91,9 +108,10 @@ class ModelCheckpoint(Callback):
         """Save now (collective: call it on every rank at the same point)."""
         score = self._monitored(trainer, self.monitor) if self.monitor else None
         self.last_saved_step = trainer.global_step
-        name = file_name(trainer.current_epoch, trainer.global_step)
+        name = self._name(trainer)
         path = self.directory(trainer) / name
         trainer.save_checkpoint(path)
+        self._directory = path.parent
         if name not in self.saved:
             self.saved.append(name)
         if score is not None and math.isnan(score):
@@ -124,9 +142,36 @@ class ModelCheckpoint(Callback):
             )
         return total / count
 
+    def _name(self, trainer: TrainerState) -> str:
+        if self.filename is None:
+            return file_name(trainer.current_epoch, trainer.global_step)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        name = _formatted(self.filename, trainer.current_epoch, trainer.global_step, metrics)
+        # global zero's: a returned metric in the name may differ between ranks
+        return trainer.collectives.broadcast_object(name + SUFFIX)
+
     @property
     def best_path(self) -> str | None:
+        """The best checkpoint's file name (by ``monitor``), or None."""
         return self.best[0][1] if self.best else None
+
+    @property
+    def best_model_path(self) -> str:
+        """Lightning's name: the best checkpoint's full path ("" before there is one)."""
+        if not self.best or self._directory is None:
+            return ""
+        return str(self._directory / self.best[0][1])
+
+    @property
+    def best_model_score(self) -> float | None:
+        return self.best[0][0] if self.best else None
+
+    @property
+    def last_model_path(self) -> str:
+        """The newest checkpoint's full path ("" before there is one)."""
+        if not self.saved or self._directory is None:
+            return ""
+        return str(self._directory / self.saved[-1])
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": list(self.saved), "best": [list(b) for b in self.best]}
@@ -134,6 +179,27 @@ class ModelCheckpoint(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.saved = list(state.get("saved", []))
         self.best = [(float(s), str(n)) for s, n in state.get("best", [])]
+
+
+_FIELD = re.compile(r"\{([A-Za-z_][\w/.-]*)(:[^{}]*)?\}")
+
+
+def _formatted(template: str, epoch: int, step: int, metrics: dict[str, float]) -> str:
+    """Lightning's ``filename``: ``"{epoch}-{val_loss:.2f}"`` → ``"epoch=3-val_loss=0.52"``
+    (a name not yet logged is formatted as 0, as Lightning does before a first value)."""
+    values = {**metrics, "epoch": epoch, "step": step}
+
+    def field(match: re.Match) -> str:
+        key, spec = match.group(1), (match.group(2) or ":")[1:]
+        return f"{key}={format(values.get(key, 0), spec)}"
+
+    try:
+        name = _FIELD.sub(field, template)
+    except ValueError as err:
+        raise ValueError(f"ModelCheckpoint: filename {template!r}: {err}") from None
+    if "/" in name or not name:
+        raise ValueError(f"ModelCheckpoint: filename {template!r} must name a file, got {name!r}")
+    return name
 
 
 def _rotate(directory: Path, newest: Path, doomed: list[str], save_last: bool) -> None:

@@ -41,10 +41,10 @@ def resume(run: CheckpointedRun) -> Resumed:
     return Resumed(progress, rng, data, saved_world_size)
 
 
-def restore_weights(run: CheckpointedRun) -> None:
-    """For validate/test: the module's weights (and its on_load_checkpoint) from ``resume``,
-    with the epoch and step they were trained to."""
-    state, source = _load_requested(run, starting_fit=False)
+def restore_weights(run: CheckpointedRun, path: str | None = None) -> None:
+    """For validate/test/predict: the module's weights (and its on_load_checkpoint) from
+    ``path`` if given, else from ``resume``, with the epoch and step they were trained to."""
+    state, source = _load_requested(run, starting_fit=False, source=path)
     if state is not None:
         if "sharded" in state:
             dcp_load(run.running_module, [], state["sharded"])
@@ -61,8 +61,10 @@ def restore_weights(run: CheckpointedRun) -> None:
         )
 
 
-def _load_requested(run: CheckpointedRun, *, starting_fit: bool) -> tuple[dict | None, str | None]:
-    source = run.config.resume
+def _load_requested(
+    run: CheckpointedRun, *, starting_fit: bool, source: str | None = None
+) -> tuple[dict | None, str | None]:
+    source = source if source is not None else run.config.resume
     directory, dispatcher = run.checkpoint_dir, run.running("resume")
     if source is None and run.env.restart_count > 0:
         source = "auto"  # torchelastic restarted the group: go on from the last checkpoint

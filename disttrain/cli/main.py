@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 2 -m disttrain fit --config configs/default.yaml
     disttrain launch --nproc-per-node 2 fit --config configs/default.yaml
     disttrain print-config --config configs/default.yaml --set trainer.max_epochs=3
+    disttrain predict --config configs/smoke.yaml trainer.resume=auto   # RUN_DIR/predictions
 
 Configuration errors exit with code 2 before anything is written or spawned.
 """
@@ -11,6 +12,7 @@ Configuration errors exit with code 2 before anything is written or spawned.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from disttrain.callbacks.prediction_writer import PredictionWriter
 from disttrain.checkpoint.format import SUFFIX, CheckpointError, check_path
 from disttrain.config import runfile as runconfig
 from disttrain.config.options import ConfigError
@@ -36,7 +39,7 @@ from disttrain.ranks.schedule import describe_schedule
 from disttrain.rng import seed_for_run
 from disttrain.version import __version__
 
-STAGES = ("fit", "validate", "test")
+STAGES = ("fit", "validate", "test", "predict")
 EXIT_CONFIG_ERROR = 2
 
 
@@ -93,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_config_args(sub.add_parser(stage, help=f"run {stage} in this process (or rank)"))
     printer = sub.add_parser("print-config", help="print the resolved config and exit")
     _add_config_args(printer)
-    hooks = sub.add_parser("hooks", help="print the hook schedule fit would run, per rank")
+    hooks = sub.add_parser("hooks", help="print the hook schedule of every stage, per rank")
     _add_config_args(hooks)
     hooks.add_argument("--world-size", type=int, help="ranks (default: from launch:)")
     plot = sub.add_parser("plot", help="draw loss and metric curves from runs' metrics.csv")
@@ -162,10 +165,13 @@ def _worker(stage: str, run: Any) -> int:
     log = logging.getLogger("disttrain.cli")
     try:
         seed_for_run(run.seed)  # before the model is built: the same initial weights
-        trainer = Trainer(runconfig.build_callbacks(run), resolved_config=run.resolved)
+        trainer = Trainer(_options(run, stage), resolved_config=run.resolved)
         module = run.model.build()
         datamodule = run.data.build() if run.data else None
-        getattr(trainer, stage)(module, datamodule=datamodule)
+        if stage == "predict":  # nothing to return to: the writer has them
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        else:
+            getattr(trainer, stage)(module, datamodule=datamodule)
     except Preempted as stop:  # the trainer said where the checkpoint went
         return stop.exit_code
     except KeyboardInterrupt:  # before the trainer watched for it: nothing was trained
@@ -193,6 +199,17 @@ def _worker(stage: str, run: Any) -> int:
             log.error("failed: %s: %s (traceback: %s)", type(error).__name__, first, path)
         return 1
     return 0
+
+
+def _options(run: Any, stage: str) -> Any:
+    """The trainer's options with the callbacks built; ``predict`` writes its predictions with
+    a ``PredictionWriter`` to ``RUN_DIR/predictions`` unless the config names one."""
+    options = runconfig.build_callbacks(run)
+    if stage != "predict" or any(isinstance(c, PredictionWriter) for c in options.callbacks):
+        return options
+    writer = PredictionWriter(Path(run.run_dir) / "predictions")
+    logging.getLogger("disttrain.cli").info("predictions go to %s", writer.output_dir)
+    return dataclasses.replace(options, callbacks=[*options.callbacks, writer])
 
 
 def _check_resume(run: Any, stage: str, overrides: list[str]) -> None:

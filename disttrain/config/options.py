@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -40,8 +41,9 @@ Accelerator = Literal["auto", "cpu", "cuda"]
 class TrainerConfig:
     """Every option of :class:`disttrain.Trainer`; a YAML ``trainer:`` section maps onto it."""
 
-    max_epochs: int = 1000
-    max_steps: int | None = None  # optimizer steps; None: no limit
+    # None: 1000, or no limit when max_steps is set (training by steps); -1: no limit
+    max_epochs: int | None = None
+    max_steps: int | None = None  # optimizer steps; None or -1: no limit
     # "DD:HH:MM:SS" (quote it in YAML), {days, hours, minutes, seconds} or seconds: an agreed
     # stop after the step where any rank's training time runs out, then a checkpoint
     max_time: str | dict | float | None = None
@@ -52,9 +54,14 @@ class TrainerConfig:
     limit_val_batches: int | float = 1.0
     limit_test_batches: int | float = 1.0
     num_sanity_val_steps: int = 2
-    check_val_every_n_epoch: int = 1
+    # None: validation only every val_check_interval batches, counted across epochs
+    check_val_every_n_epoch: int | None = 1
+    # inside an epoch too: an int every N training batches, a float every such fraction of the
+    # epoch (1.0 or None: at the epoch's end only)
+    val_check_interval: int | float | None = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None  # max global L2 norm; None or 0: no clipping
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"  # "value": each element
     precision: Precision = "32-true"  # or 16-mixed, bf16-mixed, bf16-true, 16-true, 64-true
     accelerator: Accelerator = "auto"
     seed: int | None = 0  # seeds Python, torch and the samplers; None leaves RNGs alone
@@ -84,14 +91,16 @@ class TrainerConfig:
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             check_type(field.name, getattr(self, field.name), hints[field.name])
-        for name in (
-            "max_epochs",
-            "check_val_every_n_epoch",
-            "accumulate_grad_batches",
-            "log_every_n_steps",
-        ):
+        for name in ("accumulate_grad_batches", "log_every_n_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.max_steps == -1:  # Lightning's spelling of "no limit"
+            object.__setattr__(self, "max_steps", None)
+        if self.max_epochs is not None and self.max_epochs != -1 and self.max_epochs < 1:
+            raise ConfigError(
+                "max_epochs", f"must be -1 (no limit) or at least 1, got {self.max_epochs}"
+            )
+        self._check_validation_interval()
         for name in ("num_sanity_val_steps", "max_steps", "fast_dev_run"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -111,6 +120,41 @@ class TrainerConfig:
         max_time_seconds(self.max_time)
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ConfigError("gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
+
+    @property
+    def epoch_limit(self) -> float:
+        """How many epochs the run may train: ``max_epochs``, unless unset (1000, or no limit
+        when ``max_steps`` says when to stop) or -1 (no limit)."""
+        if self.max_epochs is None:
+            return 1000 if self.max_steps is None else math.inf
+        return math.inf if self.max_epochs == -1 else self.max_epochs
+
+    def _check_validation_interval(self) -> None:
+        every_n, interval = self.check_val_every_n_epoch, self.val_check_interval
+        if every_n is not None and every_n < 1:
+            raise ConfigError(
+                "check_val_every_n_epoch", f"must be at least 1 or None, got {every_n}"
+            )
+        counts = isinstance(interval, int)  # check_type refused bools
+        if interval is not None and (interval < 1 if counts else not 0.0 < interval <= 1.0):
+            raise ConfigError(
+                "val_check_interval",
+                f"must be a batch count (int >= 1) or a fraction of the epoch in (0, 1], "
+                f"got {interval}",
+            )
+        if isinstance(interval, int) and interval % self.accumulate_grad_batches:
+            raise ConfigError(
+                "val_check_interval",
+                f"{interval} batches end inside an accumulation window of "
+                f"accumulate_grad_batches={self.accumulate_grad_batches}: validation runs "
+                "after an optimizer step, so give a multiple of it",
+            )
+        if every_n is None and not counts:
+            raise ConfigError(
+                "check_val_every_n_epoch",
+                "None (validation counted across epochs) needs an int val_check_interval, "
+                f"got val_check_interval={interval}",
+            )
 
     @classmethod
     def from_mapping(

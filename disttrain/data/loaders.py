@@ -135,6 +135,25 @@ def eval_loader(loader: Any, rank: int, world_size: int, where: str) -> Any:
     return rebuilt(loader, sampler=sampler)
 
 
+def predict_loader(loader: Any, rank: int, world_size: int, where: str) -> Any:
+    """``loader`` for ``Trainer.predict``: each rank one block of the dataset, in order,
+    without padding and without ``drop_last``, so every sample is predicted exactly once and
+    the ranks' predictions, concatenated in rank order, are in dataset order. Only a loader
+    disttrain can shard so (a map-style dataset, a batch size, a sequential sampler): the
+    dataset index of every prediction is then known. The user's other options are kept."""
+    if not _is_plain_loader(loader) or not isinstance(loader.sampler, SequentialSampler):
+        sampler = getattr(loader, "sampler", None)
+        raise ValueError(
+            f"{where}: predict needs a DataLoader over a map-style dataset with a batch_size "
+            f"that must not shuffle (got {type(loader).__name__} with "
+            f"{type(sampler).__name__ if sampler is not None else 'no sampler'}); disttrain "
+            "shards it in blocks so that each sample is predicted exactly once and the "
+            "predictions come back in dataset order"
+        )
+    sampler = UnpaddedDistributedSampler(len(loader.dataset), rank, world_size, contiguous=True)
+    return rebuilt(loader, sampler=sampler, drop_last=False)
+
+
 def batch_indices(first: int, limit: int | float) -> Iterator[int]:
     """``first``, ``first + 1``, ... up to ``limit`` (without end for a loader of no length)."""
     return itertools.count(first) if limit == math.inf else iter(range(first, int(limit)))

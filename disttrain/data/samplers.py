@@ -22,14 +22,27 @@ class UnpaddedDistributedSampler(Sampler[int]):
     less than others (evaluation runs no collective per batch, so that is safe).
     """
 
-    def __init__(self, dataset_len: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self, dataset_len: int, rank: int, world_size: int, contiguous: bool = False
+    ) -> None:
         self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
+        self.contiguous = contiguous  # rank r a block of the dataset, ranks in dataset order
+
+    def indices(self) -> range:
+        """This rank's indices: strided, or with ``contiguous`` one block (the first
+        ``dataset_len % world_size`` ranks one more): concatenated in rank order, the blocks
+        are the dataset's order (``Trainer.predict``)."""
+        if not self.contiguous:
+            return range(self.rank, self.dataset_len, self.world_size)
+        share, extra = divmod(self.dataset_len, self.world_size)
+        start = self.rank * share + min(self.rank, extra)
+        return range(start, start + share + (self.rank < extra))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.dataset_len, self.world_size))
+        return iter(self.indices())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.dataset_len, self.world_size))
+        return len(self.indices())
 
 
 class Resharded(NamedTuple):

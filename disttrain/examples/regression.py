@@ -1,7 +1,8 @@
 """The smallest end-to-end job: a linear regression on generated data (for smoke tests).
 
 It logs what every example logs: ``train_loss`` and ``lr`` per step, ``val_loss`` per
-validation loop and ``test_loss`` for ``Trainer.test`` (exact over the ranks).
+validation loop and ``test_loss`` for ``Trainer.test`` (exact over the ranks);
+``Trainer.predict`` predicts the validation samples.
 """
 
 from __future__ import annotations
@@ -77,3 +78,9 @@ class Regression(disttrain.Module):
         return DataLoader(self.val_set, batch_size=self.batch_size)
 
     test_dataloader = val_dataloader
+
+    def predict_step(self, batch, batch_idx):
+        x, _ = batch
+        return self.net(x).squeeze(-1)
+
+    predict_dataloader = val_dataloader

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +114,7 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     loop = FitLoop(
         call=call,
         forward=forward,
-        hooks=_batch_hooks(run, dispatcher),
+        hooks=BatchHooks.looked_up(dispatcher, run.convert_input),
         stopping=stopping,
         train_data=train_data,
         val_data=val_data,
@@ -121,31 +123,12 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
         keep_outputs=overridden(module, "training_epoch_end", Module),
         progress=progress,
         saved_rng=saved_rng,
+        val_every=None if val_data is None else _batches_between_validations(cfg, n_train),
+        clip=_clipping(cfg.gradient_clip_val, cfg.gradient_clip_algorithm),
         optimizers=optimizers,
     )
     call(Hook.ON_TRAIN_START)
     return loop
-
-
-_BATCH_HOOKS = (
-    Hook.ON_BATCH_START,
-    Hook.TRANSFER_BATCH_TO_DEVICE,
-    Hook.BACKWARD,
-    Hook.ON_AFTER_BACKWARD,
-    Hook.ON_BEFORE_ZERO_GRAD,
-    Hook.ON_BATCH_END,
-)
-
-
-def _batch_hooks(run: Run, dispatcher: Dispatcher) -> BatchHooks:
-    """The per-batch hooks, looked up once; under ``*-true`` precision the batch's floats
-    are converted to the parameters' dtype after ``transfer_batch_to_device``."""
-    hooks = BatchHooks(*map(dispatcher.caller, _BATCH_HOOKS))
-    if run.convert_input is None:
-        return hooks
-    transfer, convert = hooks.transfer_batch_to_device, run.convert_input
-    moved = lambda *args: convert(transfer(*args))  # noqa: E731
-    return dataclasses.replace(hooks, transfer_batch_to_device=moved)
 
 
 def sanity_check(run: Run, loop: FitLoop) -> None:
@@ -163,10 +146,10 @@ def train(run: Run, loop: FitLoop, module: Module) -> None:
     start_epoch, start_batch = progress.resume_point() if progress else (0, 0)
     if progress and progress.epoch_finished:  # saved before that epoch's scheduler step
         optim.step_schedulers(run.schedulers, "epoch", progress.epoch + 1)
-    if start_epoch >= cfg.max_epochs or run.global_step >= _max_steps(run):
+    if start_epoch >= cfg.epoch_limit or run.global_step >= _max_steps(run):
         log.info(
             "nothing to train: the checkpoint is at epoch %d, step %d, and the run ends at "
-            "max_epochs=%d, max_steps=%s; raise them to train on",
+            "max_epochs=%s, max_steps=%s; raise them to train on",
             run.current_epoch,
             run.global_step,
             cfg.max_epochs,
@@ -175,7 +158,9 @@ def train(run: Run, loop: FitLoop, module: Module) -> None:
         return  # (every rank alike: the same config, the same checkpoint)
     loop.stopping.before_training()
     module.train()
-    for epoch in range(start_epoch, cfg.max_epochs):
+    for epoch in itertools.count(start_epoch):  # to max_epochs, or on until max_steps
+        if epoch >= cfg.epoch_limit:
+            break
         first = start_batch if epoch == start_epoch else 0
         outputs, end = train_epoch(run, loop, epoch, first)
         if end is EpochEnd.AGREED_STOP:
@@ -250,6 +235,11 @@ def train_batch(run: Run, loop: FitLoop, batch: Any, batch_idx: int, outputs: li
     if boundary:
         optimizer_step(run, loop)
     run.at_step_boundary, run.next_batch = boundary, batch_idx + 1
+    every = loop.val_every
+    if boundary and every and _validates_after(run, every, loop.n_train, batch_idx + 1):
+        # before on_batch_end: a checkpoint taken there holds this validation's result, and
+        # the RNG it drew, so a run resumed from it goes on as the uninterrupted one
+        evaluate(run, loop.call, loop.val_data, loop.n_val, "validation")
     hooks.on_batch_end()
     return boundary
 
@@ -276,12 +266,12 @@ def forward_backward(
 def optimizer_step(run: Run, loop: FitLoop) -> None:
     """Clip, step, ``on_before_zero_grad``, zero every optimizer; then the step-interval
     schedulers and the step's metrics."""
-    scaler, clip = run.scaler, run.config.gradient_clip_val
+    scaler, clip = run.scaler, loop.clip
     for optimizer, group in zip(run.optimizers, loop.params):
-        if clip:
+        if clip is not None:
             if scaler is not None:  # 16-mixed: clip the true gradients
                 scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(group, clip)
+            clip(group)
         if scaler is None:
             optimizer.step()
         else:
@@ -298,8 +288,8 @@ def optimizer_step(run: Run, loop: FitLoop) -> None:
 def end_epoch(run: Run, loop: FitLoop, module: Module, epoch: int, outputs: list[Any]) -> bool:
     """Validation, the epoch-end hooks, and one collective for the epoch's metrics and every
     rank's stop vote. Returns whether training stops here."""
-    every = run.config.check_val_every_n_epoch
-    if loop.val_data is not None and (epoch + 1) % every == 0:
+    every = run.config.check_val_every_n_epoch  # None: by val_check_interval alone
+    if loop.val_data is not None and every is not None and (epoch + 1) % every == 0:
         evaluate(run, loop.call, loop.val_data, loop.n_val, "validation")
     module.training_epoch_end(per_batch(outputs, len(run.optimizers)))
     run.epoch_finished = True
@@ -332,6 +322,44 @@ def finish(run: Run, loop: FitLoop) -> None:
 def _ends_window(accumulate: int, loop: FitLoop, batch_idx: int) -> bool:
     """Whether the optimizers step after ``batch_idx``: an accumulation window ends there."""
     return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == loop.n_train
+
+
+def _batches_between_validations(cfg: Any, n_train: int | float) -> int | None:
+    """``val_check_interval`` as a batch count (a multiple of the accumulation), or None."""
+    interval = cfg.val_check_interval
+    if interval is None or isinstance(interval, int):
+        return interval
+    if interval == 1.0:
+        return None  # the epoch's end, where validation runs anyway
+    if math.isinf(n_train):
+        raise ValueError(
+            f"val_check_interval={interval} is a fraction of the epoch, but the training "
+            "dataloader has no length; give a batch count (an int)"
+        )
+    accumulate = cfg.accumulate_grad_batches
+    batches = max(int(n_train * interval), accumulate)
+    return batches - batches % accumulate
+
+
+def _validates_after(run: Run, every: int, n_train: int | float, trained: int) -> bool:
+    """Whether validation runs after the ``trained``-th batch of the epoch (not at its last
+    one, which ends the epoch with its own validation), or, with ``check_val_every_n_epoch``
+    None, after every ``val_check_interval`` batches counted across epochs."""
+    every_n_epochs = run.config.check_val_every_n_epoch
+    if every_n_epochs is None:
+        return run.global_step % (every // run.config.accumulate_grad_batches) == 0
+    in_epoch = (run.current_epoch + 1) % every_n_epochs == 0
+    return in_epoch and trained % every == 0 and trained < n_train
+
+
+def _clipping(value: float | None, algorithm: str) -> Callable[[list[torch.Tensor]], Any] | None:
+    """``gradient_clip_val`` by ``gradient_clip_algorithm``: the global L2 norm of each
+    optimizer's parameters, or each gradient element; None when not clipping."""
+    if not value:
+        return None
+    if algorithm == "value":
+        return functools.partial(torch.nn.utils.clip_grad_value_, clip_value=value)
+    return functools.partial(torch.nn.utils.clip_grad_norm_, max_norm=value)
 
 
 def _max_steps(run: Run) -> float:

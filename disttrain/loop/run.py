@@ -7,7 +7,7 @@ itself. Three kinds of state live here, each once:
 - what the run is: its options, where this process stands (rank, device), its callbacks,
   reporter, flight recorder and profiler (built when the trainer is);
 - where the loop stands: epoch, step, the next batch of the epoch, the agreed-stop flag;
-- what a session holds while fit, validate or test runs: the collectives, the dispatcher,
+- what a session holds while fit, validate, test or predict runs: the collectives, the dispatcher,
   the module, and for fit the wrapped step, optimizers, schedulers and scaler.
 """
 
@@ -94,6 +94,7 @@ class Run:
         self.should_stop = False
         self.at_step_boundary = False
         self.num_training_batches: int | float = 0
+        self.predict_batch_indices: list[int] | None = None  # of the batch predicted now
         # what the running session holds
         self.collectives: Collectives = Collectives()
         self.dispatcher: Dispatcher | None = None
@@ -144,7 +145,7 @@ class Run:
     def running_module(self) -> Module:
         """The module being fit, validated or tested (an error outside a run)."""
         if self.module is None:
-            raise RuntimeError("no module: fit, validate or test is not running")
+            raise RuntimeError("no module: fit, validate, test or predict is not running")
         return self.module
 
     @property
@@ -218,6 +219,7 @@ def _for_dev_run(config: TrainerConfig) -> TrainerConfig:
         limit_test_batches=n,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=1,
+        val_check_interval=None,
         enable_checkpointing=False,
         callbacks=[c for c in config.callbacks if not isinstance(c, ModelCheckpoint)],
         logger=None,

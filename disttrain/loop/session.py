@@ -23,7 +23,7 @@ from disttrain.storage.atomic import atomic_write_text
 
 @contextlib.contextmanager
 def open_session(run: Run, module: Module, datamodule: DataModule | None) -> Iterator[Dispatcher]:
-    """Everything fit/validate/test share around their hooks; the group is always left, and
+    """Everything fit/validate/test/predict share around their hooks; the group is always left, and
     a failure leaves this rank's flight-recorder trace in the run directory."""
     cfg, flight = run.config, run.flight
     run.collectives = connect(run.env, run.device, cfg.timeout, cfg.prepare_data_timeout, flight)
@@ -69,9 +69,9 @@ def write_run_files(run: Run, stage: str = "fit") -> None:
 
     ``fit`` writes ``RUN_DIR/config.yaml``, with ``trainer.resume`` reset to null: the file
     repeats the run from scratch (``disttrain fit --config RUN_DIR/config.yaml``) instead of
-    resuming a finished run and training nothing. ``validate`` and ``test`` leave it alone and
-    write ``RUN_DIR/validate.config.yaml`` / ``test.config.yaml``, resume included: the record
-    of which checkpoint they evaluated. A ``fast_dev_run`` writes nothing.
+    resuming a finished run and training nothing. ``validate``, ``test`` and ``predict`` leave
+    it alone and write ``RUN_DIR/{stage}.config.yaml``, resume included: the record of which
+    checkpoint they evaluated. A ``fast_dev_run`` writes nothing.
     """
     if run.resolved_config is None or run.config.fast_dev_run:
         return

@@ -3,12 +3,13 @@ ready for this rank (``disttrain.data.loaders``: sharded training data, exact ev
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from disttrain.api.datamodule import DataModule
 from disttrain.api.hooks import overridden
 from disttrain.api.module import Module
-from disttrain.data.loaders import eval_loader, train_loader
+from disttrain.data.loaders import eval_loader, limit_batches, train_loader
 from disttrain.loop.run import Run
 
 
@@ -34,3 +35,22 @@ def eval_loader_for(run: Run, module: Any, loader_name: str, step_name: str) -> 
 def _loader_source(run: Run, module: Any, loader_name: str) -> Any:
     dm = run.datamodule
     return dm if dm is not None and overridden(dm, loader_name, DataModule) else module
+
+
+def estimated_stepping_batches(run: Run) -> int | float:
+    """The optimizer steps this fit takes (``math.inf`` when nothing bounds it): the batches
+    of an epoch (per rank, after ``limit_train_batches``) over ``accumulate_grad_batches``,
+    times the epochs, capped by ``max_steps``. Before the fit has built its loader (in
+    ``configure_optimizers``, where a OneCycleLR needs it) the loader is built once to count."""
+    cfg, module = run.config, run.module
+    if module is None:
+        raise RuntimeError(
+            "trainer.estimated_stepping_batches is known during fit (e.g. in "
+            "configure_optimizers), once the trainer has the module"
+        )
+    batches = run.num_training_batches or limit_batches(
+        train_loader_for(run, module), cfg.limit_train_batches, "limit_train_batches"
+    )
+    per_epoch = batches if math.isinf(batches) else math.ceil(batches / cfg.accumulate_grad_batches)
+    total = per_epoch * cfg.epoch_limit
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)

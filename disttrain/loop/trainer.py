@@ -1,12 +1,15 @@
-"""``Trainer``: fit, validate and test a :class:`disttrain.Module`, one loop for every backend.
+"""``Trainer``: fit, validate, test and predict with a :class:`disttrain.Module`, one loop for
+every backend.
 
 A façade: what hooks and callbacks may read is ``disttrain.api.state.TrainerState``, and every
 property here reads the run (``disttrain.loop.run.Run``), the one owner of the loop's state.
-The loop itself is ``disttrain.loop.fit`` and ``disttrain.loop.evaluation``.
+The loop itself is ``disttrain.loop.fit``, ``disttrain.loop.evaluation`` and
+``disttrain.loop.predict``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 import torch
 
-from disttrain.api.datamodule import DataModule
+from disttrain.api.datamodule import DataModule, given_loaders
 from disttrain.api.hooks import Callback
 from disttrain.api.module import Module
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
@@ -25,7 +28,9 @@ from disttrain.loggers import Logger
 from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
 from disttrain.loop.optim import SchedulerEntry
+from disttrain.loop.predict import run_prediction
 from disttrain.loop.run import Run
+from disttrain.loop.sources import estimated_stepping_batches
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
 
@@ -81,6 +86,22 @@ class Trainer:
     @property
     def seed(self) -> int | None:
         return self._run.seed
+
+    @property
+    def max_epochs(self) -> int | None:
+        """As given: None (1000, or no limit under ``max_steps``), -1 (no limit) or N."""
+        return self._run.config.max_epochs
+
+    @property
+    def max_steps(self) -> int | None:
+        """Optimizer steps the run ends after; None: no limit (``-1`` is read as None)."""
+        return self._run.config.max_steps
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        """Optimizer steps this fit takes (``math.inf`` if unbounded): per-rank batches per
+        epoch over the accumulation, times the epochs, capped by ``max_steps``."""
+        return estimated_stepping_batches(self._run)
 
     @property
     def default_root_dir(self) -> str:
@@ -148,6 +169,11 @@ class Trainer:
         return self._run.num_training_batches
 
     @property
+    def predict_batch_indices(self) -> list[int] | None:
+        """During ``predict``'s batch hooks: the dataset indices of the batch (per rank)."""
+        return self._run.predict_batch_indices
+
+    @property
     def should_stop(self) -> bool:
         """Set it (on any rank) to stop every rank after an agreed optimizer step."""
         return self._run.should_stop
@@ -167,7 +193,8 @@ class Trainer:
 
     @property
     def running_module(self) -> Module:
-        """The module being fit, validated or tested (an error outside a run)."""
+        """The module being fit, validated, tested or predicted with (an error outside a
+        run)."""
         return self._run.running_module
 
     @property
@@ -260,16 +287,47 @@ class Trainer:
         return self._run.manage_files(fn, *args)
 
     # -- the stages ----------------------------------------------------------------------------
-    def fit(self, module: Module, datamodule: DataModule | None = None) -> None:
+    def fit(
+        self,
+        module: Module,
+        datamodule: DataModule | Any = None,
+        *,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        ckpt_path: str | None = None,
+    ) -> None:
         """Train ``module``: the lifecycle of ``docs/lifecycle.md`` on every rank
         (``disttrain.loop.fit``, level by level).
 
-        Dataloaders come from ``datamodule`` where it defines them, else from ``module``. With
-        ``resume`` (or after an elastic restart) training goes on from a checkpoint exactly
-        where it stopped. On SIGTERM or Ctrl-C every rank stops after the same optimizer step,
-        a checkpoint is written and ``Preempted`` is raised.
+        Dataloaders come from ``datamodule`` where it defines them, else from ``module``;
+        ``train_dataloaders``/``val_dataloaders`` (Lightning's keywords; a DataLoader as the
+        second argument is taken as the training one) replace the module's. With ``resume``
+        or ``ckpt_path`` (the same, for this fit; ``"last"`` is ``"auto"``), or after an
+        elastic restart, training goes on from a checkpoint exactly where it stopped. On
+        SIGTERM or Ctrl-C every rank stops after the same optimizer step, a checkpoint is
+        written and ``Preempted`` is raised.
         """
-        fit(self._run, module, datamodule)
+        if datamodule is not None and not isinstance(datamodule, DataModule):
+            if train_dataloaders is not None:
+                raise TypeError(
+                    "Trainer.fit: the second argument is the datamodule; "
+                    f"got a {type(datamodule).__name__} and train_dataloaders"
+                )
+            datamodule, train_dataloaders = None, datamodule  # fit(model, train_loader)
+        if train_dataloaders is not None or val_dataloaders is not None:
+            if datamodule is not None:
+                raise TypeError(
+                    "Trainer.fit: give a datamodule or train_dataloaders/val_dataloaders, not both"
+                )
+            datamodule = given_loaders(train_dataloaders, val_dataloaders)
+        config = self._run.config
+        if ckpt_path is not None:
+            resume = "auto" if ckpt_path == "last" else str(ckpt_path)
+            self._run.config = dataclasses.replace(config, resume=resume)
+        try:
+            fit(self._run, module, datamodule)
+        finally:
+            self._run.config = config
 
     def validate(self, module: Module, datamodule: DataModule | None = None) -> Any:
         """Run the validation loop once over all of ``val_dataloader`` on every rank; with
@@ -284,3 +342,26 @@ class Trainer:
         tested on rank 0 only; here every rank takes its shard). Returns what
         ``test_epoch_end`` returned on this rank."""
         return run_evaluation(self._run, module, datamodule, "test")
+
+    def predict(
+        self,
+        module: Module,
+        dataloaders: Any = None,
+        datamodule: DataModule | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+        return_predictions: bool = True,
+    ) -> list[Any] | None:
+        """Run ``predict_step`` once over every sample of ``dataloaders`` (else the data
+        module's or the module's ``predict_dataloader``), on every rank: each rank predicts
+        one block of the dataset, unpadded, so every sample is predicted exactly once. The
+        module runs in eval mode under ``torch.inference_mode``, on the weights of
+        ``ckpt_path`` (else ``resume``) if given.
+
+        Returns, on every rank, the ``predict_step`` outputs of every batch of every rank
+        (moved to the CPU), in dataset order, gathered once at the end; batch boundaries
+        follow each rank's block, so concatenate them. With ``return_predictions=False``
+        nothing is kept or gathered and None is returned: pair it with
+        ``disttrain.callbacks.PredictionWriter`` for outputs too large to gather.
+        """
+        path = None if ckpt_path is None else os.fspath(ckpt_path)
+        return run_prediction(self._run, module, datamodule, dataloaders, path, return_predictions)

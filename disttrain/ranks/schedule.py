@@ -1,4 +1,5 @@
-"""``disttrain hooks``: the hook schedule of fit, per rank, read from the dispatcher's table."""
+"""``disttrain hooks``: the hook schedule (fit, validate, test, predict), per rank, read from
+the dispatcher's table."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def describe_schedule(run: Any, world_size: int | None = None) -> str:
     shown = envs if world <= 8 else envs[:4] + envs[-4:]
     head = f"{'hook':<28}" + "".join(f"{'rank ' + str(e.rank):>9}" for e in shown) + "  then"
     lines = [
-        f"fit schedule at world size {world} ({world // per_node} node(s) x {per_node}), "
+        f"hook schedule (fit, validate, test, predict) at world size {world} "
+        f"({world // per_node} node(s) x {per_node}), "
         f"prepare_data_per_node={run.trainer.prepare_data_per_node}",
         head,
     ]

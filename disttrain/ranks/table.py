@@ -26,12 +26,31 @@ The whole of ``Trainer.fit``, with every hook in place (``[v]`` verdict, ``[a]``
             if accumulation boundary:
                 for optimizer: clip; optimizer.step(); on_before_zero_grad(optimizer); zero_grad()
                 step-interval schedulers
+            validation every val_check_interval batches, if set (inside the epoch)
             on_batch_end()
         validation (every check_val_every_n_epoch), as the sanity check but on all batches
         training_epoch_end(outputs); on_epoch_end(); epoch-interval schedulers
     on_train_end()
     on_fit_end()
     teardown("fit")                      # all                                [v]
+
+``Trainer.predict`` (``disttrain.loop.predict``)::
+
+    prepare_data()                       # as in fit                          [v, long timeout]
+    setup("predict")                     # all                                [v]
+    module.to(device); weights from ckpt_path / resume; the unpadded loader, in blocks
+    module.eval()
+    on_predict_start()                   # all                                [v]
+    under torch.inference_mode(), no collective (ranks hold different numbers of batches):
+    for batch_idx, batch in loader:
+        on_predict_batch_start(batch, batch_idx)
+        batch = transfer_batch_to_device(batch, device)
+        outputs = predict_step(batch, batch_idx)
+        on_predict_batch_end(outputs, batch, batch_idx)
+                                         # the loop: trainer action predict   [v]
+    on_predict_end()                     # all                                [v]
+    predictions gathered in dataset order, once (return_predictions=True)
+    teardown("predict")                  # all                                [v]
 
 Every rank runs the same sequence; only ``prepare_data`` is limited to some ranks. Callbacks
 run before the module's hook of the same name. ``HOOK_TABLE`` below is the single statement of
@@ -85,6 +104,10 @@ class Hook(str, enum.Enum):
     TEARDOWN = "teardown"
     ON_SAVE_CHECKPOINT = "on_save_checkpoint"
     ON_LOAD_CHECKPOINT = "on_load_checkpoint"
+    ON_PREDICT_START = "on_predict_start"
+    ON_PREDICT_BATCH_START = "on_predict_batch_start"
+    ON_PREDICT_BATCH_END = "on_predict_batch_end"
+    ON_PREDICT_END = "on_predict_end"
 
 
 @dataclass(frozen=True)
@@ -117,6 +140,10 @@ HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.TEARDOWN:                  Rule(Ranks.ALL, Sync.VERDICT),
     Hook.ON_SAVE_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_LOAD_CHECKPOINT:        Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_PREDICT_START:          Rule(Ranks.ALL, Sync.VERDICT),
+    Hook.ON_PREDICT_BATCH_START:    Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_PREDICT_BATCH_END:      Rule(Ranks.ALL, Sync.NONE),
+    Hook.ON_PREDICT_END:            Rule(Ranks.ALL, Sync.VERDICT),
 }  # fmt: skip
 
 
@@ -127,6 +154,7 @@ class Action(str, enum.Enum):
     WRITE_CHECKPOINT = "write_checkpoint"  # one file, atomically, from the gathered state
     MANAGE_FILES = "manage_files"  # choose, clean up or delete files in the run directory
     LOAD_CHECKPOINT = "load_checkpoint"  # every rank reads the file global zero chose
+    PREDICT = "predict"  # the predict loop over this rank's shard: a failure stops every rank
 
 
 ACTION_TABLE: Mapping[Action, Rule] = {
@@ -134,6 +162,7 @@ ACTION_TABLE: Mapping[Action, Rule] = {
     Action.WRITE_CHECKPOINT: Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT, callbacks=False),
     Action.MANAGE_FILES:     Rule(Ranks.GLOBAL_ZERO, Sync.DECISION, callbacks=False),
     Action.LOAD_CHECKPOINT:  Rule(Ranks.ALL, Sync.VERDICT_LONG, callbacks=False),
+    Action.PREDICT:          Rule(Ranks.ALL, Sync.VERDICT, callbacks=False),
 }  # fmt: skip
 
 

@@ -187,6 +187,13 @@ class Recorder(Regressor):
     def training_epoch_end(self, outputs):
         self.calls.append("training_epoch_end")
 
+    def predict_step(self, batch, batch_idx):
+        self.calls.append("predict_step")
+        return batch[2]
+
+    def predict_dataloader(self):
+        return self.val_dataloader()
+
 
 for _hook in Hook:
     setattr(Recorder, _hook.value, _recording(_hook.value))
