@@ -12,6 +12,7 @@ from disttrain.callbacks import (
     PredictionWriter,
     ThroughputMonitor,
 )
+from disttrain.checkpoint import inference  # noqa: F401 (Module.load_from_checkpoint)
 from disttrain.checkpoint.format import CheckpointError
 from disttrain.config.options import ConfigError, TrainerConfig
 from disttrain.data.streams import ShardedStream

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import inspect
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -10,6 +13,28 @@ from disttrain.api.hooks import ModelHooks
 
 if TYPE_CHECKING:
     from disttrain.api.state import TrainerState
+
+M = TypeVar("M", bound="Module")
+# how a checkpoint becomes a module: disttrain.checkpoint.inference (a layer above this one,
+# which reads checkpoints) hands it over when disttrain is imported
+_checkpoint_loader: Callable[..., Any] | None = None
+
+
+def use_checkpoint_loader(loader: Callable[..., Any]) -> None:
+    """Set what ``Module.load_from_checkpoint`` calls: ``loader(cls, path, map_location,
+    overrides)`` returns the module (``disttrain.checkpoint.inference.load_module``)."""
+    global _checkpoint_loader
+    _checkpoint_loader = loader
+
+
+class HParams(dict):
+    """The ``__init__`` arguments ``save_hyperparameters`` recorded, by key or attribute."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no hyperparameter {name!r} (saved: {list(self)})") from None
 
 
 class Module(ModelHooks, torch.nn.Module):
@@ -29,6 +54,48 @@ class Module(ModelHooks, torch.nn.Module):
         # torch's seed while the model is built: the start-up one (drawn from the OS) means
         # its initial weights differ in every run (Trainer.fit warns)
         self._seed_at_build = torch.initial_seed()
+        self.hparams = HParams()
+
+    # -- hyperparameters and inference ------------------------------------------------------
+    def save_hyperparameters(self, *, ignore: Iterable[str] = ()) -> None:
+        """Record the arguments of the ``__init__`` calling it as ``self.hparams``, as
+        Lightning does: call it in ``__init__`` after ``super().__init__()``. Checkpoints store
+        them, and ``load_from_checkpoint`` builds the module from them. Each must be plain data
+        (numbers, strings, booleans, None, lists, tuples, dicts of them): a checkpoint holds
+        nothing else. Name the others in ``ignore`` (and pass them to
+        ``load_from_checkpoint``)."""
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None
+        if caller is None:  # pragma: no cover (CPython always has frames)
+            raise RuntimeError("save_hyperparameters: no caller frame to read arguments from")
+        info = inspect.getargvalues(caller)
+        values = {name: info.locals[name] for name in info.args[1:]}  # not self
+        if info.keywords is not None:
+            values.update(info.locals[info.keywords])
+        skipped = set(ignore)
+        values = {k: v for k, v in values.items() if k not in skipped}
+        for name, value in values.items():
+            if not _plain(value):
+                raise TypeError(
+                    f"save_hyperparameters: {name!r} is {type(value).__name__} {value!r}, not "
+                    f"plain data; a checkpoint holds only plain data, so pass "
+                    f"ignore=[{name!r}] (and give it to load_from_checkpoint as {name}=...)"
+                )
+        self.hparams = HParams(values)
+
+    @classmethod
+    def load_from_checkpoint(
+        cls: type[M], path: str | os.PathLike, map_location: Any = None, **overrides: Any
+    ) -> M:
+        """The module for inference, without a trainer: built from the hyperparameters the
+        checkpoint holds (``save_hyperparameters``), with ``overrides`` winning, then given its
+        weights; returned in eval mode. ``path`` is a checkpoint file, a sharded (FSDP)
+        checkpoint directory (read in this one process), or a file ``export_weights`` wrote
+        (weights only: give the ``__init__`` arguments as ``overrides``). ``map_location`` is
+        ``torch.load``'s; a device also moves the module there."""
+        if _checkpoint_loader is None:  # pragma: no cover (import disttrain sets it)
+            raise RuntimeError("load_from_checkpoint: import disttrain first")
+        return _checkpoint_loader(cls, path, map_location, overrides)
 
     # -- what the trainer calls -------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int, *optimizer_idx: int) -> Any:
@@ -197,3 +264,13 @@ class Module(ModelHooks, torch.nn.Module):
     @property
     def global_step(self) -> int:
         return self._trainer.global_step if self._trainer else 0
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False

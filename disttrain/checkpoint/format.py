@@ -151,9 +151,30 @@ def load(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
         checkpoint = load(path / META, mmap=mmap)
         checkpoint["sharded"] = str(path)
         return checkpoint
+    checkpoint = read(path, mmap=mmap)
+    if not is_checkpoint(checkpoint):
+        kind = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
+        raise CheckpointError(
+            f"{path}: not a disttrain checkpoint (format {kind!r}, expected {FORMAT!r})"
+        )
+    missing = [k for k in ("module", "optimizers", "progress", "rng") if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete disttrain checkpoint: no {', '.join(missing)}")
+    return checkpoint
+
+
+def is_checkpoint(content: Any) -> bool:
+    """Whether what ``read`` returned is a disttrain checkpoint (not, say, exported weights)."""
+    return isinstance(content, dict) and content.get("format") == FORMAT
+
+
+def read(path: str | os.PathLike, *, mmap: bool = False, map_location: Any = "cpu") -> Any:
+    """A ``torch.save`` file's content, read with ``weights_only=True`` (a checkpoint or an
+    exported weights file); ``CheckpointError`` names the file and what is wrong."""
+    path = Path(path)
     check_path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         found = [line for line in lines if "GLOBAL" in line]  # a class or function it refused
@@ -172,15 +193,6 @@ def load(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: not a readable checkpoint (truncated or corrupted?): {reason}"
         ) from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        kind = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
-        raise CheckpointError(
-            f"{path}: not a disttrain checkpoint (format {kind!r}, expected {FORMAT!r})"
-        )
-    missing = [k for k in ("module", "optimizers", "progress", "rng") if k not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{path}: incomplete disttrain checkpoint: no {', '.join(missing)}")
-    return checkpoint
 
 
 def callback_keys(run: CheckpointedRun) -> dict[str, Any]:

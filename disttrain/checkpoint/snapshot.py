@@ -21,6 +21,7 @@ from disttrain.checkpoint.format import (
     write,
 )
 from disttrain.dist.fsdp import dcp_load, dcp_save, full_state_dict
+from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
 from disttrain.rng import rng_state
 from disttrain.version import __version__
@@ -41,6 +42,7 @@ def gather_state(run: CheckpointedRun, progress: Progress, weights: bool = True)
         "format": FORMAT,
         "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
         "module": run.running_module.state_dict() if weights else {},
+        "hyper_parameters": dict(getattr(run.running_module, "hparams", {})),
         "optimizers": [o.state_dict() for o in run.optimizers] if weights else [],
         "schedulers": [entry.scheduler.state_dict() for entry in run.schedulers],
         "scaler": run.scaler.state_dict() if run.scaler is not None else {},
@@ -69,9 +71,12 @@ def save(run: CheckpointedRun, path: str | os.PathLike, progress: Progress) -> P
     return Path(path)
 
 
-def export(run: CheckpointedRun, path: str | os.PathLike) -> Path:
-    """The whole module's weights in one file (gathered from the shards under FSDP)."""
-    dispatcher = run.running("export_weights")
+def export(
+    run: CheckpointedRun, path: str | os.PathLike, dispatcher: Dispatcher | None = None
+) -> Path:
+    """The whole module's weights in one file (gathered from the shards under FSDP); after a
+    session, through the ``dispatcher`` given (no collectives: global zero writes)."""
+    dispatcher = dispatcher or run.running("export_weights")
     sharded = run.sharded
     module = run.running_module
     state = full_state_dict(module) if sharded else module.state_dict()

@@ -23,7 +23,17 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{key}: {problem}")
 
 
-Precision = Literal["32", "bf16-mixed", "16-mixed"]
+Precision = Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"]
+# Lightning's short forms (YAML reads a bare 32 as an int): each becomes its full name
+PRECISION_ALIASES: dict[Any, str] = {
+    32: "32-true",
+    "32": "32-true",
+    16: "16-mixed",
+    "16": "16-mixed",
+    "bf16": "bf16-mixed",
+    64: "64-true",
+    "64": "64-true",
+}
 Accelerator = Literal["auto", "cpu", "cuda"]
 
 
@@ -34,6 +44,12 @@ class TrainerConfig:
     # None: 1000, or no limit when max_steps is set (training by steps); -1: no limit
     max_epochs: int | None = None
     max_steps: int | None = None  # optimizer steps; None or -1: no limit
+    # "DD:HH:MM:SS" (quote it in YAML), {days, hours, minutes, seconds} or seconds: an agreed
+    # stop after the step where any rank's training time runs out, then a checkpoint
+    max_time: str | dict | float | None = None
+    # True or N: N batches (True: 1) each of training, validation and test, one epoch, no
+    # sanity check, no checkpoints, no logger, no run files: does the code run at all?
+    fast_dev_run: bool | int = False
     limit_train_batches: int | float = 1.0  # an int counts batches, a float is a fraction
     limit_val_batches: int | float = 1.0
     limit_test_batches: int | float = 1.0
@@ -46,7 +62,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None  # max global L2 norm; None or 0: no clipping
     gradient_clip_algorithm: Literal["norm", "value"] = "norm"  # "value": each element
-    precision: Precision = "32"
+    precision: Precision = "32-true"  # or 16-mixed, bf16-mixed, bf16-true, 16-true, 64-true
     accelerator: Accelerator = "auto"
     seed: int | None = 0  # seeds Python, torch and the samplers; None leaves RNGs alone
     callbacks: list = dataclasses.field(default_factory=list)
@@ -71,8 +87,7 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # fsdp: recompute each block's activations
 
     def __post_init__(self) -> None:
-        if self.precision == 32 and not isinstance(self.precision, bool):  # YAML reads 32 as int
-            object.__setattr__(self, "precision", "32")
+        object.__setattr__(self, "precision", _checked_precision(self.precision))
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             check_type(field.name, getattr(self, field.name), hints[field.name])
@@ -86,7 +101,7 @@ class TrainerConfig:
                 "max_epochs", f"must be -1 (no limit) or at least 1, got {self.max_epochs}"
             )
         self._check_validation_interval()
-        for name in ("num_sanity_val_steps", "max_steps"):
+        for name in ("num_sanity_val_steps", "max_steps", "fast_dev_run"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(name, f"must be 0 or more, got {value}")
@@ -102,6 +117,7 @@ class TrainerConfig:
                     name, f"must be a positive number of seconds, got {getattr(self, name)}"
                 )
         object.__setattr__(self, "logger", _checked_logger(self.logger))
+        max_time_seconds(self.max_time)
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ConfigError("gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
 
@@ -155,6 +171,51 @@ class TrainerConfig:
             return cls(**options)
         except ConfigError as err:
             raise ConfigError(f"{prefix}{err.key}", err.problem, source) from None
+
+
+_TIME_UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+
+
+def max_time_seconds(value: Any) -> float | None:
+    """``max_time`` in seconds (None: no limit); a ``ConfigError`` naming it otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) != 4 or not all(part.isdigit() for part in parts):
+            raise ConfigError("max_time", f"expected 'DD:HH:MM:SS', got {value!r}")
+        days, hours, minutes, secs = map(int, parts)
+        seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+    elif isinstance(value, Mapping):
+        bad = [k for k, v in value.items() if k not in _TIME_UNITS or not _is_number(v)]
+        if bad:
+            units = ", ".join(_TIME_UNITS)
+            raise ConfigError("max_time", f"expected a mapping of {units} to numbers: {value!r}")
+        seconds = float(sum(_TIME_UNITS[k] * v for k, v in value.items()))
+    else:
+        seconds = float(value)
+    if seconds <= 0:
+        raise ConfigError("max_time", f"must be a positive duration, got {value!r}")
+    return seconds
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_precision(value: Any) -> str:
+    """``precision`` by its full name (aliases such as ``16`` or ``"bf16"`` resolved)."""
+    names = typing.get_args(Precision)
+    if isinstance(value, str) and value in names:
+        return value
+    if isinstance(value, (int, str)) and not isinstance(value, bool) and value in PRECISION_ALIASES:
+        return PRECISION_ALIASES[value]
+    aliases = ", ".join(repr(a) for a in PRECISION_ALIASES)
+    raise ConfigError(
+        "precision",
+        f"expected one of {', '.join(map(repr, names))} (or an alias: {aliases}), "
+        f"got {type(value).__name__} {value!r}",
+    )
 
 
 def _checked_logger(value: Any) -> Any:

@@ -113,8 +113,9 @@ def train_loader(loader: Any, rank: int, world_size: int, seed: int, where: str)
         seed=seed,
         drop_last=loader.drop_last,
     )
-    if loader.num_workers > 0:  # each sample's draws from (seed, epoch, index), and its
-        dataset = SeededSamples(dataset, seed)  # epoch in every worker: sample_seeds.py
+    # each sample's draws from (seed, epoch, index), and its epoch in every worker (in the
+    # main process, apart from the rank's own draws): sample_seeds.py
+    dataset = SeededSamples(dataset, seed)
     return rebuilt(loader, dataset=dataset, sampler=new_sampler)
 
 

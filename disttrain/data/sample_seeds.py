@@ -1,11 +1,14 @@
 """Random draws of a sample that depend on the sample, not on the loader worker reading it.
 
-A map-style training dataset read by loader workers is wrapped in ``SeededSamples``: before
-``dataset[i]`` the worker seeds torch's, Python's and NumPy's global generators from
-``(run seed, epoch, i)``. Random augmentation in ``__getitem__`` is then a function of the
-sample: the same with 1 or 8 workers, at any world size, and after a mid-epoch resume (where
-a worker would otherwise start from a fresh seed and give a different batch to a different
-worker). Without workers the main process draws, from the generators the checkpoint holds.
+A map-style training dataset is wrapped in ``SeededSamples``: before ``dataset[i]`` the
+process reading it (a loader worker, or the rank's main process) seeds torch's, Python's and
+NumPy's global generators from ``(run seed, epoch, i)``. Random draws in ``__getitem__``
+(nanoGPT's random window offsets, augmentation) are then a function of the sample: the same
+with 0, 1 or 8 workers, at any world size, and after a mid-epoch resume (where a worker would
+otherwise start from a fresh seed). Ranks read different samples, so they draw differently.
+In the main process the batch is read apart (``rng.apart``): the rank's own draws (dropout,
+a step's ``torch.randint``) go on as if no batch had been read, so reading ahead (world size
+> 1, ``loop/stopping.py``) changes nothing and a resumed run draws what the unbroken one did.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from disttrain.data.workers import Wrapper
-from disttrain.rng import sample_seed, seed_draws
+from disttrain.rng import apart, sample_seed, seed_draws
 
 
 class SeededSamples(Wrapper, Dataset):
@@ -53,6 +56,11 @@ class SeededSamples(Wrapper, Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        if get_worker_info() is None:  # the rank's own process: its draws stay its own
+            return apart(self._seeded, indices)
+        return self._seeded(indices)
+
+    def _seeded(self, indices: Sequence[int]) -> list[Any]:
         seed, epoch = self._state.tolist()
         if epoch != self._epoch_given:  # a persistent worker's copy, in a new epoch
             self._give_epoch(epoch)

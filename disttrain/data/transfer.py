@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,36 +18,50 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     dataclass instances are rebuilt with the same type; other objects are returned as they are.
     Pinned CPU tensors are copied with ``non_blocking=True`` so the copy overlaps compute.
     """
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == device:
+            return tensor
+        return tensor.to(device, non_blocking=tensor.is_pinned())
+
+    def other(obj: Any) -> Any:
+        to = getattr(obj, "to", None)
+        return to(device) if callable(to) else obj
+
+    return map_tensors(batch, move, other)
+
+
+def map_tensors(
+    batch: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[Any], Any] = lambda x: x
+) -> Any:
+    """``batch`` with ``fn`` applied to every tensor inside any nesting of lists, tuples,
+    namedtuples, Mappings and dataclasses (rebuilt with the same types), and ``other`` to
+    every other object."""
     if isinstance(batch, torch.Tensor):
-        if batch.device == device:
-            return batch
-        return batch.to(device, non_blocking=batch.is_pinned())
+        return fn(batch)
     if isinstance(batch, (str, bytes, int, float, bool)) or batch is None:
         return batch
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(move_to_device(x, device) for x in batch))
+        return type(batch)(*(map_tensors(x, fn, other) for x in batch))
     if isinstance(batch, (list, tuple)):
-        items = [move_to_device(x, device) for x in batch]
+        items = [map_tensors(x, fn, other) for x in batch]
         return items if type(batch) is list else type(batch)(items)
     if isinstance(batch, dict):  # copy keeps dict subclasses (OrderedDict, defaultdict) intact
-        moved: dict = copy.copy(batch)
+        mapped: dict = copy.copy(batch)
         for key, value in batch.items():
-            moved[key] = move_to_device(value, device)
-        return moved
+            mapped[key] = map_tensors(value, fn, other)
+        return mapped
     if isinstance(batch, Mapping):
         rebuild: Any = type(batch)
-        return rebuild({k: move_to_device(v, device) for k, v in batch.items()})
+        return rebuild({k: map_tensors(v, fn, other) for k, v in batch.items()})
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         changes = {
-            f.name: move_to_device(getattr(batch, f.name), device)
+            f.name: map_tensors(getattr(batch, f.name), fn, other)
             for f in dataclasses.fields(batch)
             if f.init
         }
         return dataclasses.replace(batch, **changes)
-    to = getattr(batch, "to", None)
-    if callable(to):
-        return to(device)
-    return batch
+    return other(batch)
 
 
 class Carried:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,8 +60,40 @@ def dcp_load(module: torch.nn.Module, optimizers: list, directory: str | os.Path
     read with ``weights_only=True`` (DCP's default planner would unpickle them freely); the
     caller has checked ``.metadata`` (``disttrain.checkpoint``)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizers)
+    state: dict[str, Any] = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory), planner=_weights_only_planner())
+    set_state_dict(
+        module, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+
+
+def dcp_load_weights(module: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Only the module's weights of a DCP checkpoint, into an unsharded ``module`` in a process
+    without a process group (DCP then reads every rank's shards itself). The caller has
+    checked ``.metadata``."""
+    import torch.distributed.checkpoint as dcp
+
+    state: dict[str, Any] = {"model": module.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(directory), planner=_weights_only_planner())
+    module.load_state_dict(state["model"])
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s parameters are FSDP shards (DTensors)."""
+    if "torch.distributed.tensor" not in sys.modules:  # nobody sharded anything
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _weights_only_planner() -> Any:
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     class WeightsOnlyPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value):
@@ -73,12 +107,7 @@ def dcp_load(module: torch.nn.Module, optimizers: list, directory: str | os.Path
             else:
                 self.state_dict[read_item.dest_index.fqn] = loaded
 
-    model_state, optim_state = get_state_dict(module, optimizers)
-    state: dict[str, Any] = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(directory), planner=WeightsOnlyPlanner())
-    set_state_dict(
-        module, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
+    return WeightsOnlyPlanner()
 
 
 def full_state_dict(module: torch.nn.Module) -> dict:

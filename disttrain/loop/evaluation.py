@@ -18,6 +18,7 @@ from disttrain.loop.outputs import scalar_metrics
 from disttrain.loop.run import Run
 from disttrain.loop.session import open_session, write_run_files
 from disttrain.ranks.table import Action, Hook
+from disttrain.rng import seed_rank
 
 # Lightning 2.x's hooks of an evaluation loop, per kind: start, epoch start, batch start,
 # batch end, epoch end, end.
@@ -61,11 +62,14 @@ def evaluate(run: Run, call: Callable[..., Any], loader: Any, limit: int | float
     reporter = run.reporter
     reporter.evaluating = True
     evaluating = fit_step.evaluating() if fit_step else contextlib.nullcontext()
-    with torch.no_grad(), run.autocast, evaluating, reading(loader) as batches:
+    convert = run.convert_input
+    with torch.no_grad(), evaluating, reading(loader) as batches:
         for batch_idx, batch in zip(batch_indices(0, limit), batches):
-            batch = reporter.batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, run.device)
+            batch = call(Hook.TRANSFER_BATCH_TO_DEVICE, batch, run.device)
+            batch = reporter.batch = batch if convert is None else convert(batch)
             call(batch_start, batch, batch_idx)
-            out = step(batch, batch_idx)
+            with run.autocast:  # around the step only: not around the loader's reading
+                out = step(batch, batch_idx)
             call(batch_end, out, batch, batch_idx)
             outputs.append(out)
     result = getattr(module, f"{kind}_epoch_end")(outputs)
@@ -99,8 +103,9 @@ def run_evaluation(run: Run, module: Any, datamodule: Any, stage: str) -> Any:
         call(Hook.PREPARE_DATA)
         dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, run, stage)
         call(Hook.SETUP, stage)
-        module.to(run.device)
+        module.to(device=run.device, dtype=run.param_dtype)
         restore_weights(run)  # with resume=auto|path
+        seed_rank(run.seed, run.global_rank)  # each rank draws its own (rng.py)
         loader = sources.eval_loader_for(run, module, loader_name, f"{kind}_step")
         if loader is None:
             raise ValueError(

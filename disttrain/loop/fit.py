@@ -25,6 +25,7 @@ from disttrain.api.hooks import overridden
 from disttrain.api.module import Module
 from disttrain.checkpoint.format import file_name
 from disttrain.checkpoint.resume import resume
+from disttrain.config.options import max_time_seconds
 from disttrain.data import loaders
 from disttrain.data.loaders import batch_indices
 from disttrain.data.positions import track_positions
@@ -42,7 +43,7 @@ from disttrain.loop.stopping import EpochEnd, Stopping
 from disttrain.observe.profiler import TRAINING_LOOP, report
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
-from disttrain.rng import set_rng_state, warn_if_built_unseeded
+from disttrain.rng import seed_rank, set_rng_state, warn_if_built_unseeded
 
 log = logging.getLogger("disttrain.run")
 
@@ -53,7 +54,8 @@ def fit(run: Run, module: Module, datamodule: DataModule | None) -> None:
         open_session(run, module, datamodule) as dispatcher,
         PreemptionWatcher(run.flight.dump) as watcher,
     ):
-        loop = start(run, dispatcher, module, Stopping(run.collectives, watcher))
+        stopping = Stopping(run.collectives, watcher, max_time_seconds(run.config.max_time))
+        loop = start(run, dispatcher, module, stopping)
         with ended(loop.train_data, loop.val_data):  # their persistent workers, on any exit
             sanity_check(run, loop)
             profiler = run.profiler  # with it, each phase's share of the training loop
@@ -74,13 +76,16 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, run)
     log.info("run directory: %s", Path(cfg.default_root_dir).resolve())
     call(Hook.SETUP, "fit")
-    module.to(run.device)
+    module.to(device=run.device, dtype=run.param_dtype)  # *-true: before the optimizers
     call(Hook.ON_FIT_START)
     configure = lambda: optim.normalise(module.configure_optimizers())  # noqa: E731
     step, (optimizers, schedulers) = strategy.build(
         cfg, run.collectives, run.device, module, configure, stopping
     )
     run.step, run.optimizers, run.schedulers = step, optimizers, schedulers
+    seed_rank(
+        run.seed, run.global_rank
+    )  # the module is alike on every rank: now each draws its own
     run.scaler = grad_scaler(cfg.precision, run.device)
     progress, saved_rng, saved_data, saved_world_size = resume(run)
     run.logger.resume_from(progress.global_step if progress else None)
@@ -110,7 +115,7 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     loop = FitLoop(
         call=call,
         forward=forward,
-        hooks=batch_hooks(dispatcher),
+        hooks=batch_hooks(dispatcher, run.convert_input),
         stopping=stopping,
         train_data=train_data,
         val_data=val_data,

@@ -79,11 +79,17 @@ _BATCH_HOOKS = (
 )
 
 
-def batch_hooks(dispatcher: Dispatcher) -> BatchHooks:
-    """The per-batch hooks as the loop holds them; a hook nobody implements is a no-op."""
+def batch_hooks(dispatcher: Dispatcher, convert: Callable[[Any], Any] | None) -> BatchHooks:
+    """The per-batch hooks as the loop holds them; a hook nobody implements is a no-op. With
+    ``convert`` (``*-true`` precision) the batch's floats are converted to the parameters'
+    dtype after ``transfer_batch_to_device``."""
     hooks = BatchHooks(**{hook.value: dispatcher.caller(hook) for hook in _BATCH_HOOKS})
     if dispatcher.implemented(Hook.ON_TRAIN_BATCH_END):  # Lightning hands it detached outputs
         hooks = dataclasses.replace(hooks, on_train_batch_end=_detaching(hooks.on_train_batch_end))
+    if convert is not None:
+        transfer = hooks.transfer_batch_to_device
+        moved = lambda *args: convert(transfer(*args))  # noqa: E731
+        hooks = dataclasses.replace(hooks, transfer_batch_to_device=moved)
     return hooks
 
 

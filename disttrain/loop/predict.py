@@ -21,6 +21,7 @@ from disttrain.loop.run import Run
 from disttrain.loop.session import open_session, write_run_files
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
+from disttrain.rng import seed_rank
 
 log = logging.getLogger("disttrain.predict")
 
@@ -43,8 +44,9 @@ def run_prediction(
         call(Hook.PREPARE_DATA)
         dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, run, "predict")
         call(Hook.SETUP, "predict")
-        module.to(run.device)
+        module.to(device=run.device, dtype=run.param_dtype)  # *-true: the parameters' dtype
         restore_weights(run, ckpt_path)
+        seed_rank(run.seed, run.global_rank)  # each rank draws its own (rng.py)
         loader = _loader_for(run, module, dataloader)
         with ended(loader), evaluating(module):
             call(Hook.ON_PREDICT_START)
@@ -70,14 +72,17 @@ def predict_shard(run: Run, dispatcher: Dispatcher, loader: Any, keep: bool) -> 
     batch_end = dispatcher.caller(Hook.ON_PREDICT_BATCH_END)
     transfer = dispatcher.caller(Hook.TRANSFER_BATCH_TO_DEVICE)
     kept: list[Any] = []
-    with torch.inference_mode(), run.autocast, reading(loader) as batches:
+    convert = run.convert_input  # *-true: the batch's floats in the parameters' dtype
+    with torch.inference_mode(), reading(loader) as batches:
         try:
             # the batch sampler again, in the main process: each batch's dataset indices
             for batch_idx, (batch, indices) in enumerate(zip(batches, loader.batch_sampler)):
                 run.predict_batch_indices = indices
                 batch_start(batch, batch_idx)
                 batch = transfer(batch, run.device)
-                outputs = step(batch, batch_idx)
+                batch = batch if convert is None else convert(batch)
+                with run.autocast:  # around the step only: not around the loader's reading
+                    outputs = step(batch, batch_idx)
                 batch_end(outputs, batch, batch_idx)
                 if keep:
                     kept.append(move_to_device(outputs, _CPU))

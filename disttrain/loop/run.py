@@ -13,6 +13,8 @@ itself. Three kinds of state live here, each once:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,16 +34,19 @@ from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv, select_device
 from disttrain.dist.flight import FlightRecorder
+from disttrain.dist.fsdp import is_sharded
 from disttrain.loggers import Logger, make_loggers
 from disttrain.loop.optim import SchedulerEntry
-from disttrain.loop.precision import autocast_context
+from disttrain.loop.precision import autocast_context, input_converter, param_dtype
 from disttrain.loop.strategy import Step
 from disttrain.observe.console import configure_logging, writes_run_output
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
 from disttrain.ranks.dispatch import Dispatcher
-from disttrain.ranks.table import Action
+from disttrain.ranks.table import Action, hook_schedule
 from disttrain.rng import seed_for_run
+
+log = logging.getLogger("disttrain.run")
 
 
 class Run:
@@ -55,9 +60,18 @@ class Run:
         explicit_seed: bool,
         trainer: TrainerState,
     ) -> None:
+        config = _for_dev_run(config)
         self.config, self.resolved_config, self.trainer = config, resolved_config, trainer
         self.env = DistEnv.from_environ()
         configure_logging(self.env.rank)
+        if config.fast_dev_run:
+            n = config.limit_train_batches
+            log.info(
+                "fast_dev_run: %d batch%s each of training, validation and test, one epoch, no "
+                "sanity check; no checkpoints, no logger, no run files are written",
+                n,
+                "" if n == 1 else "es",
+            )
         self.seed = seed_for_run(config.seed, explicit_seed)  # the user's seeding stands
         self.device = select_device(config.accelerator, self.env)
         self.callbacks: list[Callback] = _callbacks(config, self.env.rank)
@@ -69,6 +83,8 @@ class Run:
         self.profiler = SimpleProfiler() if config.profiler == "simple" else None
         self.profile_report: str | None = None
         self.autocast = autocast_context(config.precision, self.device)
+        self.param_dtype = param_dtype(config.precision)  # *-true: the module's dtype
+        self.convert_input = input_converter(config.precision)  # *-true: a batch's floats
         # where the loop stands
         self.current_epoch = 0
         self.global_step = 0
@@ -163,11 +179,52 @@ class Run:
         return saved
 
     def export_weights(self, path: str | os.PathLike) -> Path:
-        self.running("export_weights")
-        return export(self, path)
+        if self.dispatcher is not None:  # while fit/validate/test runs: collective
+            return export(self, path)
+        return export(self, path, self._after_session("export_weights"))
+
+    def _after_session(self, what: str) -> Dispatcher:
+        """Once fit/validate/test has returned: a dispatcher for the module that is left, with
+        no collectives (the process group is gone), so the table still decides which rank
+        writes and no rank waits for another."""
+        module = self.module
+        if module is None:
+            raise RuntimeError(
+                f"Trainer.{what}: no module: call it during or after fit, validate or test"
+            )
+        if is_sharded(module):
+            raise RuntimeError(
+                f"Trainer.{what} after fit under strategy='fsdp': the module's shards need the "
+                f"process group, which fit closed. Call trainer.{what}(path) inside fit (from "
+                "on_train_end, on every rank), or load the run's checkpoint directory with "
+                f"{type(module).__name__}.load_from_checkpoint(path)."
+            )
+        schedule = hook_schedule(self.config.prepare_data_per_node)
+        return Dispatcher(schedule, module, self.callbacks, self.trainer, self.env, Collectives())
 
     def manage_files(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.running("manage_files").run(Action.MANAGE_FILES, fn, *args)
+
+
+def _for_dev_run(config: TrainerConfig) -> TrainerConfig:
+    """``config`` as ``fast_dev_run`` runs it (unchanged without it)."""
+    if not config.fast_dev_run:
+        return config
+    n = int(config.fast_dev_run)  # True: 1
+    return dataclasses.replace(
+        config,
+        max_epochs=1,
+        limit_train_batches=n,
+        limit_val_batches=n,
+        limit_test_batches=n,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=1,
+        val_check_interval=None,
+        enable_checkpointing=False,
+        callbacks=[c for c in config.callbacks if not isinstance(c, ModelCheckpoint)],
+        logger=None,
+        resume=None,
+    )
 
 
 def _callbacks(config: TrainerConfig, rank: int) -> list[Callback]:

@@ -88,9 +88,9 @@ def write_run_files(run: Run, stage: str = "fit") -> None:
     repeats the run from scratch (``disttrain fit --config RUN_DIR/config.yaml``) instead of
     resuming a finished run and training nothing. ``validate``, ``test`` and ``predict`` leave
     it alone and write ``RUN_DIR/{stage}.config.yaml``, resume included: the record of which
-    checkpoint they evaluated.
+    checkpoint they evaluated. A ``fast_dev_run`` writes nothing.
     """
-    if run.resolved_config is None:
+    if run.resolved_config is None or run.config.fast_dev_run:
         return
     resolved = dict(run.resolved_config)
     name = "config.yaml" if stage == "fit" else f"{stage}.config.yaml"

@@ -9,6 +9,9 @@ vote they cast and read is ``disttrain.loop.vote``; the signals they hear,
   own), read after every optimizer step; at an epoch's end it rides the epoch's metric
   reduction instead. A signal also writes a checkpoint and raises ``Preempted``.
 - ``max_steps``: a value every rank compares alike, so no vote is needed.
+- ``max_time``: each rank's own clock, read after each step (no collective): a rank whose
+  time is up casts the stop vote above; after the agreed stop, one agreement (with the
+  signal's) tells every rank alike to write a checkpoint, and fit ends as usual.
 - Data that ran out on one rank before the others (uneven streams, a custom sampler): the
   loop reads one accumulation window ahead (``DataAhead``), and a rank without a complete
   window after this one votes "my data ends" on the same ride as the stop vote; every rank
@@ -27,6 +30,7 @@ import enum
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,7 +51,7 @@ class EpochEnd(enum.Enum):
     MINUS_ONE = "on_batch_start returned -1 on some rank"
     DATA_ENDED = "the shortest rank's data ended"
     MAX_STEPS = "max_steps was reached inside the epoch"
-    AGREED_STOP = "a rank voted to stop (trainer.should_stop or a signal)"
+    AGREED_STOP = "a rank voted to stop (trainer.should_stop, a signal or max_time)"
 
     @property
     def leaves_training(self) -> bool:
@@ -68,8 +72,11 @@ class Stopping:
     ``Preempted`` when the stop came from a signal.
     """
 
-    def __init__(self, collectives: Collectives, watcher: PreemptionWatcher) -> None:
-        self.collectives, self.watcher = collectives, watcher
+    def __init__(
+        self, collectives: Collectives, watcher: PreemptionWatcher, max_time: float | None = None
+    ) -> None:
+        self.collectives, self.watcher, self.max_time = collectives, watcher, max_time
+        self._deadline = math.inf  # time.monotonic() at which max_time runs out
         self.vote: StopVote | None = None
         self.data_ended = False  # after_step: every rank leaves the epoch after this step
         self._ends = False  # this rank's data-ended vote, where no StopVote carries it
@@ -127,7 +134,10 @@ class Stopping:
         router.attach(self.vote)
 
     def local_vote(self, should_stop: bool) -> bool:
-        return should_stop or self.watcher.requested is not None
+        return should_stop or self.watcher.requested is not None or self._time_up()
+
+    def _time_up(self) -> bool:
+        return self.max_time is not None and time.monotonic() >= self._deadline
 
     def after_step(self, should_stop: bool) -> bool:
         """Whether any rank voted to stop in the last synchronised step; ``data_ended`` is
@@ -145,8 +155,14 @@ class Stopping:
 
     def agreed_signal(self) -> str | None:
         """The stop signal any rank got (SIGINT over SIGTERM), the same on every rank."""
-        code = torch.tensor([_SIGNALS.index(self.watcher.requested)], dtype=torch.int32)
-        return _SIGNALS[int(self.collectives.all_reduce(code, "max").item())]
+        return self._agreed_causes()[0]
+
+    def _agreed_causes(self) -> tuple[str | None, bool]:
+        """The signal any rank got, and whether any rank's ``max_time`` ran out: one
+        agreement, the same on every rank."""
+        mine = [_SIGNALS.index(self.watcher.requested), int(self._time_up())]
+        code = self.collectives.all_reduce(torch.tensor(mine, dtype=torch.int32), "max")
+        return _SIGNALS[int(code[0].item())], bool(code[1].item())
 
     def before_training(self) -> None:
         """A stop asked for during start-up: nothing trained, so nothing to checkpoint."""
@@ -155,14 +171,25 @@ class Stopping:
             message = f"stopped on {signal_name} before the first training step; nothing was saved"
             log.warning("%s", message)
             raise Preempted(message, signal_name)
+        if self.max_time is not None:  # training time starts now
+            self._deadline = time.monotonic() + self.max_time
 
     def for_signal(self, step: int, save: Callable[[], Any], resume: str | None) -> None:
         """After an agreed stop: if a rank got a signal, checkpoint (``save``, collective) and
-        raise ``Preempted``; global rank 0 says where the checkpoint went and how to resume."""
-        signal_name = self.agreed_signal()
-        if signal_name is None:
+        raise ``Preempted``; if a rank's ``max_time`` ran out, checkpoint and let fit end as
+        usual. Global rank 0 says where the checkpoint went (and how to resume)."""
+        signal_name, time_up = self._agreed_causes()
+        if signal_name is None and not time_up:
             return
         path = save()
+        if signal_name is None:
+            log.warning(
+                "max_time reached: stopped after step %d (every rank after the same step); "
+                "checkpoint written to %s",
+                step,
+                path,
+            )
+            return
         command = os.environ.get("DISTTRAIN_RESUME_COMMAND")  # set by the disttrain command
         if command:
             how = f"To resume: {command}"

@@ -46,7 +46,10 @@ class Trainer:
     is built; if you seeded them first (``disttrain.seed_everything``, ``torch.manual_seed``)
     and pass no ``seed``, your seeding stands and is the run's seed. ``trainer.seed`` says
     which seed the run uses. Build the model after the trainer, or seed before building it,
-    for the same initial weights in every run (``fit`` warns otherwise).
+    for the same initial weights in every run (``fit`` warns otherwise). Once the module is
+    built and wrapped, each rank reseeds from ``(seed, rank)``: what a rank draws in training
+    (dropout, a step's ``torch.randint``) is its own, and a dataset's draws are seeded per
+    sample (``docs/data.md``: Random draws).
     """
 
     def __init__(

@@ -1,0 +1,57 @@
+"""A module back from a checkpoint, without a trainer: ``Module.load_from_checkpoint``.
+
+The module is built from the hyperparameters the checkpoint holds (``save_hyperparameters``),
+with the caller's overrides, then given the weights: of a checkpoint file, of a sharded (DCP)
+checkpoint directory (every rank's shards read in this one process), or of a file
+``trainer.export_weights`` wrote (a state dict, which holds no hyperparameters)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disttrain.api import module as api_module
+from disttrain.checkpoint.format import CheckpointError, is_checkpoint, load, read
+from disttrain.dist.fsdp import dcp_load_weights
+
+
+def load_module(
+    cls: type, path: str | os.PathLike, map_location: Any, overrides: dict[str, Any]
+) -> Any:
+    """``cls`` built from the checkpoint's hyperparameters and ``overrides``, with the
+    checkpoint's weights, in eval mode (moved to ``map_location`` when it names a device)."""
+    path = Path(path)
+    sharded = path.is_dir()
+    content = load(path) if sharded else read(path, map_location=map_location)
+    if is_checkpoint(content):
+        hparams, weights = dict(content.get("hyper_parameters") or {}), content["module"]
+    elif isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+        hparams, weights = {}, content  # exported weights: a state dict
+    else:
+        raise CheckpointError(
+            f"{path}: neither a disttrain checkpoint nor a weights file (a state dict)"
+        )
+    hparams.update(overrides)
+    module = cls(**hparams)
+    try:
+        if sharded:
+            dcp_load_weights(module, path)
+        else:
+            module.load_state_dict(weights)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"{cls.__name__}.load_from_checkpoint({str(path)!r}): the weights do not fit the "
+            f"module built as {cls.__name__}(**{hparams!r}) (its __init__"
+            f"{inspect.signature(cls)}); pass the arguments it was trained with, as "
+            f"load_from_checkpoint(path, name=value). {err}"
+        ) from None
+    if isinstance(map_location, (str, torch.device)):
+        module.to(map_location)
+    return module.eval()
+
+
+api_module.use_checkpoint_loader(load_module)
