@@ -183,6 +183,18 @@ def seed_draws(seed: int) -> None:
         numpy.random.seed(seed & 0xFFFFFFFF)
 
 
+def draw_positions() -> tuple[Any, ...]:
+    """Where the global generators a dataset draws from stand (equal after no draw): for
+    telling once whether a dataset draws at all."""
+    numpy = sys.modules.get("numpy")
+    state = numpy.random.get_state() if numpy is not None else None
+    return (
+        bytes(torch.default_generator.get_state().numpy()),
+        random.getstate(),
+        None if state is None else (state[1].tobytes(), state[2], state[3]),
+    )
+
+
 def apart(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` with its draws apart from everyone else's: the global generators a dataset
     draws from (torch's CPU one, Python's, NumPy's) stand, on return, where they stood before

@@ -9,6 +9,9 @@ otherwise start from a fresh seed). Ranks read different samples, so they draw d
 In the main process the batch is read apart (``rng.apart``): the rank's own draws (dropout,
 a step's ``torch.randint``) go on as if no batch had been read, so reading ahead (world size
 > 1, ``loop/stopping.py``) changes nothing and a resumed run draws what the unbroken one did.
+Seeding costs about 20 us a sample, so in the main process the first batch read tells whether
+the dataset draws at all: one that does not is read plainly from then on (no cost; a dataset
+that draws only for some samples should draw for the first batch's too).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from disttrain.data.workers import Wrapper
-from disttrain.rng import apart, sample_seed, seed_draws
+from disttrain.rng import apart, draw_positions, sample_seed, seed_draws
 
 
 class SeededSamples(Wrapper, Dataset):
@@ -33,12 +36,14 @@ class SeededSamples(Wrapper, Dataset):
     there.
     """
 
-    _own = frozenset({"dataset", "_state", "_epoch_given"})
+    _own = frozenset({"dataset", "_state", "_epoch_given", "_draws"})
 
     def __init__(self, dataset: Any, seed: int) -> None:
         self.dataset = dataset
         self._state = torch.tensor([seed, 0], dtype=torch.int64).share_memory_()
         self._epoch_given = 0  # the epoch this copy's dataset was last given
+        # in the rank's own process: does the dataset draw at all? (None: not known yet)
+        self._draws: bool | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self._state[1] = epoch
@@ -56,22 +61,35 @@ class SeededSamples(Wrapper, Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
-        if get_worker_info() is None:  # the rank's own process: its draws stay its own
-            return apart(self._seeded, indices)
-        return self._seeded(indices)
+        if get_worker_info() is not None:
+            return self._seeded(indices)
+        # the rank's own process: its draws stay its own. Seeding costs ~20 us a sample, so
+        # the first batch tells whether the dataset draws at all; one that does not (a
+        # TensorDataset, most datasets without augmentation) is read plainly from then on
+        if self._draws is False:
+            return [self.dataset[index] for index in indices]
+        return apart(self._seeded, indices, self._draws is None)
 
-    def _seeded(self, indices: Sequence[int]) -> list[Any]:
+    def _seeded(self, indices: Sequence[int], watch: bool = False) -> list[Any]:
         seed, epoch = self._state.tolist()
         if epoch != self._epoch_given:  # a persistent worker's copy, in a new epoch
             self._give_epoch(epoch)
         inner = _batched_reader(self.dataset)
         if inner is not None:  # your batched reader: one seed per batch, from its first sample
             seed_draws(sample_seed(seed, epoch, indices[0]))
-            return inner(indices)
-        samples = []
+            before = draw_positions() if watch else None
+            samples = inner(indices)
+            if watch:
+                self._draws = draw_positions() != before
+            return samples
+        samples, drew = [], False
         for index in indices:
             seed_draws(sample_seed(seed, epoch, index))
+            before = draw_positions() if watch else None
             samples.append(self.dataset[index])
+            drew = drew or (watch and draw_positions() != before)
+        if watch:
+            self._draws = drew
         return samples
 
 

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import itertools
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from disttrain.data.workers import ended
 from disttrain.loop import optim, sources, strategy
 from disttrain.loop.evaluation import evaluate
 from disttrain.loop.fitloop import FitLoop, batch_hooks, clipping
+from disttrain.loop.intervals import batches_between_validations, validates_after
 from disttrain.loop.outputs import detached, loss_of, per_batch
 from disttrain.loop.precision import NULL_CONTEXT, grad_scaler
 from disttrain.loop.run import Run
@@ -78,15 +78,7 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     call(Hook.SETUP, "fit")
     module.to(device=run.device, dtype=run.param_dtype)  # *-true: before the optimizers
     call(Hook.ON_FIT_START)
-    configure = lambda: optim.normalise(module.configure_optimizers())  # noqa: E731
-    step, (optimizers, schedulers) = strategy.build(
-        cfg, run.collectives, run.device, module, configure, stopping
-    )
-    run.step, run.optimizers, run.schedulers = step, optimizers, schedulers
-    seed_rank(
-        run.seed, run.global_rank
-    )  # the module is alike on every rank: now each draws its own
-    run.scaler = grad_scaler(cfg.precision, run.device)
+    step, optimizers, schedulers = _wrapped(run, module, stopping)
     progress, saved_rng, saved_data, saved_world_size = resume(run)
     run.logger.resume_from(progress.global_step if progress else None)
     run.logger.log_hyperparams(hyperparams(run))  # after a purge that would hide it
@@ -125,12 +117,26 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
         unscale_first=dispatcher.implemented(Hook.ON_BEFORE_OPTIMIZER_STEP),
         progress=progress,
         saved_rng=saved_rng,
-        val_every=None if val_data is None else _batches_between_validations(cfg, n_train),
+        val_every=None if val_data is None else batches_between_validations(cfg, n_train),
         clip=clipping(cfg.gradient_clip_val, cfg.gradient_clip_algorithm),
         optimizers=optimizers,
     )
     call(Hook.ON_TRAIN_START)
     return loop
+
+
+def _wrapped(run: Run, module: Module, stopping: Stopping) -> tuple[Any, list, list]:
+    """The module wrapped (DDP or FSDP) with its optimizers and schedulers, into the run;
+    then each rank's own random stream (the module is alike on every rank by now)."""
+    cfg = run.config
+    configure = lambda: optim.normalise(module.configure_optimizers())  # noqa: E731
+    step, (optimizers, schedulers) = strategy.build(
+        cfg, run.collectives, run.device, module, configure, stopping
+    )
+    run.step, run.optimizers, run.schedulers = step, optimizers, schedulers
+    seed_rank(run.seed, run.global_rank)
+    run.scaler = grad_scaler(cfg.precision, run.device)
+    return step, optimizers, schedulers
 
 
 def sanity_check(run: Run, loop: FitLoop) -> None:
@@ -243,7 +249,7 @@ def train_batch(run: Run, loop: FitLoop, batch: Any, batch_idx: int, outputs: li
     run.at_step_boundary, run.next_batch = boundary, batch_idx + 1
     hooks.on_train_batch_end(out, batch, batch_idx)  # before validation, as in Lightning 2
     every = loop.val_every
-    if boundary and every and _validates_after(run, every, loop.n_train, batch_idx + 1):
+    if boundary and every and validates_after(run, every, loop.n_train, batch_idx + 1):
         # before on_batch_end: a checkpoint taken there holds this validation's result, and
         # the RNG it drew, so a run resumed from it goes on as the uninterrupted one
         evaluate(run, loop.call, loop.val_data, loop.n_val, "validation")
@@ -340,34 +346,6 @@ def finish(run: Run, loop: FitLoop) -> None:
 def _ends_window(accumulate: int, loop: FitLoop, batch_idx: int) -> bool:
     """Whether the optimizers step after ``batch_idx``: an accumulation window ends there."""
     return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == loop.n_train
-
-
-def _batches_between_validations(cfg: Any, n_train: int | float) -> int | None:
-    """``val_check_interval`` as a batch count (a multiple of the accumulation), or None."""
-    interval = cfg.val_check_interval
-    if interval is None or isinstance(interval, int):
-        return interval
-    if interval == 1.0:
-        return None  # the epoch's end, where validation runs anyway
-    if math.isinf(n_train):
-        raise ValueError(
-            f"val_check_interval={interval} is a fraction of the epoch, but the training "
-            "dataloader has no length; give a batch count (an int)"
-        )
-    accumulate = cfg.accumulate_grad_batches
-    batches = max(int(n_train * interval), accumulate)
-    return batches - batches % accumulate
-
-
-def _validates_after(run: Run, every: int, n_train: int | float, trained: int) -> bool:
-    """Whether validation runs after the ``trained``-th batch of the epoch (not at its last
-    one, which ends the epoch with its own validation), or, with ``check_val_every_n_epoch``
-    None, after every ``val_check_interval`` batches counted across epochs."""
-    every_n_epochs = run.config.check_val_every_n_epoch
-    if every_n_epochs is None:
-        return run.global_step % (every // run.config.accumulate_grad_batches) == 0
-    in_epoch = (run.current_epoch + 1) % every_n_epochs == 0
-    return in_epoch and trained % every == 0 and trained < n_train
 
 
 def _max_steps(run: Run) -> float:
