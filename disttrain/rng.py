@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -215,3 +216,15 @@ def apart(fn: Callable[..., T], *args: Any) -> T:
 
 def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def use_deterministic(mode: bool | str) -> None:
+    """``Trainer(deterministic=...)``: torch's deterministic algorithms (``"warn"``: warn where
+    an op has none instead of raising), cuDNN's benchmark off, and the cuBLAS workspace that
+    CUDA's deterministic matrix products need (set before CUDA starts in this process)."""
+    if mode is False:
+        return
+    torch.use_deterministic_algorithms(True, warn_only=mode == "warn")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,24 @@ def test_lightning_options_that_would_do_something_else_are_refused(tmp_path):
         Trainer(default_root_dir=str(tmp_path)).fit(
             Regressor(), disttrain.DataModule(), train_dataloaders=loader
         )
+
+
+@pytest.mark.parametrize("mode, enabled, warn_only", [(True, True, False), ("warn", True, True)])
+def test_deterministic_turns_on_torchs_deterministic_algorithms(mode, enabled, warn_only):
+    code = (
+        "import torch, disttrain, os; "
+        f"disttrain.Trainer(deterministic={mode!r}, logger=None); "
+        "print(torch.are_deterministic_algorithms_enabled(), "
+        "torch.is_deterministic_algorithms_warn_only_enabled(), "
+        "torch.backends.cudnn.benchmark, os.environ['CUBLAS_WORKSPACE_CONFIG'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.stdout.split() == [str(enabled), str(warn_only), "False", ":4096:8"], out.stderr
+    with pytest.raises(disttrain.ConfigError, match="deterministic"):
+        Trainer(deterministic="maybe")
 
 
 if __name__ == "__main__":

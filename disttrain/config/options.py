@@ -50,6 +50,9 @@ class TrainerConfig:
     # True or N: N batches (True: 1) each of training, validation and test, one epoch, no
     # sanity check, no checkpoints, no logger, no run files: does the code run at all?
     fast_dev_run: bool | int = False
+    # True: torch's deterministic algorithms only (an op without one raises, naming it);
+    # "warn": warn instead; False: torch's defaults
+    deterministic: bool | Literal["warn"] = False
     limit_train_batches: int | float = 1.0  # an int counts batches, a float is a fraction
     limit_val_batches: int | float = 1.0
     limit_test_batches: int | float = 1.0

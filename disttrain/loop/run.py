@@ -44,7 +44,7 @@ from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, hook_schedule
-from disttrain.rng import seed_for_run
+from disttrain.rng import seed_for_run, use_deterministic
 
 log = logging.getLogger("disttrain.run")
 
@@ -73,6 +73,7 @@ class Run:
                 "" if n == 1 else "es",
             )
         self.seed = seed_for_run(config.seed, explicit_seed)  # the user's seeding stands
+        use_deterministic(config.deterministic)
         self.device = select_device(config.accelerator, self.env)
         self.callbacks: list[Callback] = _callbacks(config, self.env.rank)
         logger = make_loggers(config.logger, config.default_root_dir, self.env.rank)
