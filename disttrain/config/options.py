@@ -53,6 +53,10 @@ class TrainerConfig:
     # True: torch's deterministic algorithms only (an op without one raises, naming it);
     # "warn": warn instead; False: torch's defaults
     deterministic: bool | Literal["warn"] = False
+    # processes on this node and nodes: under torchrun checked against its environment;
+    # devices=N in a plain `python script.py` starts N ranks through the elastic agent
+    devices: int | Literal["auto"] = "auto"
+    num_nodes: int = 1
     limit_train_batches: int | float = 1.0  # an int counts batches, a float is a fraction
     limit_val_batches: int | float = 1.0
     limit_test_batches: int | float = 1.0
@@ -94,9 +98,11 @@ class TrainerConfig:
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             check_type(field.name, getattr(self, field.name), hints[field.name])
-        for name in ("accumulate_grad_batches", "log_every_n_steps"):
+        for name in ("accumulate_grad_batches", "log_every_n_steps", "num_nodes"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.devices != "auto" and self.devices < 1:
+            raise ConfigError("devices", f"must be 'auto' or at least 1, got {self.devices}")
         if self.max_steps == -1:  # Lightning's spelling of "no limit"
             object.__setattr__(self, "max_steps", None)
         if self.max_epochs is not None and self.max_epochs != -1 and self.max_epochs < 1:

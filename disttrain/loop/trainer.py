@@ -25,6 +25,7 @@ from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
 from disttrain.loggers import Logger
+from disttrain.loop.devices import check_or_spawn
 from disttrain.loop.evaluation import run_evaluation
 from disttrain.loop.fit import fit
 from disttrain.loop.optim import SchedulerEntry
@@ -63,6 +64,7 @@ class Trainer:
             raise TypeError("give Trainer either a TrainerConfig or keyword options, not both")
         config = config if config is not None else TrainerConfig.from_mapping(options)
         explicit_seed = "seed" in options or config.seed != TrainerConfig.seed
+        check_or_spawn(config.devices, config.num_nodes, DistEnv.from_environ())
         self._run = Run(config, resolved_config, explicit_seed, self)
 
     # -- the run's options and where this process stands ----------------------------------
