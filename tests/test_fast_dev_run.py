@@ -30,6 +30,7 @@ def test_fast_dev_run_runs_n_batches_of_each_and_writes_nothing(tmp_path, disttr
     said = [
         r.getMessage() for r in disttrain_log.records if r.getMessage().startswith("fast_dev_run:")
     ]
+    assert not any(r.getMessage().startswith("run directory") for r in disttrain_log.records)
     batches = f"{n} batch{'' if n == 1 else 'es'}"
     assert said == [
         f"fast_dev_run: {batches} each of training, validation and test, one epoch, no sanity "

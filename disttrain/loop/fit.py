@@ -74,7 +74,8 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     warn_if_built_unseeded(module, run.seed)
     call(Hook.PREPARE_DATA)
     dispatcher.run(Action.WRITE_RUN_FILES, write_run_files, run)
-    log.info("run directory: %s", Path(cfg.default_root_dir).resolve())
+    if not cfg.fast_dev_run:  # which writes nothing there
+        log.info("run directory: %s", Path(cfg.default_root_dir).resolve())
     call(Hook.SETUP, "fit")
     module.to(device=run.device, dtype=run.param_dtype)  # *-true: before the optimizers
     call(Hook.ON_FIT_START)
