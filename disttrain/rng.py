@@ -185,15 +185,21 @@ def seed_draws(seed: int) -> None:
 
 
 def draw_positions() -> tuple[Any, ...]:
-    """Where the global generators a dataset draws from stand (equal after no draw): for
-    telling once whether a dataset draws at all."""
+    """Where the global generators a dataset draws from stand: with ``drew_since``, for
+    telling once whether a dataset draws at all. (No NumPy needed: torch runs without it.)"""
     numpy = sys.modules.get("numpy")
     state = numpy.random.get_state() if numpy is not None else None
     return (
-        bytes(torch.default_generator.get_state().numpy()),
+        torch.default_generator.get_state(),
         random.getstate(),
         None if state is None else (state[1].tobytes(), state[2], state[3]),
     )
+
+
+def drew_since(before: tuple[Any, ...]) -> bool:
+    """Whether any of those generators drew since ``before = draw_positions()``."""
+    now = draw_positions()
+    return not torch.equal(now[0], before[0]) or now[1:] != before[1:]
 
 
 def apart(fn: Callable[..., T], *args: Any) -> T:

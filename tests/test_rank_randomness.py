@@ -106,5 +106,29 @@ def test_each_rank_draws_its_own_numbers_reproducibly_from_a_model_built_alike(t
             assert resumed["draws"] == report["full"][resumed["step"] :], name
 
 
+def test_a_dataset_that_draws_nothing_is_read_plainly_after_its_first_batch():
+    """Seeding each sample costs ~20 us: only datasets that draw pay it, in the main process."""
+    import random as python_random
+
+    from torch.utils.data import TensorDataset
+
+    from disttrain.data.sample_seeds import SeededSamples
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return python_random.random()
+
+    plain, drawing = SeededSamples(TensorDataset(torch.arange(8.0)), 0), SeededSamples(Draws(), 0)
+    state = torch.get_rng_state()
+    assert drawing.__getitems__([1, 2]) == drawing.__getitems__([1, 2])  # seeded by index
+    plain.__getitems__([1, 2])
+    # the decision is the unit here (its effect is only time): read it
+    assert (plain._draws, drawing._draws) == (False, True)
+    assert torch.equal(torch.get_rng_state(), state)  # the rank's own draws untouched
+
+
 if __name__ == "__main__":
     run_scenario(globals())

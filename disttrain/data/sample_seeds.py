@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from disttrain.data.workers import Wrapper
-from disttrain.rng import apart, draw_positions, sample_seed, seed_draws
+from disttrain.rng import apart, draw_positions, drew_since, sample_seed, seed_draws
 
 
 class SeededSamples(Wrapper, Dataset):
@@ -79,15 +79,15 @@ class SeededSamples(Wrapper, Dataset):
             seed_draws(sample_seed(seed, epoch, indices[0]))
             before = draw_positions() if watch else None
             samples = inner(indices)
-            if watch:
-                self._draws = draw_positions() != before
+            if before is not None:
+                self._draws = drew_since(before)
             return samples
         samples, drew = [], False
         for index in indices:
             seed_draws(sample_seed(seed, epoch, index))
             before = draw_positions() if watch else None
             samples.append(self.dataset[index])
-            drew = drew or (watch and draw_positions() != before)
+            drew = drew or (before is not None and drew_since(before))
         if watch:
             self._draws = drew
         return samples
