@@ -175,6 +175,8 @@ def test_cli_predict_writes_every_sample_to_the_run_directory(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(CONFIG + f"run_dir: {tmp_path / 'run'}\n")
     assert cli.main(["predict", "--config", str(path)]) == 0
+    # a later command in this process (or its children) must not be told to resume with this one
+    assert "DISTTRAIN_RESUME_COMMAND" not in os.environ
     written = PredictionWriter.read(tmp_path / "run" / "predictions")
     assert torch.cat(written).shape == (10,)  # the example's 10 validation samples
     assert (tmp_path / "run" / "predict.config.yaml").exists()

@@ -12,12 +12,14 @@ Configuration errors exit with code 2 before anything is written or spawned.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import shlex
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +153,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def _run_stage(stage: str, config: str, overrides: list[str], argv: list[str]) -> int:
     run = runconfig.load(config, overrides)  # every rank validates before touching anything
     _check_resume(run, stage, overrides)
-    if "RANK" not in os.environ:  # the debug mode: this very command resumes
-        command = _resume_command(["disttrain", *argv], run)
-        os.environ.setdefault("DISTTRAIN_RESUME_COMMAND", command)
-    return _worker(stage, run)
+    if "RANK" in os.environ:  # a worker: the launcher set the command that resumes
+        return _worker(stage, run)
+    with _resume_command_set(_resume_command(["disttrain", *argv], run)):  # the debug mode
+        return _worker(stage, run)
 
 
 def _worker(stage: str, run: Any) -> int:
@@ -243,6 +245,21 @@ def _resume_command(command: list[str], run: Any) -> str:
     return shlex.join(command)
 
 
+@contextlib.contextmanager
+def _resume_command_set(command: str) -> Iterator[None]:
+    """Tell the stop message (and the workers, which inherit it) how this run resumes, for
+    this call only: a second ``main()`` in the same process must not print the first's."""
+    previous = os.environ.get("DISTTRAIN_RESUME_COMMAND")
+    os.environ["DISTTRAIN_RESUME_COMMAND"] = command
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["DISTTRAIN_RESUME_COMMAND"]
+        else:
+            os.environ["DISTTRAIN_RESUME_COMMAND"] = previous
+
+
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     overrides = _overrides(args)
     run = runconfig.load(args.config, overrides)
@@ -287,5 +304,5 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         if report and (" in hook " in report or " in collective " in report):  # a hang's trace
             print(report, file=sys.stderr, flush=True)
 
-    os.environ["DISTTRAIN_RESUME_COMMAND"] = _resume_command(["disttrain", *argv], run)
-    return launch_workers(torchrun_argv, after_failure=explain)
+    with _resume_command_set(_resume_command(["disttrain", *argv], run)):
+        return launch_workers(torchrun_argv, after_failure=explain)
