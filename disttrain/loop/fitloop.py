@@ -15,7 +15,7 @@ from disttrain.checkpoint.format import Progress
 from disttrain.loop.outputs import detached
 from disttrain.loop.stopping import Stopping
 from disttrain.ranks.dispatch import Dispatcher
-from disttrain.ranks.table import Hook
+from disttrain.ranks.table import PER_MICRO_BATCH, PER_OPTIMIZER_STEP, Hook
 
 
 @dataclass(frozen=True)
@@ -65,25 +65,12 @@ class FitLoop:
         self.step_args = [(i,) for i in range(len(optimizers))] if several else [()]
 
 
-_BATCH_HOOKS = (
-    Hook.ON_BATCH_START,
-    Hook.TRANSFER_BATCH_TO_DEVICE,
-    Hook.ON_TRAIN_BATCH_START,
-    Hook.ON_BEFORE_BACKWARD,
-    Hook.BACKWARD,
-    Hook.ON_AFTER_BACKWARD,
-    Hook.ON_BEFORE_OPTIMIZER_STEP,
-    Hook.ON_BEFORE_ZERO_GRAD,
-    Hook.ON_TRAIN_BATCH_END,
-    Hook.ON_BATCH_END,
-)
-
-
 def batch_hooks(dispatcher: Dispatcher, convert: Callable[[Any], Any] | None) -> BatchHooks:
     """The per-batch hooks as the loop holds them; a hook nobody implements is a no-op. With
     ``convert`` (``*-true`` precision) the batch's floats are converted to the parameters'
     dtype after ``transfer_batch_to_device``."""
-    hooks = BatchHooks(**{hook.value: dispatcher.caller(hook) for hook in _BATCH_HOOKS})
+    per_batch = PER_MICRO_BATCH | PER_OPTIMIZER_STEP  # the table's, by name: BatchHooks' fields
+    hooks = BatchHooks(**{hook.value: dispatcher.caller(hook) for hook in per_batch})
     if dispatcher.implemented(Hook.ON_TRAIN_BATCH_END):  # Lightning hands it detached outputs
         hooks = dataclasses.replace(hooks, on_train_batch_end=_detaching(hooks.on_train_batch_end))
     if convert is not None:
