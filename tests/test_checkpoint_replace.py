@@ -39,8 +39,8 @@ def _save(path: Path, layout: str, which: str) -> None:
     if layout == "file":
         checkpoint.write(path, _state(which))
         return
-    tmp = checkpoint.sharded_tmp(path)
-    tmp.mkdir()
+    checkpoint.begin_sharded(path)
+    tmp = Path(checkpoint.sharded_staging(path))
     (tmp / ".metadata").write_bytes(pickle.dumps({}))
     (tmp / f"__0_0.{which}.distcp").write_bytes(b"shard")
     checkpoint.finish_sharded(path, _state(which))
@@ -134,10 +134,11 @@ def test_a_sharded_checkpoint_removes_a_last_link_that_names_older_weights(tmp_p
     # _rotate (global zero's file work after a save) is the unit: reaching it in public takes
     # an FSDP run over the directory of an earlier unsharded one
     from disttrain.callbacks.model_checkpoint import _rotate
+    from disttrain.storage.location import Location
 
     (tmp_path / "epoch=0-step=2.ckpt").write_bytes(b"an earlier unsharded run's file")
     (tmp_path / "last.ckpt").write_bytes(b"an earlier unsharded run's file")
     sharded = tmp_path / "epoch=1-step=4.ckpt"
     sharded.mkdir()
-    _rotate(tmp_path, sharded, [], save_last=True)
+    _rotate(Location.at(tmp_path), Location.at(sharded), [], save_last=True)
     assert not (tmp_path / "last.ckpt").exists()

@@ -23,7 +23,7 @@ from conftest import run_beside
 from test_lifecycle import expected_fit, recorded_fit
 
 import disttrain
-from disttrain import Trainer
+from disttrain import ModelCheckpoint, Trainer
 from disttrain.checkpoint import format as checkpoint
 from disttrain.checkpoint.resume import most_advanced
 
@@ -102,10 +102,14 @@ def _fsdp_run(root, name, **options):
 
 def fsdp_resume(outdir):
     """Sharded checkpoints: stop after step 6 (mid-epoch), resume, compare with a full run."""
+
+    def kept():  # every checkpoint: the test reads step 6's after the resumed run
+        return [ModelCheckpoint(keep_last_k=5)]
+
     steps = {
         "full": _fsdp_run(outdir, "full"),
-        "stopped": _fsdp_run(outdir, "at_step_6", run="stopped", max_steps=6),
-        "resumed": _fsdp_run(outdir, "resumed", run="stopped", resume="auto"),
+        "stopped": _fsdp_run(outdir, "at_step_6", run="stopped", max_steps=6, callbacks=kept()),
+        "resumed": _fsdp_run(outdir, "resumed", run="stopped", resume="auto", callbacks=kept()),
     }
     write_result(outdir, int(os.environ["RANK"]), steps)
 

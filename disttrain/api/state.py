@@ -9,14 +9,13 @@ same point (from a hook that runs on all ranks).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from disttrain.dist.collectives import Collectives
+from disttrain.storage.location import Location, Where
 
 
 class MetricRecorder(Protocol):
@@ -161,7 +160,7 @@ class TrainerState(Protocol):
     def optimizers(self) -> list[torch.optim.Optimizer]: ...
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self) -> Location:
         """Where checkpoints go and where ``resume="auto"`` looks for them."""
         ...
 
@@ -171,11 +170,14 @@ class TrainerState(Protocol):
         """Reduce ``tensor`` in place over every rank and return it. Collective."""
         ...
 
-    def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Write a checkpoint of the run as it stands. Collective."""
+    def save_checkpoint(
+        self, path: Where, after_write: Callable[[], Any] | None = None
+    ) -> Location:
+        """Write a checkpoint of the run as it stands; then ``after_write`` on global rank 0.
+        Collective."""
         ...
 
-    def export_weights(self, path: str | os.PathLike) -> Path:
+    def export_weights(self, path: Where) -> Location:
         """The whole module's weights in one file for inference. Collective."""
         ...
 

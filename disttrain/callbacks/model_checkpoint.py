@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -12,8 +13,9 @@ import torch
 
 from disttrain.api.hooks import Callback
 from disttrain.callbacks.monitor import MonitorWatch
-from disttrain.checkpoint.format import LAST_NAME, SUFFIX, file_name, remove
+from disttrain.checkpoint.format import LAST_NAME, SUFFIX, file_name
 from disttrain.storage.atomic import atomic_link
+from disttrain.storage.location import Location
 
 if TYPE_CHECKING:  # the trainer imports this module
     from disttrain.api.state import TrainerState
@@ -31,7 +33,9 @@ class ModelCheckpoint(Callback):
     ``self.log``, or what ``validation_epoch_end`` returned); its value is averaged over the
     ranks before it is compared, so every rank keeps the same files. A key the run never logs
     is an error once an epoch with validation has ended, naming the keys that were logged.
-    Files: ``DIRPATH/epoch=E-step=S.ckpt`` (default DIRPATH: ``RUN_DIR/checkpoints``), or as
+    Files: ``DIRPATH/epoch=E-step=S.ckpt`` (default DIRPATH: ``RUN_DIR/checkpoints``; a local
+    path or any fsspec URL such as ``s3://bucket/run/checkpoints``, where ``resume="auto"``
+    then looks too; ``last.ckpt``, a hard link, only on a local disk), or as
     ``filename`` says in Lightning's template form (``"{epoch}-{val_loss:.2f}"`` →
     ``epoch=3-val_loss=0.52.ckpt``). ``best_model_path``, ``best_model_score`` and
     ``last_model_path`` read as in Lightning.
@@ -74,10 +78,10 @@ class ModelCheckpoint(Callback):
         self.saved: list[str] = []  # file names, oldest first
         self.best: list[tuple[float, str]] = []  # (score, file name), best first
         self.last_saved_step = -1
-        self._directory: Path | None = None  # where the last save went
+        self._directory: Location | None = None  # where the last save went
 
-    def directory(self, trainer: TrainerState) -> Path:
-        return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+    def directory(self, trainer: TrainerState) -> Location:
+        return Location.at(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
 
     def on_epoch_start(self, trainer: TrainerState, module: Any) -> None:
         if self._watch is not None:
@@ -104,14 +108,14 @@ class ModelCheckpoint(Callback):
         if n and (trainer.current_epoch + 1) % n == 0:
             self.save(trainer)
 
-    def save(self, trainer: TrainerState) -> Path:
-        """Save now (collective: call it on every rank at the same point)."""
+    def save(self, trainer: TrainerState) -> Location:
+        """Save now (collective: call it on every rank at the same point). The lists of kept
+        files are brought up to date first, so the checkpoint records itself among them; the
+        files no longer kept go once it is complete (in the background if the save is)."""
         score = self._monitored(trainer, self.monitor) if self.monitor else None
         self.last_saved_step = trainer.global_step
         name = self._name(trainer)
-        path = self.directory(trainer) / name
-        trainer.save_checkpoint(path)
-        self._directory = path.parent
+        directory = self.directory(trainer)
         if name not in self.saved:
             self.saved.append(name)
         if score is not None and math.isnan(score):
@@ -126,7 +130,9 @@ class ModelCheckpoint(Callback):
         }
         doomed = [n for n in self.saved if n not in keep]
         self.saved = [n for n in self.saved if n in keep]
-        trainer.manage_files(_rotate, self.directory(trainer), path, doomed, self.save_last)
+        rotate = functools.partial(_rotate, directory, directory / name, doomed, self.save_last)
+        path = trainer.save_checkpoint(directory / name, after_write=rotate)
+        self._directory = directory
         return path
 
     def _monitored(self, trainer: TrainerState, monitor: str) -> float | None:
@@ -202,13 +208,15 @@ def _formatted(template: str, epoch: int, step: int, metrics: dict[str, float]) 
     return name
 
 
-def _rotate(directory: Path, newest: Path, doomed: list[str], save_last: bool) -> None:
+def _rotate(directory: Location, newest: Location, doomed: list[str], save_last: bool) -> None:
     """Global zero's file work after a save: point last.ckpt at it, delete what is not kept.
-    (A sharded checkpoint is a directory: it gets no last.ckpt, and a last.ckpt left by an
-    earlier unsharded run goes; auto-resume finds the newest by its progress anyway.)"""
-    if save_last and newest.is_file():
-        atomic_link(newest, directory / LAST)
+    (A sharded checkpoint is a directory, and a URL cannot hard-link: neither gets a
+    last.ckpt, and one left by an earlier run goes; auto-resume finds the newest by its
+    progress anyway.)"""
+    local = newest.local
+    if save_last and local is not None and local.is_file():
+        atomic_link(local, local.with_name(LAST))
     elif (directory / LAST).exists():  # an earlier run's file: it would name older weights
-        remove(directory / LAST)
+        (directory / LAST).remove()
     for name in doomed:
-        remove(directory / name)
+        (directory / name).remove()

@@ -1,24 +1,23 @@
 """What a checkpoint is on disk, and reading one safely.
 
-A checkpoint is one file written by global rank 0 (temporary file, fsync, rename: complete
-only once its final name exists), or under FSDP a directory of DCP shards that global rank 0
-completes by rename. It holds the module, optimizers, schedulers, GradScaler, loop progress,
-the RNG states of **every** rank, callback states, the resolved config and the versions. It
-is read with ``torch.load(weights_only=True)``: a checkpoint can never run code."""
+A checkpoint is one file written by global rank 0, or under FSDP a directory of DCP shards
+that global rank 0 completes; at a local path or any fsspec URL (``s3://...``), complete only
+by the rules of ``disttrain.storage.location`` (a rename locally, one upload per file and a
+marker written last per directory on object stores). It holds the module, optimizers,
+schedulers, GradScaler, loop progress, the RNG states of **every** rank, callback states, the
+resolved config and the versions. It is read with ``torch.load(weights_only=True)``: a
+checkpoint can never run code."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
-import shutil
 import zipfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disttrain.storage.atomic import atomic_write_with, replace
+from disttrain.storage.location import Location, Where
 
 if TYPE_CHECKING:  # source.py imports what imports this module
     from disttrain.checkpoint.run_view import CheckpointedRun
@@ -59,8 +58,9 @@ class Progress:
         return (self.epoch + 1, 0) if self.epoch_finished else (self.epoch, self.next_batch)
 
 
-def write(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
-    atomic_write_with(path, lambda f: torch.save(checkpoint, f))
+def write(path: Where, checkpoint: dict[str, Any]) -> None:
+    """``torch.save`` to ``path``, whole or not at all (the previous file stays otherwise)."""
+    Location.at(path).write_with(lambda f: torch.save(checkpoint, f))
 
 
 def file_name(epoch: int, step: int) -> str:
@@ -71,22 +71,29 @@ def file_name(epoch: int, step: int) -> str:
 META = "meta.pt"  # in a sharded checkpoint directory: everything but the weights
 
 
-def sharded_tmp(path: str | os.PathLike) -> Path:
-    """Where every rank writes its shards before global zero completes the checkpoint."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp")
+def sharded_staging(path: Where) -> Location:
+    """Where every rank writes its shards before global zero completes the checkpoint (the
+    same on every rank; nothing is touched)."""
+    return Location.at(path).staging()
 
 
-def finish_sharded(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+def begin_sharded(path: Where) -> None:
+    """Global zero, before any rank writes a shard: clear an interrupted write's leftovers
+    (and, where directories are written in place, withdraw what holds the name)."""
+    Location.at(path).begin_directory()
+
+
+def finish_sharded(path: Where, checkpoint: dict[str, Any]) -> None:
     """Global zero, after every shard and DCP's metadata are written: add the rest, then
-    put the directory at its final name -- complete only from then on. A checkpoint of the
-    same name (a file or a directory) is replaced without a moment where neither is
-    complete (``atomic.replace``)."""
-    path, tmp = Path(path), sharded_tmp(path)
-    if not (tmp / ".metadata").exists():
-        raise CheckpointError(f"{tmp}: DCP wrote no .metadata; the checkpoint is incomplete")
-    write(tmp / META, checkpoint)
-    replace(tmp, path)
+    complete the directory (renamed into place, or its marker written last): complete only
+    from then on. Locally a checkpoint of the same name (a file or a directory) is replaced
+    without a moment where neither is complete (``atomic.replace``)."""
+    target = Location.at(path)
+    staging = target.staging()
+    if not (staging / ".metadata").exists():
+        raise CheckpointError(f"{staging}: DCP wrote no .metadata; the checkpoint is incomplete")
+    write(staging / META, checkpoint)
+    target.finish_directory(staging)
 
 
 _DCP_GLOBALS = {
@@ -112,9 +119,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not DCP metadata")
 
 
-def _check_dcp_metadata(path: Path) -> None:
+def _check_dcp_metadata(path: Location) -> None:
     try:
-        with path.open("rb") as f:
+        with path.open_read() as f:
             _MetadataUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
         raise CheckpointError(
@@ -123,44 +130,114 @@ def _check_dcp_metadata(path: Path) -> None:
         ) from None
 
 
-def remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+def remove(path: Where) -> None:
+    Location.at(path).remove()
 
 
-def check_path(path: str | os.PathLike) -> None:
+def check_path(path: Where) -> None:
     """What can be told of a checkpoint path without reading it (before workers start)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.is_dir() and not (path / ".metadata").exists():
-        raise CheckpointError(f"{path}: not a checkpoint (a directory without DCP .metadata)")
-    if path.is_file() and not zipfile.is_zipfile(path):
+    where = Location.at(path)
+    if not where.exists():
+        raise CheckpointError(f"{where}: no such checkpoint file")
+    if not where.is_complete():
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or corrupted?): not a torch.save file"
+            f"{where}: an incomplete checkpoint (the leftover of a write that never finished)"
         )
+    if where.is_dir():
+        if not (where / ".metadata").exists():
+            raise CheckpointError(f"{where}: not a checkpoint (a directory without DCP .metadata)")
+        return
+    with where.open_read() as f:
+        if not zipfile.is_zipfile(f):
+            raise CheckpointError(
+                f"{where}: not a readable checkpoint (truncated or corrupted?): not a "
+                "torch.save file"
+            )
 
 
-def load(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+def load(path: Where, *, mmap: bool = False) -> dict[str, Any]:
     """Read and check a checkpoint; ``CheckpointError`` names the file and what is wrong.
-    With ``mmap`` tensors are mapped, not read: cheap when only the progress is wanted."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / ".metadata").exists():
-            raise CheckpointError(f"{path}: sharded checkpoint without DCP .metadata (incomplete)")
-        _check_dcp_metadata(path / ".metadata")
-        checkpoint = load(path / META, mmap=mmap)
-        checkpoint["sharded"] = str(path)
+    With ``mmap`` a local file's tensors are mapped, not read."""
+    where = Location.at(path)
+    if where.is_dir():
+        if not (where / ".metadata").exists():
+            raise CheckpointError(f"{where}: sharded checkpoint without DCP .metadata (incomplete)")
+        _check_dcp_metadata(where / ".metadata")
+        checkpoint = load(where / META, mmap=mmap)
+        checkpoint["sharded"] = str(where)
         return checkpoint
-    checkpoint = read(path, mmap=mmap)
+    checkpoint = read(where, mmap=mmap)
+    _check_content(where, checkpoint)
+    return checkpoint
+
+
+def _check_content(where: Location, checkpoint: Any) -> None:
     if not is_checkpoint(checkpoint):
         kind = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
         raise CheckpointError(
-            f"{path}: not a disttrain checkpoint (format {kind!r}, expected {FORMAT!r})"
+            f"{where}: not a disttrain checkpoint (format {kind!r}, expected {FORMAT!r})"
         )
     missing = [k for k in ("module", "optimizers", "progress", "rng") if k not in checkpoint]
     if missing:
-        raise CheckpointError(f"{path}: incomplete disttrain checkpoint: no {', '.join(missing)}")
-    return checkpoint
+        raise CheckpointError(f"{where}: incomplete disttrain checkpoint: no {', '.join(missing)}")
+
+
+def progress_of(path: Where) -> Progress:
+    """The training progress a checkpoint holds, read without its tensors: of a file only
+    its pickle (a few KiB of a URL's object, however large the weights), of a sharded
+    directory its ``meta.pt``. ``CheckpointError`` if it is no disttrain checkpoint."""
+    where = Location.at(path)
+    if where.is_dir():
+        return Progress.from_dict(load(where)["progress"])
+    check_path(where)
+    try:
+        with where.open_read() as f, zipfile.ZipFile(f) as archive:
+            (pickled,) = [n for n in archive.namelist() if n.endswith("/data.pkl")][:1]
+            content = _PlainDataUnpickler(archive.open(pickled)).load()
+    except (ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{where}: not a readable checkpoint: {err}") from None
+    _check_content(where, content)
+    try:
+        return Progress.from_dict(content["progress"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{where}: its progress entry is not readable ({err!r})") from None
+
+
+class _Opaque:
+    """What any global in a checkpoint's pickle reads as when only its plain data is wanted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _Mapping(dict):
+    """An ``OrderedDict`` in the pickle (a state dict), without its attributes (``_metadata``)."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """A checkpoint's pickle with every tensor, class and function left out: it imports
+    nothing and calls nothing (every global is ``_Opaque``), so no file can run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Mapping if (module, name) == ("collections", "OrderedDict") else _Opaque
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None
 
 
 def is_checkpoint(content: Any) -> bool:
@@ -168,13 +245,16 @@ def is_checkpoint(content: Any) -> bool:
     return isinstance(content, dict) and content.get("format") == FORMAT
 
 
-def read(path: str | os.PathLike, *, mmap: bool = False, map_location: Any = "cpu") -> Any:
+def read(path: Where, *, mmap: bool = False, map_location: Any = "cpu") -> Any:
     """A ``torch.save`` file's content, read with ``weights_only=True`` (a checkpoint or an
     exported weights file); ``CheckpointError`` names the file and what is wrong."""
-    path = Path(path)
+    path = Location.at(path)
     check_path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if path.local is not None:
+            return torch.load(path.local, map_location=map_location, weights_only=True, mmap=mmap)
+        with path.open_read() as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         found = [line for line in lines if "GLOBAL" in line]  # a class or function it refused

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from disttrain.api import module as api_module
 from disttrain.checkpoint.format import CheckpointError, is_checkpoint, load, read
 from disttrain.dist.fsdp import dcp_load_weights
+from disttrain.storage.location import Location
 
 
 def load_module(
@@ -24,7 +24,7 @@ def load_module(
 ) -> Any:
     """``cls`` built from the checkpoint's hyperparameters and ``overrides``, with the
     checkpoint's weights, in eval mode (moved to ``map_location`` when it names a device)."""
-    path = Path(path)
+    path = Location.at(path)
     sharded = path.is_dir()
     content = load(path) if sharded else read(path, map_location=map_location)
     if is_checkpoint(content):

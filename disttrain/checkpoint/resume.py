@@ -7,11 +7,18 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from disttrain.checkpoint.format import LAST_NAME, SUFFIX, CheckpointError, Progress, load, remove
+from disttrain.checkpoint.format import (
+    LAST_NAME,
+    SUFFIX,
+    CheckpointError,
+    Progress,
+    load,
+    progress_of,
+)
 from disttrain.checkpoint.snapshot import restore
 from disttrain.dist.fsdp import dcp_load
 from disttrain.ranks.table import Action, Hook
-from disttrain.storage.atomic import recover
+from disttrain.storage.location import Location
 
 if TYPE_CHECKING:  # source.py imports what imports this module
     from disttrain.checkpoint.run_view import CheckpointedRun
@@ -111,34 +118,28 @@ def progress_key(progress: Progress) -> tuple[int, int, bool]:
     return progress.global_step, progress.epoch, progress.epoch_finished
 
 
-def most_advanced(directory: str | os.PathLike) -> str | None:
-    """The complete checkpoint in ``directory`` that is furthest into training, by the
-    progress it holds (never by file times: a rerun's early checkpoints are newer files).
+def most_advanced(directory: str | os.PathLike | Location) -> str | None:
+    """The complete checkpoint in ``directory`` (a path or URL) that is furthest into
+    training, by the progress it holds (never by file times: a rerun's early checkpoints
+    are newer files); its path or URL.
 
-    Files that fail to load are skipped with a warning naming them; temporary files of
-    interrupted writes (never complete: they were not renamed) are deleted, and a checkpoint
-    that an interrupted replace had renamed aside is put back (``atomic.recover``).
+    What interrupted writes left is deleted first and never chosen (``Location``'s rules:
+    hidden temporary names; on object stores a directory without its marker), and a
+    checkpoint that an interrupted local replace had renamed aside is put back. Files that
+    fail to load are skipped with a warning naming them.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    recover(directory)
-    for leftover in directory.glob(".*.tmp"):
-        log.warning(
-            "removing %s: the leftover of a checkpoint write that never completed", leftover
-        )
-        remove(leftover)
+    where = Location.at(directory)
+    for leftover in where.remove_incomplete(f"*{SUFFIX}"):
+        log.warning("removed %s: the leftover of a checkpoint write that never completed", leftover)
     best: tuple[tuple[int, int, bool], str] | None = None
-    for path in sorted(directory.glob(f"*{SUFFIX}")):
+    for path in where.entries(f"*{SUFFIX}"):
+        if not path.is_complete():
+            continue
         try:
-            progress = Progress.from_dict(load(path, mmap=True)["progress"])
+            key = progress_key(progress_of(path))
         except CheckpointError as err:
             log.warning("skipping %s", err)
             continue
-        except (KeyError, TypeError) as err:  # a disttrain file of another layout
-            log.warning("skipping %s: its progress entry is not readable (%r)", path, err)
-            continue
-        key = progress_key(progress)
         # on a tie prefer the named file over last.ckpt, its hard link
         if best is None or key > best[0] or (key == best[0] and best[1].endswith(LAST_NAME)):
             best = (key, str(path))

@@ -5,16 +5,17 @@ code never sees the trainer."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from disttrain.api.module import Module
+from disttrain.checkpoint.background import CheckpointWrites
 from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
 from disttrain.ranks.dispatch import Dispatcher
+from disttrain.storage.location import Location
 
 
 class Scheduled(Protocol):
@@ -28,6 +29,7 @@ class CheckpointedRun(Protocol):
     resolved_config: Mapping[str, Any] | None
     env: DistEnv
     collectives: Collectives
+    checkpoint_writes: CheckpointWrites  # async_checkpointing's writes in flight
     dispatcher: Dispatcher | None
     optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler | None
@@ -57,6 +59,6 @@ class CheckpointedRun(Protocol):
     def checkpoint_callback(self) -> Any: ...
 
     @property
-    def checkpoint_dir(self) -> Path: ...
+    def checkpoint_dir(self) -> Location: ...
 
     def running(self, what: str) -> Dispatcher: ...

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import os
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from disttrain.checkpoint.background import CheckpointWrites, to_host
 from disttrain.checkpoint.format import (
     FORMAT,
     CheckpointError,
     Progress,
+    begin_sharded,
     callback_keys,
     finish_sharded,
     plain_config,
-    sharded_tmp,
+    sharded_staging,
     write,
 )
-from disttrain.dist.fsdp import dcp_load, dcp_save, full_state_dict
+from disttrain.dist.fsdp import dcp_async_save, dcp_load, dcp_save, full_state_dict
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
 from disttrain.rng import rng_state
+from disttrain.storage.location import Location, Where
 from disttrain.version import __version__
 
 if TYPE_CHECKING:  # source.py imports what imports this module
@@ -57,23 +60,67 @@ def gather_state(run: CheckpointedRun, progress: Progress, weights: bool = True)
     return checkpoint
 
 
-def save(run: CheckpointedRun, path: str | os.PathLike, progress: Progress) -> Path:
+def save(
+    run: CheckpointedRun,
+    path: Where,
+    progress: Progress,
+    after_write: Callable[[], Any] | None = None,
+) -> Location:
     """The collective save behind ``Trainer.save_checkpoint``: one file from global zero, or
-    under FSDP a directory of every rank's shards that global zero completes."""
+    under FSDP a directory of every rank's shards that global zero completes (at a local
+    path or an fsspec URL); then global zero's ``after_write``. With ``async_checkpointing``
+    it returns once the state is in host memory, and the writes go on in the background
+    (``background.py``)."""
     dispatcher = run.running("save_checkpoint")
+    background = run.config.async_checkpointing
+    writes = run.checkpoint_writes
+    if background:  # never two at once; a failed write stops every rank here
+        dispatcher.run(Action.FINISH_WRITES, writes.wait)
+    after = after_write or _nothing
     if run.sharded:
         state = gather_state(run, progress, weights=False)
-        dcp_save(run.running_module, run.optimizers, sharded_tmp(path))
-        dispatcher.run(Action.WRITE_CHECKPOINT, finish_sharded, path, state)
+        dispatcher.run(Action.WRITE_CHECKPOINT, begin_sharded, path)  # then every rank writes
+        staging = sharded_staging(path)
+        if background:
+            written = dcp_async_save(run.running_module, run.optimizers, staging, run.collectives)
+            writes.start(written.result)
+            finish = functools.partial(_finish_sharded_then, path, state, after)
+            dispatcher.run(Action.WRITE_CHECKPOINT, writes.start, finish)
+        else:
+            dcp_save(run.running_module, run.optimizers, staging)
+            dispatcher.run(Action.WRITE_CHECKPOINT, _finish_sharded_then, path, state, after)
     else:
         state = gather_state(run, progress)
-        dispatcher.run(Action.WRITE_CHECKPOINT, write, path, state)
-    return Path(path)
+        if background:
+            dispatcher.run(
+                Action.WRITE_CHECKPOINT, _write_in_background, writes, path, state, after
+            )
+        else:
+            dispatcher.run(Action.WRITE_CHECKPOINT, _write_then, path, state, after)
+    return Location.at(path)
 
 
-def export(
-    run: CheckpointedRun, path: str | os.PathLike, dispatcher: Dispatcher | None = None
-) -> Path:
+def _write_then(path: Where, state: dict[str, Any], after: Callable[[], Any]) -> None:
+    write(path, state)
+    after()
+
+
+def _finish_sharded_then(path: Where, state: dict[str, Any], after: Callable[[], Any]) -> None:
+    finish_sharded(path, state)
+    after()
+
+
+def _write_in_background(
+    writes: CheckpointWrites, path: Where, state: dict[str, Any], after: Callable[[], Any]
+) -> None:
+    writes.start(functools.partial(_write_then, path, to_host(state), after))
+
+
+def _nothing() -> None:
+    return None
+
+
+def export(run: CheckpointedRun, path: Where, dispatcher: Dispatcher | None = None) -> Location:
     """The whole module's weights in one file (gathered from the shards under FSDP); after a
     session, through the ``dispatcher`` given (no collectives: global zero writes)."""
     dispatcher = dispatcher or run.running("export_weights")
@@ -82,7 +129,7 @@ def export(
     state = full_state_dict(module) if sharded else module.state_dict()
     weights = {k: v.detach().cpu() for k, v in state.items()}
     dispatcher.run(Action.WRITE_CHECKPOINT, write, path, weights)
-    return Path(path)
+    return Location.at(path)
 
 
 def restore(run: CheckpointedRun, checkpoint: dict[str, Any]) -> Progress:

@@ -79,6 +79,9 @@ class TrainerConfig:
     prepare_data_timeout: float = 7200.0  # seconds other ranks wait for prepare_data
     find_unused_parameters: bool | None = None  # None: only with several optimizers
     enable_checkpointing: bool = True  # adds a ModelCheckpoint (every epoch) if none is given
+    # copy the state to host memory and write checkpoints in the background: training goes on
+    # (disttrain.checkpoint.background says what it promises)
+    async_checkpointing: bool = False
     # "auto": the most advanced checkpoint in the run directory, if any (the default of runs
     # from a YAML config); a path; None: start fresh (refused among an earlier run's checkpoints)
     resume: str | None = None

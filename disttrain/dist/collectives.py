@@ -54,6 +54,10 @@ class Collectives:
         """Every rank's ``obj``, in rank order, on every rank."""
         return [obj]
 
+    def checkpoint_group(self) -> Any:
+        """The group DCP's background writes coordinate over (None: no group, one process)."""
+        return None
+
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return module
 
@@ -82,6 +86,7 @@ class ProcessGroupCollectives(Collectives):
         self._control = control
         self._long_control = long_control
         self._owns_world = owns_world
+        self._checkpoint_group: Any = None
 
     def _run(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         recorder = self.recorder
@@ -151,6 +156,14 @@ class ProcessGroupCollectives(Collectives):
         self._run(name, dist.all_gather, out, padded, group=group)
         return [_unpickled(t, int(s.item())) for t, s in zip(out, sizes)]
 
+    def checkpoint_group(self) -> Any:
+        """A gloo group of every rank for background checkpoint writes, made at the first
+        (collective) call: their collectives run on a writer thread, beside training's."""
+        if self._checkpoint_group is None:
+            timeout = None if self.timeout is None else timedelta(seconds=self.timeout)
+            self._checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
+        return self._checkpoint_group
+
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return DistributedDataParallel(
             module,
@@ -164,6 +177,8 @@ class ProcessGroupCollectives(Collectives):
         if self._owns_world:
             dist.destroy_process_group()
             return
+        if self._checkpoint_group is not None:
+            dist.destroy_process_group(self._checkpoint_group)
         for group in {self._control, self._long_control} - {dist.group.WORLD}:
             dist.destroy_process_group(group)
 

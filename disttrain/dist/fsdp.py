@@ -6,13 +6,19 @@ add about 0.5 s to ``import disttrain``, which runs without them (DDP) do not pa
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+from disttrain.dist.dcp_io import storage_reader, storage_writer
+from disttrain.storage.location import Where
+
+if TYPE_CHECKING:
+    from disttrain.dist.collectives import Collectives
 
 
 def shard_fsdp(
@@ -44,17 +50,38 @@ def shard_fsdp(
     fully_shard(module, mp_policy=policy)
 
 
-def dcp_save(module: torch.nn.Module, optimizers: list, directory: str | os.PathLike) -> None:
-    """Every rank writes its shards of the module and optimizers (DCP); the coordinator
-    writes ``.metadata`` last, once every shard is written. Collective."""
+def dcp_save(module: torch.nn.Module, optimizers: list, directory: Where) -> None:
+    """Every rank writes its shards of the module and optimizers (DCP) into ``directory`` (a
+    path or URL); the coordinator writes ``.metadata`` last, once every shard is written.
+    Collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(module, optimizers)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+    state = {"model": model_state, "optim": optim_state}
+    dcp.save(state, storage_writer=storage_writer(directory))
 
 
-def dcp_load(module: torch.nn.Module, optimizers: list, directory: str | os.PathLike) -> None:
+def dcp_async_save(
+    module: torch.nn.Module, optimizers: list, directory: Where, collectives: Collectives
+) -> Future:
+    """``dcp_save`` that returns once this rank's shards are copied to host memory; DCP
+    writes them, and its coordinator ``.metadata``, on a thread of its own, coordinating over
+    a gloo group kept for checkpoints (training's collectives go on meanwhile). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizers)
+    state = {"model": model_state, "optim": optim_state}
+    written = dcp.async_save(
+        state,
+        storage_writer=storage_writer(directory),
+        process_group=collectives.checkpoint_group(),
+    )
+    return cast(Future, getattr(written, "upload_completion", written))
+
+
+def dcp_load(module: torch.nn.Module, optimizers: list, directory: Where) -> None:
     """Load a DCP checkpoint into ``module`` and ``optimizers`` as they are sharded now, at
     any world size (DCP reshards). Collective under a process group. Non-tensor entries are
     read with ``weights_only=True`` (DCP's default planner would unpickle them freely); the
@@ -64,13 +91,13 @@ def dcp_load(module: torch.nn.Module, optimizers: list, directory: str | os.Path
 
     model_state, optim_state = get_state_dict(module, optimizers)
     state: dict[str, Any] = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(directory), planner=_weights_only_planner())
+    dcp.load(state, storage_reader=storage_reader(directory), planner=_weights_only_planner())
     set_state_dict(
         module, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
 
 
-def dcp_load_weights(module: torch.nn.Module, directory: str | os.PathLike) -> None:
+def dcp_load_weights(module: torch.nn.Module, directory: Where) -> None:
     """Only the module's weights of a DCP checkpoint, into an unsharded ``module`` in a process
     without a process group (DCP then reads every rank's shards itself). The caller has
     checked ``.metadata``."""
@@ -79,7 +106,8 @@ def dcp_load_weights(module: torch.nn.Module, directory: str | os.PathLike) -> N
     state: dict[str, Any] = {"model": module.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(state, checkpoint_id=str(directory), planner=_weights_only_planner())
+        reader = storage_reader(directory)
+        dcp.load(state, storage_reader=reader, planner=_weights_only_planner())
     module.load_state_dict(state["model"])
 
 

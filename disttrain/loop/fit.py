@@ -44,6 +44,7 @@ from disttrain.observe.profiler import TRAINING_LOOP, report
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
 from disttrain.rng import seed_rank, set_rng_state, warn_if_built_unseeded
+from disttrain.storage.location import Location
 
 log = logging.getLogger("disttrain.run")
 
@@ -334,6 +335,7 @@ def finish(run: Run, loop: FitLoop) -> None:
     callback = run.checkpoint_callback
     if callback is not None and callback.last_saved_step != run.global_step:
         callback.save(run.trainer)
+    run.finish_checkpoint_writes()  # what fit returns with, or names, exists
     profiler = run.profiler
     if profiler is not None:  # one collective at the very end, only when profiling
         run.profile_report = report(run.collectives.gather_object(profiler.summary()))
@@ -354,13 +356,17 @@ def _max_steps(run: Run) -> float:
     return float("inf") if steps is None else steps
 
 
-def _save_now(run: Run) -> Path:
+def _save_now(run: Run) -> Location:
     """A stop's checkpoint: through the ModelCheckpoint callback if there is one."""
     callback = run.checkpoint_callback
     if callback is not None:
-        return callback.save(run.trainer)
-    name = file_name(run.current_epoch, run.global_step)
-    return run.save_checkpoint(run.checkpoint_dir / name)
+        saved = callback.save(run.trainer)
+    else:
+        saved = run.save_checkpoint(
+            run.checkpoint_dir / file_name(run.current_epoch, run.global_step)
+        )
+    run.finish_checkpoint_writes()  # the stop's message names it: it must exist
+    return saved
 
 
 def _say_where_files_went(run: Run) -> None:

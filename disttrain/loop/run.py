@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from disttrain.api.module import Module
 from disttrain.api.state import TrainerState
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.callbacks.progress import ProgressBar
+from disttrain.checkpoint.background import CheckpointWrites
 from disttrain.checkpoint.format import Progress
 from disttrain.checkpoint.snapshot import export, save
 from disttrain.config.options import TrainerConfig
@@ -45,6 +45,7 @@ from disttrain.observe.profiler import SimpleProfiler
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, hook_schedule
 from disttrain.rng import seed_for_run, use_deterministic
+from disttrain.storage.location import Location, Where
 
 log = logging.getLogger("disttrain.run")
 
@@ -98,6 +99,7 @@ class Run:
         self.predict_batch_indices: list[int] | None = None  # of the batch predicted now
         # what the running session holds
         self.collectives: Collectives = Collectives()
+        self.checkpoint_writes = CheckpointWrites()  # async_checkpointing's writes in flight
         self.dispatcher: Dispatcher | None = None
         self.module: Module | None = None
         self.datamodule: DataModule | None = None
@@ -154,12 +156,12 @@ class Run:
         return next((cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)), None)
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self) -> Location:
         """Where checkpoints go and where ``resume="auto"`` looks for them."""
         callback = self.checkpoint_callback
         if callback is not None:
             return callback.directory(self.trainer)
-        return Path(self.config.default_root_dir) / "checkpoints"
+        return Location.at(self.config.default_root_dir) / "checkpoints"
 
     def progress(self) -> Progress:
         """Where the loop stands, as a checkpoint records it (always at an optimizer step)."""
@@ -173,13 +175,15 @@ class Run:
             raise RuntimeError(f"Trainer.{what} can only be called while fit/validate/test runs")
         return self.dispatcher
 
-    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+    def save_checkpoint(
+        self, path: Where, after_write: Callable[[], Any] | None = None
+    ) -> Location:
         self.running("save_checkpoint")
-        saved = save(self, path, self.progress())
+        saved = save(self, path, self.progress(), after_write)
         self.logger.save()  # the history as far as the checkpoint: a resume keeps it
         return saved
 
-    def export_weights(self, path: str | os.PathLike) -> Path:
+    def export_weights(self, path: Where) -> Location:
         if self.dispatcher is not None:  # while fit/validate/test runs: collective
             return export(self, path)
         return export(self, path, self._after_session("export_weights"))
@@ -205,6 +209,12 @@ class Run:
 
     def manage_files(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.running("manage_files").run(Action.MANAGE_FILES, fn, *args)
+
+    def finish_checkpoint_writes(self) -> None:
+        """Wait until every checkpoint write in flight is complete (collective; nothing to
+        wait for without ``async_checkpointing``)."""
+        if self.config.async_checkpointing:
+            self.running("save_checkpoint").run(Action.FINISH_WRITES, self.checkpoint_writes.wait)
 
 
 def _for_dev_run(config: TrainerConfig) -> TrainerConfig:

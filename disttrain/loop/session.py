@@ -56,6 +56,7 @@ def open_session(run: Run, module: Module, datamodule: DataModule | None) -> Ite
         if previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, previous_usr1)
         run.dispatcher, run.step = None, None
+        run.checkpoint_writes.close()  # before the group goes: DCP's writes may still use it
         run.collectives.close()
         run.collectives = Collectives()
 

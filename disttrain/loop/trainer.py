@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from disttrain.loop.run import Run
 from disttrain.loop.sources import estimated_stepping_batches
 from disttrain.observe.metrics import Reporter
 from disttrain.observe.profiler import SimpleProfiler
+from disttrain.storage.location import Location, Where
 
 
 class Trainer:
@@ -144,7 +144,7 @@ class Trainer:
         return self._run.checkpoint_callback
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def checkpoint_dir(self) -> Location:
         """Where checkpoints go and where ``resume="auto"`` looks for them."""
         return self._run.checkpoint_dir
 
@@ -268,17 +268,25 @@ class Trainer:
         """
         return self._run.collectives.all_reduce(tensor, op)
 
-    def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Write a checkpoint of the run as it stands (at an optimizer step) to ``path``.
+    def save_checkpoint(
+        self, path: Where, after_write: Callable[[], Any] | None = None
+    ) -> Location:
+        """Write a checkpoint of the run as it stands (at an optimizer step) to ``path``, a
+        local path or an fsspec URL (``s3://bucket/run/x.ckpt`` with the ``s3`` extra).
 
         Collective: call it on every rank at the same point (from a hook that runs on all
         ranks); global rank 0 writes the file atomically (under FSDP every rank writes its
         shards and rank 0 completes the directory), and the call returns on every rank once
-        the checkpoint is complete.
-        """
-        return self._run.save_checkpoint(path)
+        the checkpoint is complete; then global rank 0 calls ``after_write()`` (file work that
+        must wait for it, such as deleting older checkpoints).
 
-    def export_weights(self, path: str | os.PathLike) -> Path:
+        With ``async_checkpointing`` it returns once the state is copied to host memory; the
+        writes, and ``after_write``, happen in the background, complete before the next save
+        starts and before ``fit`` returns (``disttrain.checkpoint.background``).
+        """
+        return self._run.save_checkpoint(path, after_write)
+
+    def export_weights(self, path: Where) -> Location:
         """The whole module's weights as one ``torch.save`` file for inference (under FSDP
         gathered from the shards). Collective; global rank 0 writes."""
         return self._run.export_weights(path)

@@ -221,6 +221,7 @@ class Action(str, enum.Enum):
     WRITE_CHECKPOINT = "write_checkpoint"  # one file, atomically, from the gathered state
     MANAGE_FILES = "manage_files"  # choose, clean up or delete files in the run directory
     LOAD_CHECKPOINT = "load_checkpoint"  # every rank reads the file global zero chose
+    FINISH_WRITES = "finish_checkpoint_writes"  # wait for this rank's background checkpoint write
     PREDICT = "predict"  # the predict loop over this rank's shard: a failure stops every rank
 
 
@@ -229,6 +230,7 @@ ACTION_TABLE: Mapping[Action, Rule] = {
     Action.WRITE_CHECKPOINT: Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT, callbacks=False),
     Action.MANAGE_FILES:     Rule(Ranks.GLOBAL_ZERO, Sync.DECISION, callbacks=False),
     Action.LOAD_CHECKPOINT:  Rule(Ranks.ALL, Sync.VERDICT_LONG, callbacks=False),
+    Action.FINISH_WRITES:    Rule(Ranks.ALL, Sync.VERDICT_LONG, callbacks=False),
     Action.PREDICT:          Rule(Ranks.ALL, Sync.VERDICT, callbacks=False),
 }  # fmt: skip
 

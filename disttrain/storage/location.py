@@ -53,7 +53,7 @@ from fsspec.core import url_to_fs
 
 from disttrain.storage.backends import MARKER, Backend, LocalFiles, Writer, backend_for
 
-__all__ = ["MARKER", "Location", "is_complete"]
+__all__ = ["MARKER", "Location", "Where", "is_complete"]
 
 
 class Location:
@@ -92,6 +92,13 @@ class Location:
 
     def __str__(self) -> str:
         return self.url
+
+    def __fspath__(self) -> str:
+        """The local path, so that ``open``, ``Path`` and ``torch.load`` take a local
+        location; a URL is no path (``TypeError``: open it with ``open_read``)."""
+        if self.local is None:
+            raise TypeError(f"{self.url} is not a local path: read it with open_read()")
+        return self.path
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
@@ -189,6 +196,9 @@ class Location:
         return self._backend.remove_incomplete(self.path, pattern)
 
 
-def is_complete(where: str | os.PathLike | Location) -> bool:
+Where = str | os.PathLike | Location  # a local path, an fsspec URL, or a Location
+
+
+def is_complete(where: Where) -> bool:
     """Whether a reader may choose the checkpoint file or directory ``where`` names."""
     return Location.at(where).is_complete()

@@ -1,0 +1,69 @@
+"""Checkpoints written in the background (``Trainer(async_checkpointing=True)``).
+
+A save copies the state off the model into host memory (DDP: global zero clones every tensor
+of the gathered state; FSDP: DCP's ``async_save`` stages each rank's shards), and training
+goes on while a writer thread of each rank writes it; global zero then completes the
+checkpoint (renamed into place, or its marker written last) and only then does the file work
+that follows a save (``last.ckpt``, deleting checkpoints no longer kept). So:
+
+* a crash during a background write leaves the previous checkpoint complete and chosen by
+  ``resume="auto"``: the new one never became complete, and nothing older was deleted yet;
+* there is never more than one write in flight: the next save first waits for the last one
+  (on every rank, with a verdict: a write that failed on any rank stops the run there, named);
+* a stop (signal, ``max_time``) and the end of ``fit`` wait for the write before saying that
+  a checkpoint was written, so what a message names exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+log = logging.getLogger("disttrain.checkpoint")
+
+
+class CheckpointWrites:
+    """This rank's checkpoint writes in flight: run in order, on one thread of their own."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._last: Future | None = None
+
+    def start(self, job: Callable[[], Any]) -> None:
+        """Run ``job`` on the writer thread, after every job started before it."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="disttrain-checkpoint")
+        self._last = self._executor.submit(job)
+
+    def wait(self) -> None:
+        """Return once every job started has finished; raise the error of one that failed."""
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()
+
+    def close(self) -> None:
+        """At the end of a session, also a failed one: let a write in flight finish (a
+        complete checkpoint is worth the wait), and say if it failed."""
+        try:
+            self.wait()
+        except Exception as err:  # the run is ending with its own error, or after this one
+            log.error("a checkpoint written in the background failed: %s", err)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def to_host(state: Any) -> Any:
+    """``state`` with every tensor copied to host memory: what the writer thread writes while
+    the optimizer steps on the originals."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return type(state)((k, to_host(v)) for k, v in state.items())
+    if type(state) in (list, tuple):
+        return type(state)(to_host(v) for v in state)
+    return state

@@ -1,0 +1,154 @@
+"""``Trainer(async_checkpointing=True)``: training goes on while a checkpoint is written (the
+state copied to host memory first, so the file holds the weights of its step, not later
+ones), never two writes at once, and a crash in the middle of a background write leaves the
+previous checkpoint complete: the restarted run resumes from it to the very weights of an
+unbroken run. Resuming exactly from asynchronous checkpoints at a URL, and under FSDP, is in
+``test_remote_checkpoints.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from common import WideExport, read_results, run_scenario, write_result
+from conftest import run_beside
+
+import disttrain
+from disttrain import Callback, ModelCheckpoint, Trainer
+from disttrain.checkpoint import format as checkpoint
+from disttrain.checkpoint import snapshot
+from disttrain.storage.location import Location
+
+SLOW_WRITE = 1.0  # seconds each checkpoint write takes here: far longer than a step
+
+
+def _trainer(outdir: str, name: str, **options) -> Trainer:
+    every_2_steps = ModelCheckpoint(every_n_train_steps=2, every_n_epochs=None, keep_last_k=5)
+    return Trainer(
+        max_epochs=2,  # 8 steps at 2 ranks
+        num_sanity_val_steps=0,
+        seed=1,
+        logger=None,
+        enable_progress_bar=False,
+        default_root_dir=str(Path(outdir) / name),
+        callbacks=[every_2_steps, *options.pop("callbacks", [])],
+        timeout=60,
+        **options,
+    )
+
+
+class WatchesWrites(Callback):
+    """Counts the steps that end while a checkpoint write is in flight, and keeps a copy of
+    the weights at each step."""
+
+    def __init__(self, writes: dict) -> None:
+        self.writes, self.weights = writes, {}
+
+    def on_batch_end(self, trainer, module):
+        if self.writes["active"]:
+            self.writes["steps_during_a_write"] += 1
+        state = module.state_dict()
+        self.weights[trainer.global_step] = {k: v.clone() for k, v in state.items()}
+
+
+def writes_in_background(outdir: str) -> None:
+    writes = {"active": 0, "most_at_once": 0, "steps_during_a_write": 0}
+    lock = threading.Lock()
+    write = snapshot.write
+
+    def slow_write(path, state):
+        with lock:
+            writes["active"] += 1
+            writes["most_at_once"] = max(writes["most_at_once"], writes["active"])
+        time.sleep(SLOW_WRITE)
+        write(path, state)
+        with lock:
+            writes["active"] -= 1
+
+    snapshot.write = slow_write
+    disttrain.seed_everything(0)
+    module = WideExport(str(Path(outdir) / "final.pt"))
+    watch = WatchesWrites(writes)
+    async_checkpointing = os.environ["ASYNC"] == "1"
+    trainer = _trainer(outdir, "run", callbacks=[watch], async_checkpointing=async_checkpointing)
+    trainer.fit(module)
+    directory = Path(outdir) / "run" / "checkpoints"
+    same = {}
+    for step in (2, 4, 6, 8):
+        (path,) = directory.glob(f"epoch=*-step={step}.ckpt")
+        saved = checkpoint.load(path)["module"]
+        same[step] = all(torch.equal(saved[k], v) for k, v in watch.weights[step].items())
+    write_result(outdir, trainer.global_rank, {**writes, "same_weights": same})
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, mode):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "writes_in_background", outdir, timeout=180, ASYNC=int(mode == "async"))
+    rank0 = read_results(outdir, 2)[0]
+    # each checkpoint holds the weights of its own step, though training went on meanwhile
+    assert rank0["same_weights"] == {"2": True, "4": True, "6": True, "8": True}
+    assert rank0["most_at_once"] == 1  # never two writes at once
+    if mode == "async":  # steps 3, 5 and 7 at least ended while the write before them ran
+        assert rank0["steps_during_a_write"] >= 3, rank0
+    else:
+        assert rank0["steps_during_a_write"] == 0, rank0
+
+
+def unbroken(outdir: str) -> None:
+    disttrain.seed_everything(0)
+    _trainer(outdir, "unbroken").fit(WideExport(str(Path(outdir) / "unbroken.pt")))
+
+
+def killed_while_writing(outdir: str) -> None:
+    """Rank 0's process dies in the middle of writing the step-4 checkpoint (first attempt
+    only); torchrun restarts both ranks, which resume from what ``auto`` chooses."""
+    write = snapshot.write
+    crashed = Path(outdir) / "crashed"
+
+    def dies_half_way(path, state):
+        if Location.at(path).name.endswith("step=4.ckpt") and not crashed.exists():
+            crashed.touch()
+
+            def half(f):
+                f.write(b"PK\x03\x04 the first bytes of a checkpoint")
+                f.flush()
+                os._exit(17)
+
+            Location.at(path).write_with(half)
+        write(path, state)
+
+    snapshot.write = dies_half_way
+    disttrain.seed_everything(0)
+    module = WideExport(str(Path(outdir) / "resumed.pt"))
+    trainer = _trainer(outdir, "run", async_checkpointing=True)
+    trainer.fit(module)
+    names = sorted(p.name for p in (Path(outdir) / "run" / "checkpoints").iterdir())
+    write_result(outdir, trainer.global_rank, {"steps": len(module.losses), "files": names})
+
+
+def test_a_crash_during_a_background_write_resumes_from_the_previous_checkpoint(tmp_path):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "unbroken", outdir, timeout=180)
+    run_beside(
+        __file__, "killed_while_writing", outdir, timeout=240, launcher_args=("--max-restarts=1",)
+    )
+    assert (outdir / "crashed").exists()
+    for result in read_results(outdir, 2):
+        assert result["steps"] == 6, result  # resumed after step 2: step 4's never completed
+        assert result["files"] == [f"epoch={s // 5}-step={s}.ckpt" for s in (2, 4, 6, 8)] + [
+            "last.ckpt"
+        ]
+    full = torch.load(outdir / "unbroken.pt", weights_only=True)
+    resumed = torch.load(outdir / "resumed.pt", weights_only=True)
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+if __name__ == "__main__":
+    run_scenario(globals())
