@@ -13,6 +13,7 @@ synchronous median over its async median: robust to the machine drifting between
     python benchmarks/checkpoint_stall.py                      # one process
     torchrun --nproc-per-node=2 benchmarks/checkpoint_stall.py # the config's 2 ranks (DDP)
     python benchmarks/checkpoint_stall.py --rounds 6 --checkpoints 8 --every 5
+    python benchmarks/checkpoint_stall.py model.init_args.n_embd=512 model.init_args.n_layer=8
 
 Run directories go under ``$STALL_DIR`` (default ``runs/checkpoint-stall``).
 """
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +53,9 @@ class TimedCheckpoint(ModelCheckpoint):
 def one_fit(config: str, asynchronous: bool, args: argparse.Namespace, root: str) -> list[float]:
     """The stalls of ``args.checkpoints`` checkpoints in one fit (the last, taken as fit ends
     and waited for there, left out)."""
-    run = runfile.load(config, [f"run_dir={root}"])
+    if os.environ.get("RANK", "0") == "0":  # a fresh run each time (the others wait in fit)
+        shutil.rmtree(root, ignore_errors=True)
+    run = runfile.load(config, [*args.overrides, f"run_dir={root}"])
     options = runfile.build_callbacks(run)
     stalls: list[float] = []
     checkpoints = TimedCheckpoint(
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--checkpoints", type=int, default=6, help="per fit")
     parser.add_argument("--every", type=int, default=5, help="steps between checkpoints")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the config")
     args = parser.parse_args()
     logging.getLogger("disttrain").setLevel(logging.WARNING)
     rank = int(os.environ.get("RANK", "0"))

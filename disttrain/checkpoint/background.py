@@ -27,11 +27,14 @@ log = logging.getLogger("disttrain.checkpoint")
 
 
 class CheckpointWrites:
-    """This rank's checkpoint writes in flight: run in order, on one thread of their own."""
+    """This rank's checkpoint writes in flight: run in order, on one thread of their own; and
+    the host memory a save copies its state into, kept from one save to the next (a fresh
+    allocation's page faults would cost more than the copy itself)."""
 
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._last: Future | None = None
+        self._host: dict[tuple, torch.Tensor] = {}
 
     def start(self, job: Callable[[], Any]) -> None:
         """Run ``job`` on the writer thread, after every job started before it."""
@@ -55,15 +58,20 @@ class CheckpointWrites:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._host.clear()
 
-
-def to_host(state: Any) -> Any:
-    """``state`` with every tensor copied to host memory: what the writer thread writes while
-    the optimizer steps on the originals."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return type(state)((k, to_host(v)) for k, v in state.items())
-    if type(state) in (list, tuple):
-        return type(state)(to_host(v) for v in state)
-    return state
+    def to_host(self, state: Any, where: tuple = ()) -> Any:
+        """``state`` with every tensor copied to host memory: what the writer thread writes
+        while the optimizer steps on the originals. Only once the last write has finished
+        (``wait``): its buffers are reused."""
+        if isinstance(state, torch.Tensor):
+            key = (where, state.dtype, state.shape)
+            host = self._host.get(key)
+            if host is None:
+                host = self._host[key] = torch.empty(state.shape, dtype=state.dtype)
+            return host.copy_(state.detach())
+        if isinstance(state, dict):
+            return type(state)((k, self.to_host(v, (*where, k))) for k, v in state.items())
+        if type(state) in (list, tuple):
+            return type(state)(self.to_host(v, (*where, i)) for i, v in enumerate(state))
+        return state

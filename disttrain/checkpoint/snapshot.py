@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disttrain.checkpoint.background import CheckpointWrites, to_host
+from disttrain.checkpoint.background import CheckpointWrites
 from disttrain.checkpoint.format import (
     FORMAT,
     CheckpointError,
@@ -74,7 +74,7 @@ def save(
     dispatcher = run.running("save_checkpoint")
     background = run.config.async_checkpointing
     writes = run.checkpoint_writes
-    if background:  # never two at once; a failed write stops every rank here
+    if background and run.sharded:  # never two at once; a failed write stops every rank here
         dispatcher.run(Action.FINISH_WRITES, writes.wait)
     after = after_write or _nothing
     if run.sharded:
@@ -113,7 +113,10 @@ def _finish_sharded_then(path: Where, state: dict[str, Any], after: Callable[[],
 def _write_in_background(
     writes: CheckpointWrites, path: Where, state: dict[str, Any], after: Callable[[], Any]
 ) -> None:
-    writes.start(functools.partial(_write_then, path, to_host(state), after))
+    """Global zero, the only rank writing: never two at once, and a failed write stops every
+    rank in this step's verdict (no collective of its own)."""
+    writes.wait()
+    writes.start(functools.partial(_write_then, path, writes.to_host(state), after))
 
 
 def _nothing() -> None:
