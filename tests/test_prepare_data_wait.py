@@ -103,6 +103,38 @@ def test_rank_zero_killed_in_prepare_data_fails_the_others_within_seconds_naming
     assert result["after"] < 1.5 + 2.0, result  # silent for 1.5 s, then at most a poll or so
 
 
+class FreezesInPrepare(TimedPrepare):
+    def prepare_data(self) -> None:
+        time.sleep(0.5)
+        Path(self.outdir, "died").write_text(str(time.time()))  # frozen from here on
+        import ctypes
+
+        ctypes.PyDLL(None).sleep(60)  # C code that keeps the GIL: no thread of it runs
+
+
+def rank_zero_freezes(outdir):
+    trainer = Trainer(**FAST, **SHORT_RUN)
+    try:
+        trainer.fit(FreezesInPrepare(outdir))
+    except HookFailed as err:
+        died = float(Path(outdir, "died").read_text())
+        after = time.time() - died
+        write_result(outdir, trainer.global_rank, {"error": str(err), "after": after})
+        raise
+
+
+def test_rank_zero_frozen_in_prepare_data_fails_the_job_within_seconds_naming_it(tmp_path):
+    """Alive to the agent, silent to the store: only the heartbeat tells."""
+    outdir = tmp_path / "out"
+    start = time.monotonic()
+    proc = run_beside(__file__, "rank_zero_freezes", outdir, expect_ok=False, timeout=90)
+    assert proc.returncode != 0, proc.stdout[-4000:]
+    assert time.monotonic() - start < 45  # not the 60 s of rank 0's freeze
+    result = read_results_of(outdir, 1)
+    assert "rank 0 stopped sending its prepare_data heartbeat" in result["error"], result
+    assert result["after"] < 1.5 + 2.0, result
+
+
 def read_results_of(outdir: Path, rank: int) -> dict:
     import json
 

@@ -168,8 +168,8 @@ class ProcessGroupCollectives(Collectives):
     def beating(self, name: str) -> contextlib.AbstractContextManager[None]:
         return beating(self._store, name, self.env.rank, self._heartbeat)
 
-    def wait_for(self, name: str, rank: int) -> None:
-        wait_for_beats(self._store, name, rank, self._heartbeat)
+    def wait_for(self, name: str, rank: int) -> None:  # a hang report shows who waits
+        self._run("heartbeat wait", wait_for_beats, self._store, name, rank, self._heartbeat)
 
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return DistributedDataParallel(
