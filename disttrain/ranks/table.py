@@ -91,7 +91,8 @@ class Sync(enum.Enum):
     NONE = "none"
     VERDICT = "verdict"
     VERDICT_LONG = "verdict (long timeout)"
-    # the ranks that run it beat in the store; the others wait while they do (no fixed timeout)
+    # the ranks that run it beat in the store and the others wait while they do (no fixed
+    # timeout); then the long verdict (per node, where another node may still be preparing)
     VERDICT_HEARTBEAT = "verdict (after waiting on a heartbeat)"
     DECISION = "verdict, then global zero's result is sent to every rank"
     AGREE_STOP = "agreement (-1 on any rank stops every rank)"
