@@ -6,6 +6,7 @@ The intervals are short here (0.2 s between beats, silent after 1.5 s); by defau
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -136,8 +137,6 @@ def test_rank_zero_frozen_in_prepare_data_fails_the_job_within_seconds_naming_it
 
 
 def read_results_of(outdir: Path, rank: int) -> dict:
-    import json
-
     return json.loads((outdir / f"rank{rank}.json").read_text())
 
 
