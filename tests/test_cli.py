@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SMOKE, disttrain_cli
 
 from disttrain.cli import main as cli
 from disttrain.config import runfile as runconfig
@@ -195,3 +196,45 @@ def test_data_module_needs_the_data_base_class(tmp_path, capsys):
         "data.class_path: 'disttrain.examples.regression.Regression' is not a disttrain.DataModule"
         in capsys.readouterr().err
     )
+
+
+# -- a run directory nobody can write: refused in one line, before any worker starts -------
+def _unwritable_run_dir(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """A run_dir that cannot be created or written, and what the refusal says about it."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory")
+    if case == "is a file":
+        return blocker, "is a file, not a directory"
+    if case == "under a file":
+        return blocker / "run", f"{blocker} is a file, not a directory"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:  # as root, permissions stop nothing: the refusal is then not this test's to see
+        (locked / "probe").touch()
+    except PermissionError:
+        return locked / "run", "Permission denied"
+    pytest.skip("this user writes into read-only directories (root)")
+
+
+@pytest.mark.parametrize("case", ["is a file", "under a file", "read-only parent"])
+@pytest.mark.parametrize("command", [["launch", "--nproc-per-node", "2", "fit"], ["fit"]])
+def test_an_unwritable_run_dir_is_refused_in_one_line_before_anything_runs(tmp_path, case, command):
+    run_dir, why = _unwritable_run_dir(tmp_path, case)
+    proc = disttrain_cli(*command, "--config", SMOKE, f"run_dir={run_dir}", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]  # no worker's traceback
+    assert lines[0].startswith("disttrain: config error: "), lines
+    assert "run_dir" in lines[0] and str(run_dir) in lines[0] and why in lines[0], lines
+    assert "rank" not in proc.stdout + proc.stderr
+
+
+def test_the_run_dir_probe_leaves_nothing_behind(tmp_path):
+    run = runconfig.load(SMOKE, [f"run_dir={tmp_path / 'new' / 'run'}"])
+    cli._check_run_dir(run, [])  # writable: the run creates the directory when it writes
+    assert list(tmp_path.iterdir()) == []
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    cli._check_run_dir(runconfig.load(SMOKE, [f"run_dir={existing}"]), [])
+    assert list(existing.iterdir()) == []

@@ -16,6 +16,7 @@ import pytest
 from disttrain.api.hooks import Callback, ModelHooks
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
+from disttrain.dist.heartbeat import PeerSilent
 from disttrain.ranks.dispatch import Dispatcher, HookFailed, HookRaised
 from disttrain.ranks.table import Action, Hook, hook_schedule
 
@@ -42,6 +43,7 @@ class FakeWorld(Collectives):
         self.failures = failures or {}
         self.zero_says, self.others_true = zero_says, others_true
         self.calls: list[tuple[str, bool]] = []
+        self.silent = False  # True: the rank this one waits for stops beating
         self._mine = ""
 
     def verdict(self, failed: bool, *, long: bool = False) -> list[int]:
@@ -62,6 +64,15 @@ class FakeWorld(Collectives):
     def broadcast_object(self, obj: Any) -> Any:
         self.calls.append(("broadcast_object", False))
         return obj if self.rank == 0 else self.zero_says
+
+    def beating(self, name: str) -> Any:
+        self.calls.append((f"beating through {name}", False))
+        return super().beating(name)
+
+    def wait_for(self, name: str, rank: int) -> None:
+        self.calls.append((f"waiting for rank {rank}'s {name}", False))
+        if self.silent:
+            raise PeerSilent(rank, f"rank {rank} stopped sending its {name} heartbeat")
 
 
 class Recording(ModelHooks):
@@ -102,20 +113,37 @@ def dispatcher(module: ModelHooks, world: FakeWorld, local_rank: int | None = No
 
 # -- on which ranks a hook runs -----------------------------------------------------------
 @pytest.mark.parametrize("rank, runs", [(0, True), (1, False), (2, False)])
-def test_prepare_data_runs_on_global_zero_and_every_rank_waits_in_its_long_verdict(rank, runs):
+def test_prepare_data_runs_on_global_zero_the_others_wait_on_its_heartbeat_then_a_verdict(
+    rank, runs
+):
     module, world = Recording(), FakeWorld(rank, 3)
     dispatcher(module, world).call(Hook.PREPARE_DATA)
     assert module.ran == (["prepare_data"] if runs else [])
-    assert world.calls == [("verdict", True)]  # the barrier, on the ranks that did not run it too
+    wait = "beating through prepare_data" if runs else "waiting for rank 0's prepare_data"
+    assert world.calls == [(wait, False), ("verdict", True)]  # then the barrier, on every rank
 
 
-@pytest.mark.parametrize("local_rank, runs", [(0, True), (1, False)])
-def test_prepare_data_per_node_runs_on_each_local_zero(local_rank, runs):
-    module, world = Recording(), FakeWorld(2, 4)  # global rank 2: the second node's local zero
+@pytest.mark.parametrize("rank, local_rank, runs", [(2, 0, True), (3, 1, False)])
+def test_prepare_data_per_node_runs_on_each_local_zero_and_its_node_waits_for_it(
+    rank, local_rank, runs
+):
+    module, world = Recording(), FakeWorld(rank, 4)  # ranks 2, 3: the second node
     dispatcher(module, world, local_rank=local_rank, prepare_data_per_node=True).call(
         Hook.PREPARE_DATA
     )
     assert module.ran == (["prepare_data"] if runs else [])
+    wait = "beating through prepare_data" if runs else "waiting for rank 2's prepare_data"
+    assert world.calls[0] == (wait, False)
+
+
+def test_a_silent_heartbeat_fails_the_waiting_rank_naming_the_silent_one_without_a_verdict():
+    world = FakeWorld(1, 2)
+    world.silent = True
+    with pytest.raises(HookFailed, match="hook 'prepare_data' failed on rank 0") as failed:
+        dispatcher(Recording(), world).call(Hook.PREPARE_DATA)
+    assert failed.value.failed_ranks == [0]
+    assert "rank 0 stopped sending its prepare_data heartbeat" in str(failed.value)
+    assert world.calls == [("waiting for rank 0's prepare_data", False)]  # nobody to agree with
 
 
 def test_the_trainers_own_work_runs_where_its_action_says():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from common import FaultyJob
+from common import FaultyJob, Regressor
 from conftest import assert_same_weights, final_weights, job_config, launch
 
 import disttrain
@@ -153,6 +153,50 @@ def test_bad_files_are_refused_naming_the_file_and_nothing_runs(tmp_path):
             checkpoint.load(path)
         assert str(path) in str(err.value) and reason in str(err.value), str(err.value)
     assert not payload.marker.exists(), "loading a checkpoint ran code"
+
+
+class AnotherModel(Regressor):
+    """Not the model of the checkpoint: a layer of another width, one fewer, one more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh())
+        self.head = torch.nn.Linear(16, 1)
+
+
+def _as_sharded(path: Path) -> Path:
+    """The checkpoint at ``path`` as FSDP writes one: a directory of DCP shards (written here
+    by one process) and the rest in its ``meta.pt``."""
+    from disttrain.dist.fsdp import dcp_save
+
+    content = checkpoint.load(path)
+    module = Regressor()
+    module.load_state_dict(content["module"])
+    sharded = path.with_name("sharded.ckpt")
+    dcp_save(module, [], checkpoint.sharded_tmp(sharded))
+    checkpoint.finish_sharded(sharded, {**content, "module": {}, "optimizers": []})
+    return sharded
+
+
+@pytest.mark.parametrize("kind", ["file", "sharded"])
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_a_checkpoint_of_another_model_is_refused_naming_the_file_and_the_first_keys(
+    tmp_path, stage, kind
+):
+    good = _real_checkpoint(tmp_path)
+    good = good if kind == "file" else _as_sharded(good)
+    trainer = disttrain.Trainer(default_root_dir=str(tmp_path / "other"), resume=str(good))
+    with pytest.raises(CheckpointError) as failed:
+        getattr(trainer, stage)(AnotherModel())
+    message = str(failed.value)
+    assert message.startswith(f"{good}: its weights do not fit AnotherModel"), message
+    assert "missing 2: head.weight, head.bias" in message, message
+    assert "unexpected 2: net.2.weight, net.2.bias" in message, message
+    assert "net.0.weight (checkpoint [8, 4], module [16, 4])" in message, message
+    assert "Error(s) in loading state_dict" not in message
+    disttrain.Trainer(default_root_dir=str(tmp_path / "same"), resume=str(good)).validate(
+        Regressor()
+    )  # the model it was written by still loads it
 
 
 def test_auto_resume_skips_a_bad_newest_file_with_a_warning(tmp_path, caplog):

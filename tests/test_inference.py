@@ -72,8 +72,10 @@ def test_a_model_trained_on_two_ranks_loads_for_inference_in_a_plain_process(tmp
     exported = Sized.load_from_checkpoint(tmp_path / "weights.pt", hidden=6, map_location="cpu")
     with torch.no_grad():
         assert torch.equal(exported(X), expected)
-    with pytest.raises(RuntimeError, match="hidden"):  # a wrong shape is named
+    with pytest.raises(CheckpointError, match="hidden") as wrong:  # a wrong shape is named
         Sized.load_from_checkpoint(tmp_path / "weights.pt")
+    assert f"{tmp_path / 'weights.pt'}: its weights do not fit Sized" in str(wrong.value)
+    assert "of another shape 3: net.0.weight (checkpoint [6, 4], module [8, 4])" in str(wrong.value)
     overridden = Sized.load_from_checkpoint(checkpoint, lr=0.5)  # an override wins
     assert overridden.hparams["lr"] == 0.5
     with pytest.raises(CheckpointError, match="no such checkpoint"):

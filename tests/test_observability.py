@@ -93,7 +93,7 @@ def test_hooks_command_reads_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("prepare_data"))
     assert row.split()[1:5] == ["runs", "-", "runs", "-"]  # local zero of each of 2 nodes
-    assert "verdict (long timeout)" in row
+    assert "verdict (after waiting on a heartbeat)" in row
     assert "agreement" in next(
         line for line in out.splitlines() if line.startswith("on_batch_start")
     )

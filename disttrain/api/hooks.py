@@ -41,8 +41,12 @@ class ModelHooks:
         """Download and preprocess data, once, before anything else in any stage.
 
         Runs on global rank 0 only (on local rank 0 of every node with
-        ``Trainer(prepare_data_per_node=True)``); every other rank waits for it at a barrier
-        with a long timeout. If it raises, every rank stops with an error naming the rank.
+        ``Trainer(prepare_data_per_node=True)``); every other rank waits for it, without a
+        fixed timeout, as long as its heartbeat comes (a thread beats every
+        ``prepare_data_heartbeat`` seconds while it runs). If it raises, every rank stops with
+        an error naming the rank; if its rank dies or freezes, the others stop after
+        ``prepare_data_heartbeat_timeout`` seconds of silence, naming it. A hang in a live
+        process keeps beating: ``prepare_data_timeout`` bounds the whole wait.
 
         Must not use collectives (the other ranks are not running it) and must not assign
         state (``self.something = ...``): the other ranks would not have it. Use ``setup``.

@@ -240,6 +240,37 @@ class _PlainDataUnpickler(pickle.Unpickler):
         return None
 
 
+def check_fits(
+    model: str, own: dict[str, tuple | None], saved: dict[str, tuple | None], source: object
+) -> None:
+    """Refuse the weights of another model before loading them: a ``CheckpointError`` naming
+    ``source`` and the first keys missing, unexpected or of another shape (``load_state_dict``
+    would list every key). ``own``, ``saved``: each key's shape (None: not a tensor)."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [
+        f"{k} (checkpoint {list(saved[k] or ())}, module {list(own[k] or ())})"
+        for k in own
+        if k in saved and None not in (own[k], saved[k]) and own[k] != saved[k]
+    ]
+    kinds = [("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)]
+    found = [(what, keys) for what, keys in kinds if keys]
+    if found:
+        detail = "; ".join(
+            f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+            for what, keys in found
+        )
+        raise CheckpointError(
+            f"{source}: its weights do not fit {model} (a checkpoint of another model, or of "
+            f"this one built with other arguments?): {detail}"
+        )
+
+
+def shapes_of(state: dict[str, Any]) -> dict[str, tuple | None]:
+    """Each entry's shape (a ``torch.Size``, a DTensor's whole shape), None if not a tensor."""
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+
+
 def is_checkpoint(content: Any) -> bool:
     """Whether what ``read`` returned is a disttrain checkpoint (not, say, exported weights)."""
     return isinstance(content, dict) and content.get("format") == FORMAT

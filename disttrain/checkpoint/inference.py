@@ -14,8 +14,15 @@ from typing import Any
 import torch
 
 from disttrain.api import module as api_module
-from disttrain.checkpoint.format import CheckpointError, is_checkpoint, load, read
-from disttrain.dist.fsdp import dcp_load_weights
+from disttrain.checkpoint.format import (
+    CheckpointError,
+    check_fits,
+    is_checkpoint,
+    load,
+    read,
+    shapes_of,
+)
+from disttrain.dist.fsdp import dcp_load_weights, dcp_weight_shapes
 from disttrain.storage.location import Location
 
 
@@ -37,6 +44,20 @@ def load_module(
         )
     hparams.update(overrides)
     module = cls(**hparams)
+    hint = (
+        f"{cls.__name__}.load_from_checkpoint built it as {cls.__name__}(**{hparams!r}) (its "
+        f"__init__{inspect.signature(cls)}); pass the arguments it was trained with, as "
+        "load_from_checkpoint(path, name=value)"
+    )
+    own, saved = (
+        dcp_weight_shapes(module, path)
+        if sharded
+        else (shapes_of(module.state_dict()), shapes_of(weights))
+    )
+    try:
+        check_fits(cls.__name__, own, saved, path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. {hint}") from None
     try:
         if sharded:
             dcp_load_weights(module, path)

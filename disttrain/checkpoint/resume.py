@@ -12,11 +12,13 @@ from disttrain.checkpoint.format import (
     SUFFIX,
     CheckpointError,
     Progress,
+    check_fits,
     load,
     progress_of,
+    shapes_of,
 )
 from disttrain.checkpoint.snapshot import restore
-from disttrain.dist.fsdp import dcp_load
+from disttrain.dist.fsdp import dcp_load, dcp_weight_shapes
 from disttrain.ranks.table import Action, Hook
 from disttrain.storage.location import Location
 
@@ -39,6 +41,7 @@ def resume(run: CheckpointedRun) -> Resumed:
     state, source = _load_requested(run, starting_fit=True)
     if state is None:
         return Resumed(None, None, None, None)
+    _check_fits(run, state, source)
     progress = restore(run, state)
     log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
     rng = rng_for_rank(state, run.global_rank, run.world_size)
@@ -53,6 +56,7 @@ def restore_weights(run: CheckpointedRun, path: str | None = None) -> None:
     ``path`` if given, else from ``resume``, with the epoch and step they were trained to."""
     state, source = _load_requested(run, starting_fit=False, source=path)
     if state is not None:
+        _check_fits(run, state, source)
         if "sharded" in state:
             dcp_load(run.running_module, [], state["sharded"])
         else:
@@ -66,6 +70,17 @@ def restore_weights(run: CheckpointedRun, path: str | None = None) -> None:
             progress.epoch,
             progress.global_step,
         )
+
+
+def _check_fits(run: CheckpointedRun, state: dict[str, Any], source: str | None) -> None:
+    """A checkpoint of another model is refused naming the file and the first keys that
+    differ, before anything of it is loaded."""
+    module = run.running_module
+    if "sharded" in state:
+        own, saved = dcp_weight_shapes(module, state["sharded"])
+    else:
+        own, saved = shapes_of(module.state_dict()), shapes_of(state["module"])
+    check_fits(type(module).__name__, own, saved, source)
 
 
 def _load_requested(

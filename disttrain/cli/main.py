@@ -18,6 +18,7 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +156,7 @@ def _run_stage(stage: str, config: str, overrides: list[str], argv: list[str]) -
     _check_resume(run, stage, overrides)
     if "RANK" in os.environ:  # a worker: the launcher set the command that resumes
         return _worker(stage, run)
+    _check_run_dir(run, overrides)
     with _resume_command_set(_resume_command(["disttrain", *argv], run)):  # the debug mode
         return _worker(stage, run)
 
@@ -238,6 +240,32 @@ def _check_resume(run: Any, stage: str, overrides: list[str]) -> None:
         )
 
 
+def _check_run_dir(run: Any, overrides: list[str]) -> None:
+    """Refuse a run directory that cannot be written, before any worker starts: by creating it
+    and a file in it, as the run would (permissions alone would not tell, e.g. for root), and
+    removing what the probe made."""
+    if "://" in run.run_dir:  # a URL: its filesystem says when the run writes
+        return
+    typed = [item for item in overrides if item.startswith("run_dir=")]
+    where = runconfig.override_source(typed[-1]) if typed else run.source
+    path = Path(run.run_dir)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        why = "is a file" if blocker == path else f"cannot be created: {blocker} is a file"
+        raise ConfigError("run_dir", f"{path} {why}, not a directory", where)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".disttrain-write-probe-"):
+            pass
+        for created in missing:  # the run makes them when it writes (a fast_dev_run never)
+            created.rmdir()
+    except OSError as err:
+        raise ConfigError(
+            "run_dir", f"{path} cannot be written: {err.strerror or err}", where
+        ) from None
+
+
 def _resume_command(command: list[str], run: Any) -> str:
     """The command line that resumes this run: the same one, with resume=auto if needed."""
     if run.trainer.resume != "auto":  # a trailing override wins over any earlier one
@@ -264,6 +292,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     overrides = _overrides(args)
     run = runconfig.load(args.config, overrides)
     _check_resume(run, args.stage, overrides)
+    _check_run_dir(run, overrides)
     launch = run.launch
 
     def pick(flag, value):

@@ -76,7 +76,16 @@ class TrainerConfig:
     default_root_dir: str = "runs"
     prepare_data_per_node: bool = False
     timeout: float = 1800.0  # seconds a collective may wait before the job fails
-    prepare_data_timeout: float = 7200.0  # seconds other ranks wait for prepare_data
+    # While prepare_data runs, the ranks running it beat in the job's store every
+    # prepare_data_heartbeat seconds; the others wait as long as the beat goes on and fail,
+    # naming the rank, once it has been silent for prepare_data_heartbeat_timeout seconds (the
+    # rank died or froze). A beat says the process is alive, not that the download advances:
+    # prepare_data_timeout (None: no bound) bounds the whole wait, e.g. for a hung connection.
+    # It is also the timeout of start-up's other long waits (setup's verdict, loading a
+    # checkpoint): 7200 s when None.
+    prepare_data_heartbeat: float = 5.0
+    prepare_data_heartbeat_timeout: float = 60.0
+    prepare_data_timeout: float | None = None
     find_unused_parameters: bool | None = None  # None: only with several optimizers
     enable_checkpointing: bool = True  # adds a ModelCheckpoint (every epoch) if none is given
     # copy the state to host memory and write checkpoints in the background: training goes on
@@ -123,11 +132,7 @@ class TrainerConfig:
                 raise ConfigError(
                     name, f"must be a batch count (int >= 0) or a fraction in [0, 1], got {value}"
                 )
-        for name in ("timeout", "prepare_data_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(
-                    name, f"must be a positive number of seconds, got {getattr(self, name)}"
-                )
+        self._check_timeouts()
         object.__setattr__(self, "logger", _checked_logger(self.logger))
         max_time_seconds(self.max_time)
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
@@ -140,6 +145,24 @@ class TrainerConfig:
         if self.max_epochs is None:
             return 1000 if self.max_steps is None else math.inf
         return math.inf if self.max_epochs == -1 else self.max_epochs
+
+    def _check_timeouts(self) -> None:
+        for name in (
+            "timeout",
+            "prepare_data_timeout",
+            "prepare_data_heartbeat",
+            "prepare_data_heartbeat_timeout",
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(name, f"must be a positive number of seconds, got {value}")
+        if self.prepare_data_heartbeat_timeout <= self.prepare_data_heartbeat:
+            raise ConfigError(
+                "prepare_data_heartbeat_timeout",
+                f"must be longer than prepare_data_heartbeat ({self.prepare_data_heartbeat:g} "
+                f"s), got {self.prepare_data_heartbeat_timeout:g}: a few beats, so that one "
+                "late beat does not end the job",
+            )
 
     def _check_validation_interval(self) -> None:
         every_n, interval = self.check_val_every_n_epoch, self.val_check_interval

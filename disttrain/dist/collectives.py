@@ -6,6 +6,7 @@ goes over gloo on the CPU, whatever the backend of the gradients."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import pickle
 from datetime import timedelta
@@ -17,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from disttrain.dist.env import DistEnv
 from disttrain.dist.flight import FINISH, START
+from disttrain.dist.heartbeat import HeartbeatTimes, beating, wait_for_beats
 
 
 class Collectives:
@@ -58,6 +60,14 @@ class Collectives:
         """The group DCP's background writes coordinate over (None: no group, one process)."""
         return None
 
+    def beating(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Around hook ``name`` on the ranks that run it while the others ``wait_for`` them."""
+        return contextlib.nullcontext()
+
+    def wait_for(self, name: str, rank: int) -> None:
+        """Wait, without a fixed timeout, until ``rank`` has run hook ``name`` under
+        ``beating``; ``PeerSilent`` naming it if its heartbeat stops."""
+
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return module
 
@@ -77,8 +87,12 @@ class ProcessGroupCollectives(Collectives):
         long_control: Any,
         owns_world: bool,
         timeout: float | None = None,
+        store: Any = None,
+        heartbeat: HeartbeatTimes | None = None,
     ) -> None:
         self.env = env
+        self._store = store  # this session's keys in the job's store (the heartbeat's)
+        self._heartbeat = heartbeat or HeartbeatTimes()
         self.timeout = timeout  # seconds a collective may wait (the stop vote's GPU wait too)
         self.device = device  # where the backend takes tensors: cuda:LOCAL_RANK (NCCL) or cpu
         self.world_size = env.world_size
@@ -164,6 +178,12 @@ class ProcessGroupCollectives(Collectives):
             self._checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
         return self._checkpoint_group
 
+    def beating(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return beating(self._store, name, self.env.rank, self._heartbeat)
+
+    def wait_for(self, name: str, rank: int) -> None:  # a hang report shows who waits
+        self._run("heartbeat wait", wait_for_beats, self._store, name, rank, self._heartbeat)
+
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return DistributedDataParallel(
             module,
@@ -207,7 +227,12 @@ _sessions = 0
 
 
 def connect(
-    env: DistEnv, device: torch.device, timeout: float, long_timeout: float, recorder: Any = None
+    env: DistEnv,
+    device: torch.device,
+    timeout: float,
+    long_timeout: float,
+    recorder: Any = None,
+    heartbeat: HeartbeatTimes | None = None,
 ) -> Collectives:
     """Join the job's process group (NCCL on CUDA, gloo on CPU), or return the null object.
 
@@ -219,9 +244,14 @@ def connect(
     global _raw_store, _sessions
     if not env.launched:
         return Collectives()
-    if dist.is_initialized():
-        backend = dist.get_backend()
-        collectives = _collectives_over_world(env, backend, device, timeout, long_timeout, False)
+    if dist.is_initialized():  # the user's group, left open at the end
+        _sessions += 1
+        store = dist.PrefixStore(
+            f"disttrain/user-group/session{_sessions}/", dist.distributed_c10d._get_default_store()
+        )
+        collectives = _collectives_over_world(
+            env, dist.get_backend(), device, timeout, long_timeout, store, heartbeat, False
+        )
         collectives.recorder = recorder
         return collectives
     if _raw_store is None:  # torch's env:// rendezvous: the agent's store, or rank 0 hosts one
@@ -246,7 +276,9 @@ def connect(
         timeout=timedelta(seconds=timeout),
         device_id=device if device.type == "cuda" else None,
     )
-    collectives = _collectives_over_world(env, backend_name, device, timeout, long_timeout, True)
+    collectives = _collectives_over_world(
+        env, backend_name, device, timeout, long_timeout, store, heartbeat, True
+    )
     collectives.recorder = recorder
     return collectives
 
@@ -257,6 +289,8 @@ def _collectives_over_world(
     device: torch.device,
     timeout: float,
     long_timeout: float,
+    store: Any,
+    heartbeat: HeartbeatTimes | None,
     owns_world: bool,
 ) -> ProcessGroupCollectives:
     control = (
@@ -267,5 +301,5 @@ def _collectives_over_world(
     long_control = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout))
     backend_device = device if backend == "nccl" else torch.device("cpu")
     return ProcessGroupCollectives(
-        env, backend, backend_device, control, long_control, owns_world, timeout
+        env, backend, backend_device, control, long_control, owns_world, timeout, store, heartbeat
     )

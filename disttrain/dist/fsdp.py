@@ -97,6 +97,28 @@ def dcp_load(module: torch.nn.Module, optimizers: list, directory: Where) -> Non
     )
 
 
+def dcp_weight_shapes(
+    module: torch.nn.Module, directory: Where
+) -> tuple[dict[str, tuple | None], dict[str, tuple | None]]:
+    """The shape of each of ``module``'s weights as DCP names them, and of each weight in the
+    DCP checkpoint at ``directory`` (its ``.metadata`` only; None: not a tensor)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    own = {
+        k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
+        for k, v in get_model_state_dict(module).items()
+    }
+    saved = {
+        key.removeprefix("model."): tuple(meta.size)
+        if isinstance(meta, TensorStorageMetadata)
+        else None
+        for key, meta in storage_reader(directory).read_metadata().state_dict_metadata.items()
+        if key.startswith("model.")
+    }
+    return own, saved
+
+
 def dcp_load_weights(module: torch.nn.Module, directory: Where) -> None:
     """Only the module's weights of a DCP checkpoint, into an unsharded ``module`` in a process
     without a process group (DCP then reads every rank's shards itself). The caller has

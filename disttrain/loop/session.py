@@ -16,11 +16,16 @@ from disttrain.api.module import Module
 from disttrain.callbacks.model_checkpoint import ModelCheckpoint
 from disttrain.checkpoint.format import plain_config
 from disttrain.dist.collectives import Collectives, connect
+from disttrain.dist.heartbeat import HeartbeatTimes
 from disttrain.loop.run import Run
 from disttrain.loop.signals import Preempted
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import hook_schedule
 from disttrain.storage.atomic import atomic_write_text
+
+# seconds start-up's long waits (the rendezvous, setup's verdict, loading a checkpoint) may
+# take, unless prepare_data_timeout says otherwise
+START_UP_TIMEOUT = 7200.0
 
 
 @contextlib.contextmanager
@@ -28,7 +33,11 @@ def open_session(run: Run, module: Module, datamodule: DataModule | None) -> Ite
     """Everything fit/validate/test/predict share around their hooks; the group is always left, and
     a failure leaves this rank's flight-recorder trace in the run directory."""
     cfg, flight = run.config, run.flight
-    run.collectives = connect(run.env, run.device, cfg.timeout, cfg.prepare_data_timeout, flight)
+    heartbeat = HeartbeatTimes(
+        cfg.prepare_data_heartbeat, cfg.prepare_data_heartbeat_timeout, cfg.prepare_data_timeout
+    )
+    long_timeout = cfg.prepare_data_timeout or START_UP_TIMEOUT
+    run.collectives = connect(run.env, run.device, cfg.timeout, long_timeout, flight, heartbeat)
     flight.failed = False
     previous_usr1 = flight.install_signal()
     try:

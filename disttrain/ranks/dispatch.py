@@ -8,6 +8,7 @@ module overrides it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from disttrain.api.lightning_names import warn_never_called
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
 from disttrain.dist.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder
+from disttrain.dist.heartbeat import PeerSilent
 from disttrain.ranks.table import ACTION_TABLE, Action, Hook, Ranks, Rule, Sync
 
 if TYPE_CHECKING:
@@ -73,6 +75,7 @@ class Dispatcher:
         self._verdicts: dict[Hook, tuple[Sync, bool, Callable[..., Any] | None]] = {}
         self._forbids_state = {hook for hook, rule in table.items() if rule.forbids_state}
         self._limited = {hook for hook, rule in table.items() if rule.ranks is not Ranks.ALL}
+        self._waits_for = {hook: runner_of(rule.ranks, env) for hook, rule in table.items()}
         self.trainer = trainer  # what callbacks get as their first argument
         self.running_limited_hook: str | None = None  # Module.log refuses to run in it
         warn_deprecated_overrides(module, ModelHooks)
@@ -119,21 +122,15 @@ class Dispatcher:
         return self._call_with_verdict(action, sync, self._actions[action], fn, args)
 
     def _call_with_verdict(self, hook, sync, runs_here, runner, args) -> Any:
-        long = sync is Sync.VERDICT_LONG
+        long = sync in (Sync.VERDICT_LONG, Sync.VERDICT_HEARTBEAT)
+        watched = sync is Sync.VERDICT_HEARTBEAT
         result, error = None, None
         if runs_here:
-            if hook in self._limited:
-                self.running_limited_hook = hook.value
-            try:
-                checked = self._stateful if hook in self._forbids_state else []
-                before = [_state_of(obj) for obj in checked]
-                result = runner(*args) if runner is not None else None
-                for obj, state in zip(checked, before):
-                    _forbid_new_state(obj, state, _state_of(obj))
-            except Exception as exc:
-                error = exc
-            finally:
-                self.running_limited_hook = None
+            beat = self.collectives.beating(hook.value) if watched else contextlib.nullcontext()
+            with beat:
+                result, error = self._run_here(hook, runner, args)
+        elif watched:
+            self._wait_for(hook)
         failed = self.collectives.verdict(error is not None, long=long)
         if failed:
             text = "" if error is None else "".join(traceback.format_exception_only(error)).strip()
@@ -141,6 +138,32 @@ class Dispatcher:
         if sync is Sync.DECISION:
             return self.collectives.broadcast_object(result)
         return result
+
+    def _run_here(self, hook, runner, args) -> tuple[Any, Exception | None]:
+        """``runner(*args)`` on this rank: its result, or the error it raised."""
+        if hook in self._limited:
+            self.running_limited_hook = hook.value
+        try:
+            checked = self._stateful if hook in self._forbids_state else []
+            before = [_state_of(obj) for obj in checked]
+            result = runner(*args) if runner is not None else None
+            for obj, state in zip(checked, before):
+                _forbid_new_state(obj, state, _state_of(obj))
+            return result, None
+        except Exception as exc:
+            return None, exc
+        finally:
+            self.running_limited_hook = None
+
+    def _wait_for(self, hook: Hook) -> None:
+        """Wait for the rank that runs ``hook`` for this one while its heartbeat goes on; if
+        it stops, fail as its verdict would, naming that rank (which cannot take part)."""
+        try:
+            self.collectives.wait_for(hook.value, self._waits_for[hook])
+        except PeerSilent as silent:
+            messages = [""] * self.collectives.world_size
+            messages[silent.rank] = str(silent)
+            raise HookFailed(hook, [silent.rank], messages) from silent
 
 
 def _plan(
@@ -285,6 +308,12 @@ def _in_collective(name: str, runner: Any, recorder: FlightRecorder) -> Callable
 
 def _nothing(*args: Any) -> None:
     return None
+
+
+def runner_of(ranks: Ranks, env: DistEnv) -> int:
+    """The global rank that runs a hook limited to ``ranks`` for this rank: global zero, or
+    this node's local zero (torchrun numbers a node's ranks consecutively)."""
+    return env.rank - env.local_rank if ranks is Ranks.LOCAL_ZERO else 0
 
 
 def runs_on(ranks: Ranks, env: DistEnv) -> bool:

@@ -3,7 +3,7 @@
 The whole of ``Trainer.fit``, with every hook in place (``[v]`` verdict, ``[a]`` agreement;
 Lightning 2.x's hooks sit beside Lightning 0.8's, at their Lightning moments)::
 
-    prepare_data()                       # global zero (local zero per node)  [v, long timeout]
+    prepare_data()                       # global zero (local zero per node)  [v, heartbeat]
     setup("fit")                         # all                                [v]
     module.to(device)
     on_fit_start()
@@ -48,7 +48,7 @@ Lightning 2.x's hooks sit beside Lightning 0.8's, at their Lightning moments)::
 
 ``Trainer.predict`` (``disttrain.loop.predict``)::
 
-    prepare_data()                       # as in fit                          [v, long timeout]
+    prepare_data()                       # as in fit                          [v, heartbeat]
     setup("predict")                     # all                                [v]
     module.to(device); weights from ckpt_path / resume; the unpadded loader, in blocks
     module.eval()
@@ -91,6 +91,9 @@ class Sync(enum.Enum):
     NONE = "none"
     VERDICT = "verdict"
     VERDICT_LONG = "verdict (long timeout)"
+    # the ranks that run it beat in the store and the others wait while they do (no fixed
+    # timeout); then the long verdict (per node, where another node may still be preparing)
+    VERDICT_HEARTBEAT = "verdict (after waiting on a heartbeat)"
     DECISION = "verdict, then global zero's result is sent to every rank"
     AGREE_STOP = "agreement (-1 on any rank stops every rank)"
 
@@ -151,7 +154,7 @@ class Rule:
 
 # hook                              ranks            sync that follows        runs once per
 HOOK_TABLE: Mapping[Hook, Rule] = {
-    Hook.PREPARE_DATA:              Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT_LONG, callbacks=False, forbids_state=True),  # noqa: E501
+    Hook.PREPARE_DATA:              Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT_HEARTBEAT, callbacks=False, forbids_state=True),  # noqa: E501
     Hook.SETUP:                     Rule(Ranks.ALL, Sync.VERDICT_LONG),
     Hook.ON_FIT_START:              Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_TRAIN_START:            Rule(Ranks.ALL, Sync.NONE),
@@ -237,7 +240,7 @@ ACTION_TABLE: Mapping[Action, Rule] = {
 
 # A hook limited to some ranks is safe only if a verdict (the barrier) follows it on every rank.
 assert all(
-    rule.sync in (Sync.VERDICT, Sync.VERDICT_LONG, Sync.DECISION)
+    rule.sync in (Sync.VERDICT, Sync.VERDICT_LONG, Sync.VERDICT_HEARTBEAT, Sync.DECISION)
     for rule in [*HOOK_TABLE.values(), *ACTION_TABLE.values()]
     if rule.ranks is not Ranks.ALL
 )
