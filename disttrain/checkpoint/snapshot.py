@@ -20,6 +20,7 @@ from disttrain.checkpoint.format import (
     sharded_tmp,
     write,
 )
+from disttrain.dist.exits import NonFiniteLoss
 from disttrain.dist.fsdp import dcp_load, dcp_save, full_state_dict
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
@@ -34,10 +35,14 @@ log = logging.getLogger("disttrain.checkpoint")
 
 def gather_state(run: CheckpointedRun, progress: Progress, weights: bool = True) -> dict[str, Any]:
     """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state).
-    Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead."""
+    Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead.
+    The same gather tells every rank of any rank's non-finite loss: then every rank raises
+    ``NonFiniteLoss`` and nothing is saved."""
     data_position = run.data_position  # a stream's position: data/positions.py
-    mine = (rng_state(), data_position() if data_position is not None else None)
-    rngs, data = zip(*run.collectives.gather_object(mine))
+    mine = (rng_state(), data_position() if data_position is not None else None, _nonfinite(run))
+    rngs, data, nonfinite = zip(*run.collectives.gather_object(mine))
+    if any(nonfinite):
+        raise NonFiniteLoss([f for found in nonfinite for f in found], run.global_step)
     checkpoint = {
         "format": FORMAT,
         "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
@@ -75,14 +80,24 @@ def export(
     run: CheckpointedRun, path: str | os.PathLike, dispatcher: Dispatcher | None = None
 ) -> Path:
     """The whole module's weights in one file (gathered from the shards under FSDP); after a
-    session, through the ``dispatcher`` given (no collectives: global zero writes)."""
+    session, through the ``dispatcher`` given (no collectives: global zero writes). None
+    after a non-finite loss: within a session of several ranks, one every rank knows of."""
+    alone = dispatcher is not None or run.world_size == 1  # no rank to agree with
     dispatcher = dispatcher or run.running("export_weights")
+    found = _nonfinite(run, agreed=not alone)
+    if found:  # trained on a NaN or inf loss: no weights of that state
+        raise NonFiniteLoss(found, run.global_step)
     sharded = run.sharded
     module = run.running_module
     state = full_state_dict(module) if sharded else module.state_dict()
     weights = {k: v.detach().cpu() for k, v in state.items()}
     dispatcher.run(Action.WRITE_CHECKPOINT, write, path, weights)
     return Path(path)
+
+
+def _nonfinite(run: CheckpointedRun, agreed: bool = False) -> list[tuple[int, int, float]]:
+    found = run.nonfinite_losses
+    return found(agreed) if found is not None else []
 
 
 def restore(run: CheckpointedRun, checkpoint: dict[str, Any]) -> Progress:

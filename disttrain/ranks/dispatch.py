@@ -18,6 +18,7 @@ from disttrain.api.hooks import Callback, ModelHooks, overridden, warn_deprecate
 from disttrain.api.lightning_names import warn_never_called
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
+from disttrain.dist.exits import NonFiniteLoss
 from disttrain.dist.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder
 from disttrain.ranks.table import ACTION_TABLE, Action, Hook, Ranks, Rule, Sync
 
@@ -130,6 +131,8 @@ class Dispatcher:
                 result = runner(*args) if runner is not None else None
                 for obj, state in zip(checked, before):
                     _forbid_new_state(obj, state, _state_of(obj))
+            except NonFiniteLoss:  # from a save, on every rank at once: no verdict to wait for
+                raise
             except Exception as exc:
                 error = exc
             finally:
@@ -248,7 +251,7 @@ def _local_caller(
     def run(*args: Any) -> Any:
         try:  # costs nothing unless a hook raises
             return runner(*args)
-        except (HookFailed, HookRaised):
+        except (HookFailed, HookRaised, NonFiniteLoss):  # the last: every rank, from a save
             raise
         except Exception as exc:
             raise HookRaised(hook, rank, exc) from exc
