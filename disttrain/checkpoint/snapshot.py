@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from disttrain.dist.fsdp import dcp_load, dcp_save, full_state_dict
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
 from disttrain.rng import rng_state
+from disttrain.storage.atomic import atomic_write_with
 from disttrain.version import __version__
 
 if TYPE_CHECKING:  # source.py imports what imports this module
@@ -79,20 +81,53 @@ def save(run: CheckpointedRun, path: str | os.PathLike, progress: Progress) -> P
 def export(
     run: CheckpointedRun, path: str | os.PathLike, dispatcher: Dispatcher | None = None
 ) -> Path:
-    """The whole module's weights in one file (gathered from the shards under FSDP); after a
-    session, through the ``dispatcher`` given (no collectives: global zero writes). None
-    after a non-finite loss: within a session of several ranks, one every rank knows of."""
+    """The whole module's weights in one file (gathered from the shards under FSDP): a
+    ``torch.save`` state dict, or a ``.safetensors`` file by the suffix (the ``safetensors``
+    extra). After a session, through the ``dispatcher`` given (no collectives: global zero
+    writes). None after a non-finite loss: within a session of several ranks, one every
+    rank knows of."""
     alone = dispatcher is not None or run.world_size == 1  # no rank to agree with
     dispatcher = dispatcher or run.running("export_weights")
     found = _nonfinite(run, agreed=not alone)
     if found:  # trained on a NaN or inf loss: no weights of that state
         raise NonFiniteLoss(found, run.global_step)
+    # every rank, before any collective: a missing extra fails alike everywhere
+    writer = _safetensors_writer() if os.fspath(path).endswith(".safetensors") else write
     sharded = run.sharded
     module = run.running_module
     state = full_state_dict(module) if sharded else module.state_dict()
     weights = {k: v.detach().cpu() for k, v in state.items()}
-    dispatcher.run(Action.WRITE_CHECKPOINT, write, path, weights)
+    dispatcher.run(Action.WRITE_CHECKPOINT, writer, path, weights)
     return Path(path)
+
+
+def _safetensors_writer() -> Callable[[str | os.PathLike, dict[str, torch.Tensor]], None]:
+    """How a ``.safetensors`` export is written: loadable with ``safetensors.torch.load_file``
+    alone, every key of the state dict (safetensors refuses tensors that share memory, such
+    as tied weights: each one after the first is written as a copy)."""
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise ImportError(
+            "export_weights to a .safetensors file needs safetensors: "
+            "pip install 'disttrain[safetensors]'"
+        ) from None
+
+    def write_safetensors(path: str | os.PathLike, weights: dict[str, torch.Tensor]) -> None:
+        seen: set[int] = set()
+        unshared = {}
+        for key, tensor in weights.items():
+            where = tensor.untyped_storage().data_ptr()
+            unshared[key] = (
+                tensor.clone(memory_format=torch.contiguous_format)
+                if where in seen
+                else tensor.contiguous()
+            )
+            seen.add(where)
+        data = save(unshared, metadata={"format": "pt"})
+        atomic_write_with(path, lambda f: f.write(data))
+
+    return write_safetensors
 
 
 def _nonfinite(run: CheckpointedRun, agreed: bool = False) -> list[tuple[int, int, float]]:
