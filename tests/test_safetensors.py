@@ -1,7 +1,8 @@
 """``export_weights`` to a ``.safetensors`` file (the optional ``safetensors`` extra): the plain
 module state dict, read back with ``safetensors.torch.load_file`` alone, equal to the ``.pt``
-export, tied weights included; under DDP and FSDP (gathered from the shards) on two ranks, in
-one process, and a clear error naming the extra where safetensors is missing."""
+export, tied weights included, and by ``load_from_checkpoint``; under DDP and FSDP (gathered
+from the shards) on two ranks, in one process, and a clear error naming the extra where
+safetensors is missing."""
 
 from __future__ import annotations
 
@@ -73,8 +74,10 @@ def assert_same_as_pt(where: Path) -> None:
     assert {"net.0.enc.weight", "net.0.dec.weight"} <= loaded.keys()  # the tied pair, both
     for key, tensor in pt.items():
         assert torch.equal(loaded[key], tensor), key
-    module = Exporting(where)
-    module.load_state_dict(loaded)  # the plain module state dict
+    module = Exporting.load_from_checkpoint(where / "weights.safetensors", where=where)
+    assert module.net[0].dec.weight is module.net[0].enc.weight  # still tied
+    for key, tensor in module.state_dict().items():
+        assert torch.equal(tensor, pt[key]), key
 
 
 def test_ddp_and_fsdp_on_two_ranks_export_safetensors_equal_to_the_pt_export(tmp_path):
