@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from common import Regressor, read_results, run_scenario, write_result
-from conftest import run_alone, run_beside
+from conftest import launch, run_alone, run_beside
 
 from disttrain import ModelCheckpoint, NonFiniteLoss, Trainer
 from disttrain.checkpoint.format import load
@@ -218,6 +219,21 @@ def test_the_debug_mode_stops_on_a_nan_loss_too(tmp_path):
     assert "export refused: the loss was nan on rank 0 at step 2" in proc.stdout
     assert not (tmp_path / "weights.pt").exists()
     assert max(checkpoints(tmp_path).values()) == 1
+
+
+def test_the_disttrain_command_fails_with_the_rank_and_the_step(tmp_path):
+    config = {
+        "model": {"class_path": "test_nonfinite.NaNAt"},
+        "trainer": {"max_epochs": 2, "num_sanity_val_steps": 0, "accelerator": "cpu"},
+        "launch": {"nproc_per_node": 2},
+        "run_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = launch(path)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert f"the loss was nan on rank 1 at step {NAN_AT}" in proc.stderr, proc.stderr[-4000:]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))  # epoch 0 never ended
 
 
 def finite_state(path: Path) -> bool:
