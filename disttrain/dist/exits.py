@@ -7,7 +7,6 @@ import sys
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- rerun the same command to resume
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-EXIT_FAILED = 1  # an error: a rank's non-finite loss (NonFiniteLoss), a hook that raised
 
 
 class NonFiniteLoss(RuntimeError):
