@@ -16,7 +16,7 @@ from disttrain.checkpoint import inference  # noqa: F401 (Module.load_from_check
 from disttrain.checkpoint.format import CheckpointError
 from disttrain.config.options import ConfigError, TrainerConfig
 from disttrain.data.streams import ShardedStream
-from disttrain.dist.exits import EXIT_PREEMPTED
+from disttrain.dist.exits import EXIT_PREEMPTED, NonFiniteLoss
 from disttrain.loop.signals import Preempted
 from disttrain.loop.trainer import Trainer
 from disttrain.ranks.dispatch import HookFailed
@@ -40,6 +40,7 @@ __all__ = [
     "ModelHooks",
     "ModelSummary",
     "Module",
+    "NonFiniteLoss",
     "PredictionWriter",
     "Preempted",
     "Ranks",

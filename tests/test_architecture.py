@@ -26,6 +26,7 @@ LAZY_OK = (
     "pydoc_data",
     "mlflow",
     "wandb",
+    "safetensors",
 )
 
 

@@ -3,7 +3,8 @@
 The module is built from the hyperparameters the checkpoint holds (``save_hyperparameters``),
 with the caller's overrides, then given the weights: of a checkpoint file, of a sharded (DCP)
 checkpoint directory (every rank's shards read in this one process), or of a file
-``trainer.export_weights`` wrote (a state dict, which holds no hyperparameters)."""
+``trainer.export_weights`` wrote (a state dict, which holds no hyperparameters; ``.pt`` or
+``.safetensors``)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ def load_module(
     checkpoint's weights, in eval mode (moved to ``map_location`` when it names a device)."""
     path = Location.at(path)
     sharded = path.is_dir()
-    content = load(path) if sharded else read(path, map_location=map_location)
+    if path.name.endswith(".safetensors"):
+        content: Any = _safetensors(path)
+    else:
+        content = load(path) if sharded else read(path, map_location=map_location)
     if is_checkpoint(content):
         hparams, weights = dict(content.get("hyper_parameters") or {}), content["module"]
     elif isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
@@ -73,6 +77,18 @@ def load_module(
     if isinstance(map_location, (str, torch.device)):
         module.to(map_location)
     return module.eval()
+
+
+def _safetensors(path: Location) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load
+    except ImportError:
+        raise ImportError(
+            f"{path}: reading a .safetensors file needs safetensors: "
+            "pip install 'disttrain[safetensors]'"
+        ) from None
+    with path.open_read() as f:  # a local path or a URL
+        return load(f.read())  # on the CPU: map_location moves the module afterwards
 
 
 api_module.use_checkpoint_loader(load_module)

@@ -34,6 +34,9 @@ class CheckpointedRun(Protocol):
     optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler | None
     data_position: Callable[[], dict] | None  # a stream's position per loader worker
+    # the non-finite losses this rank knows of, (rank, step, loss): nothing of them is saved
+    # (agreed=True: only what every rank knows alike)
+    nonfinite_losses: Callable[..., list[tuple[int, int, float]]] | None
     current_epoch: int
     global_step: int
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from disttrain.checkpoint.format import (
     sharded_staging,
     write,
 )
+from disttrain.dist.exits import NonFiniteLoss
 from disttrain.dist.fsdp import dcp_async_save, dcp_load, dcp_save, full_state_dict
 from disttrain.ranks.dispatch import Dispatcher
 from disttrain.ranks.table import Action, Hook
@@ -37,10 +39,14 @@ log = logging.getLogger("disttrain.checkpoint")
 
 def gather_state(run: CheckpointedRun, progress: Progress, weights: bool = True) -> dict[str, Any]:
     """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state).
-    Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead."""
+    Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead.
+    The same gather tells every rank of any rank's non-finite loss: then every rank raises
+    ``NonFiniteLoss`` and nothing is saved."""
     data_position = run.data_position  # a stream's position: data/positions.py
-    mine = (rng_state(), data_position() if data_position is not None else None)
-    rngs, data = zip(*run.collectives.gather_object(mine))
+    mine = (rng_state(), data_position() if data_position is not None else None, _nonfinite(run))
+    rngs, data, nonfinite = zip(*run.collectives.gather_object(mine))
+    if any(nonfinite):
+        raise NonFiniteLoss([f for found in nonfinite for f in found], run.global_step)
     checkpoint = {
         "format": FORMAT,
         "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
@@ -124,15 +130,58 @@ def _nothing() -> None:
 
 
 def export(run: CheckpointedRun, path: Where, dispatcher: Dispatcher | None = None) -> Location:
-    """The whole module's weights in one file (gathered from the shards under FSDP); after a
-    session, through the ``dispatcher`` given (no collectives: global zero writes)."""
+    """The whole module's weights in one file (gathered from the shards under FSDP): a
+    ``torch.save`` state dict, or a ``.safetensors`` file by the suffix (the ``safetensors``
+    extra). After a session, through the ``dispatcher`` given (no collectives: global zero
+    writes). None after a non-finite loss: within a session of several ranks, one every
+    rank knows of."""
+    alone = dispatcher is not None or run.world_size == 1  # no rank to agree with
     dispatcher = dispatcher or run.running("export_weights")
+    found = _nonfinite(run, agreed=not alone)
+    if found:  # trained on a NaN or inf loss: no weights of that state
+        raise NonFiniteLoss(found, run.global_step)
+    # every rank, before any collective: a missing extra fails alike everywhere
+    writer = _safetensors_writer() if os.fspath(path).endswith(".safetensors") else write
     sharded = run.sharded
     module = run.running_module
     state = full_state_dict(module) if sharded else module.state_dict()
     weights = {k: v.detach().cpu() for k, v in state.items()}
-    dispatcher.run(Action.WRITE_CHECKPOINT, write, path, weights)
+    dispatcher.run(Action.WRITE_CHECKPOINT, writer, path, weights)
     return Location.at(path)
+
+
+def _safetensors_writer() -> Callable[[Where, dict[str, torch.Tensor]], None]:
+    """How a ``.safetensors`` export is written: loadable with ``safetensors.torch.load_file``
+    alone, every key of the state dict (safetensors refuses tensors that share memory, such
+    as tied weights: each one after the first is written as a copy)."""
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise ImportError(
+            "export_weights to a .safetensors file needs safetensors: "
+            "pip install 'disttrain[safetensors]'"
+        ) from None
+
+    def write_safetensors(path: Where, weights: dict[str, torch.Tensor]) -> None:
+        seen: set[int] = set()
+        unshared = {}
+        for key, tensor in weights.items():
+            where = tensor.untyped_storage().data_ptr()
+            unshared[key] = (
+                tensor.clone(memory_format=torch.contiguous_format)
+                if where in seen
+                else tensor.contiguous()
+            )
+            seen.add(where)
+        data = save(unshared, metadata={"format": "pt"})
+        Location.at(path).write_with(lambda f: f.write(data))
+
+    return write_safetensors
+
+
+def _nonfinite(run: CheckpointedRun, agreed: bool = False) -> list[tuple[int, int, float]]:
+    found = run.nonfinite_losses
+    return found(agreed) if found is not None else []
 
 
 def restore(run: CheckpointedRun, checkpoint: dict[str, Any]) -> Progress:

@@ -67,6 +67,10 @@ class TrainerConfig:
     # epoch (1.0 or None: at the epoch's end only)
     val_check_interval: int | float | None = None
     accumulate_grad_batches: int = 1
+    # a NaN or inf loss on any rank stops every rank after that step with an error naming the
+    # rank and the step (exit code 1), and nothing of that state is saved; no collective of
+    # its own (disttrain.loop.stopping). False: train on, as Lightning does by default
+    stop_on_nonfinite_loss: bool = True
     gradient_clip_val: float | None = None  # max global L2 norm; None or 0: no clipping
     gradient_clip_algorithm: Literal["norm", "value"] = "norm"  # "value": each element
     precision: Precision = "32-true"  # or 16-mixed, bf16-mixed, bf16-true, 16-true, 64-true

@@ -55,7 +55,10 @@ def fit(run: Run, module: Module, datamodule: DataModule | None) -> None:
         open_session(run, module, datamodule) as dispatcher,
         PreemptionWatcher(run.flight.dump) as watcher,
     ):
-        stopping = Stopping(run.collectives, watcher, max_time_seconds(run.config.max_time))
+        watched = run.global_rank if run.config.stop_on_nonfinite_loss else None
+        max_time = max_time_seconds(run.config.max_time)
+        stopping = Stopping(run.collectives, watcher, max_time, watch_loss_of=watched)
+        run.nonfinite_losses = stopping.nonfinite_losses  # refused by every save and export
         loop = start(run, dispatcher, module, stopping)
         with ended(loop.train_data, loop.val_data):  # their persistent workers, on any exit
             sanity_check(run, loop)
@@ -271,6 +274,7 @@ def forward_backward(
         with run.autocast:
             out = loop.forward(batch, batch_idx, *loop.step_args[i])
         loss = loss_of(out)
+        loop.stopping.watch_loss(loss, run.global_step + 1)  # on the device: no waiting
         if accumulate > 1:
             loss = loss / accumulate
         if scaler is not None:
@@ -320,7 +324,7 @@ def end_epoch(run: Run, loop: FitLoop, module: Module, epoch: int, outputs: list
     run.epoch_finished = True
     loop.call(Hook.ON_TRAIN_EPOCH_END)
     loop.call(Hook.ON_EPOCH_END)
-    vote = loop.stopping.local_vote(run.should_stop)
+    vote = loop.stopping.epoch_vote(run.should_stop)
     stop = run.reporter.end_epoch(run.collectives, run.global_step, epoch, vote)
     if stop:
         run.should_stop = True

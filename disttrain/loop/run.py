@@ -108,6 +108,8 @@ class Run:
         self.schedulers: list[SchedulerEntry] = []
         self.scaler: torch.amp.GradScaler | None = None
         self.data_position: Callable[[], dict] | None = None  # a stream's, for checkpoints
+        # (rank, step, loss) of the non-finite losses this rank knows of (stop_on_nonfinite_loss)
+        self.nonfinite_losses: Callable[..., list[tuple[int, int, float]]] | None = None
         # a resharded epoch's samples trained, for checkpoints (data/samplers.py)
         self.count_samples: Callable[[int, int], int | None] | None = None
 

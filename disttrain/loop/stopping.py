@@ -18,10 +18,18 @@ vote they cast and read is ``disttrain.loop.vote``; the signals they hear,
   leaves the epoch after the step where the shortest rank's data ends (``Stopping.data_ended``),
   and the epoch then ends as usual. One agreement at each epoch's start covers a rank whose
   data ends within the first window(s).
+- A NaN or inf loss on any rank (``stop_on_nonfinite_loss``): each micro-batch's loss is
+  checked on its device, without waiting for it (``watch_loss``); a rank whose loss was not
+  finite votes so on the same ride as the stop vote, from that backward on. After the agreed
+  stop every rank raises ``NonFiniteLoss`` naming the rank and the step, without saving; a
+  checkpoint asked for before the vote is read (a ModelCheckpoint at that step, at the
+  epoch's end) hears of it in the gather every checkpoint makes anyway
+  (``disttrain.checkpoint.snapshot.gather_state``) and refuses alike on every rank. The loss
+  is checked, not the gradients: a GradScaler that skips a step of inf gradients trains on.
 
 A second Ctrl-C aborts at once (``abort_now``). Exit codes: ``EXIT_PREEMPTED`` (75) after
-SIGTERM, what schedulers requeue on; ``EXIT_INTERRUPTED`` (130) after Ctrl-C
-(``disttrain.dist.exits``)."""
+SIGTERM, what schedulers requeue on; ``EXIT_INTERRUPTED`` (130) after Ctrl-C; 1 after a
+non-finite loss, a failure (``disttrain.dist.exits``)."""
 
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ from typing import Any
 import torch
 
 from disttrain.dist.collectives import Collectives
+from disttrain.dist.exits import NonFiniteLoss
 from disttrain.loop.signals import Preempted, PreemptionWatcher
 from disttrain.loop.vote import StopVote
 
@@ -73,9 +82,16 @@ class Stopping:
     """
 
     def __init__(
-        self, collectives: Collectives, watcher: PreemptionWatcher, max_time: float | None = None
+        self,
+        collectives: Collectives,
+        watcher: PreemptionWatcher,
+        max_time: float | None = None,
+        watch_loss_of: int | None = None,
     ) -> None:
         self.collectives, self.watcher, self.max_time = collectives, watcher, max_time
+        self.rank = watch_loss_of  # this rank, whose losses are watched (None: not watched)
+        self._first_bad: torch.Tensor | None = None  # [step, loss] of the first non-finite
+        self._found: list[tuple[int, int, float]] = []  # every rank's, once agreed
         self._deadline = math.inf  # time.monotonic() at which max_time runs out
         self.vote: StopVote | None = None
         self.data_ended = False  # after_step: every rank leaves the epoch after this step
@@ -133,6 +149,36 @@ class Stopping:
         self.vote = StopVote(device, self.collectives.recorder, self.collectives.timeout)
         router.attach(self.vote)
 
+    def watch_loss(self, loss: torch.Tensor, step: int) -> None:
+        """Note whether a micro-batch's ``loss`` of optimizer step ``step`` is finite, on its
+        device and without waiting for it; the first non-finite one votes to stop from this
+        backward on (the vote is cast before backward reads the ballot)."""
+        if self.rank is None:
+            return
+        value = loss.detach().sum().double()
+        first = self._first_bad
+        if first is None:  # [step, loss]; an inf step: every loss so far was finite
+            first = self._first_bad = torch.full((2,), math.inf, device=value.device).double()
+        fresh = torch.isinf(first[0]) & ~torch.isfinite(value)
+        first.copy_(torch.where(fresh, torch.stack([torch.full_like(value, step), value]), first))
+        if self.vote is not None:
+            self.vote.cast_nonfinite(torch.isfinite(first[:1]))
+
+    def nonfinite_losses(self, agreed: bool = False) -> list[tuple[int, int, float]]:
+        """Every non-finite loss this rank knows of as ``(rank, step, loss)``: its own first
+        one until the stop is agreed, every rank's after (a read of the device: a sync).
+        ``agreed``: only what every rank knows alike (nothing before the agreed stop)."""
+        first = self._first_bad
+        if agreed or self._found or self.rank is None or first is None:
+            return self._found
+        step, value = first.tolist()
+        return [] if math.isinf(step) else [(self.rank, int(step), value)]
+
+    def epoch_vote(self, should_stop: bool) -> bool:
+        """This rank's vote at an epoch's end: the stop vote, or a non-finite loss (read once
+        per epoch here; a GPU reads the stop vote a step late)."""
+        return self.local_vote(should_stop) or bool(self.nonfinite_losses())
+
     def local_vote(self, should_stop: bool) -> bool:
         return should_stop or self.watcher.requested is not None or self._time_up()
 
@@ -144,25 +190,28 @@ class Stopping:
         read on the same ride: whether a rank's data ends at this step."""
         local = self.local_vote(should_stop)
         if self.vote is None:  # no DDP model to carry it: nothing else synchronised this step
-            stop, ended = map(bool, self.collectives.agree([local, self._ends]))
+            bad = bool(self.nonfinite_losses())
+            stop, ended, bad = map(bool, self.collectives.agree([local, self._ends, bad]))
         else:  # rides the next step's gradient all-reduce
             stop, ended = self.vote.agreed(local), self.vote.data_ended
+            bad = self.vote.nonfinite
         if self._steps_left is not None:
             self._steps_left -= 1
             ended = ended or self._steps_left == 0
         self.data_ended = ended
-        return stop
+        return stop or bad
 
     def agreed_signal(self) -> str | None:
         """The stop signal any rank got (SIGINT over SIGTERM), the same on every rank."""
         return self._agreed_causes()[0]
 
-    def _agreed_causes(self) -> tuple[str | None, bool]:
-        """The signal any rank got, and whether any rank's ``max_time`` ran out: one
-        agreement, the same on every rank."""
-        mine = [_SIGNALS.index(self.watcher.requested), int(self._time_up())]
+    def _agreed_causes(self) -> tuple[str | None, bool, bool]:
+        """The signal any rank got, whether any rank's ``max_time`` ran out and whether any
+        rank's loss was not finite: one agreement, the same on every rank."""
+        bad = bool(self.nonfinite_losses())
+        mine = [_SIGNALS.index(self.watcher.requested), int(self._time_up()), int(bad)]
         code = self.collectives.all_reduce(torch.tensor(mine, dtype=torch.int32), "max")
-        return _SIGNALS[int(code[0].item())], bool(code[1].item())
+        return _SIGNALS[int(code[0].item())], bool(code[1].item()), bool(code[2].item())
 
     def before_training(self) -> None:
         """A stop asked for during start-up: nothing trained, so nothing to checkpoint."""
@@ -175,10 +224,16 @@ class Stopping:
             self._deadline = time.monotonic() + self.max_time
 
     def for_signal(self, step: int, save: Callable[[], Any], resume: str | None) -> None:
-        """After an agreed stop: if a rank got a signal, checkpoint (``save``, collective) and
-        raise ``Preempted``; if a rank's ``max_time`` ran out, checkpoint and let fit end as
-        usual. Global rank 0 says where the checkpoint went (and how to resume)."""
-        signal_name, time_up = self._agreed_causes()
+        """After an agreed stop: if a rank's loss was not finite, raise ``NonFiniteLoss``
+        without saving; if a rank got a signal, checkpoint (``save``, collective) and raise
+        ``Preempted``; if a rank's ``max_time`` ran out, checkpoint and let fit end as usual.
+        Global rank 0 says where the checkpoint went (and how to resume)."""
+        signal_name, time_up, nonfinite = self._agreed_causes()
+        if nonfinite:  # every rank's first non-finite loss: one more gather, on this path only
+            gathered = self.collectives.gather_object(self.nonfinite_losses())
+            error = NonFiniteLoss([f for found in gathered for f in found], step)
+            self._found = error.found  # what a later checkpoint or export is refused for
+            raise error
         if signal_name is None and not time_up:
             return
         path = save()

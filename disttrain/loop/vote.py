@@ -1,9 +1,9 @@
 """The stop vote: every rank's votes ride the gradient all-reduce DDP makes anyway.
 
 One extra zero parameter on the model DDP wraps carries, as its gradient, this rank's ballot
-[stop, my data ends]; after DDP's all-reduce each slot grows exactly when some rank voted.
-No collective of its own, no Python communication hook. The decisions that cast and read
-votes are ``disttrain.loop.stopping``.
+[stop, my data ends, my loss was not finite]; after DDP's all-reduce each slot grows exactly
+when some rank voted. No collective of its own, no Python communication hook. The decisions
+that cast and read votes are ``disttrain.loop.stopping``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ class StopVote:
     ``carried_by`` adds ``weight · ballot`` to the loss: the weight is zero, so the loss and
     every other gradient stay exactly as they were. A gradient hook on the weight replaces
     what backward computes for it (the ballot times the loss's gradient) by the ballot itself,
-    [stop, my data ends] (1: yes, 0: no), whatever gradient reaches the loss from above
-    (GradScaler's 65536, inf in a float16 loss; a user's ``backward`` that scales the loss,
-    zeroes it or makes it NaN). The hook is one Python call per backward (a custom autograd
-    Function, a Python forward and backward, made the tiny DDP benchmark's step about 6%
-    slower at world size 1).
+    [stop, my data ends, my loss was not finite] (1: yes, 0: no), whatever gradient reaches
+    the loss from above (GradScaler's 65536, inf in a float16 loss; a user's ``backward``
+    that scales the loss, zeroes it or makes it NaN). The hook is one Python call per
+    backward (a custom autograd Function, a Python forward and backward, made the tiny DDP
+    benchmark's step about 6% slower at world size 1).
     No optimizer owns the weight. DDP averages its gradient with the others in its own
     bucketed all-reduce (C++: no Python comm hook, no collective of its own). Ballots are
     never negative, so each slot of the weight's gradient, left to accumulate, grows exactly
@@ -37,14 +37,18 @@ class StopVote:
     def __init__(
         self, device: torch.device, recorder: Any = None, timeout: float | None = None
     ) -> None:
-        self.weight = torch.nn.Parameter(torch.zeros(2, device=device))
+        self.weight = torch.nn.Parameter(torch.zeros(SLOTS, device=device))
         # a tensor, not a float: a compiled model would otherwise recompile when a rank votes
-        self._ballot = torch.zeros(2, device=device)
-        ballot = self._ballot  # the hook holds the tensor, not this object (no cycle)
-        self.weight.register_hook(lambda from_above: ballot.clone())
+        self._ballot = torch.zeros(SLOTS, device=device)
+        # what is cast between a forward and its backward (a non-finite loss): read by the
+        # hook only, since the forward saved _ballot for backward and it must not change there
+        self._late = torch.zeros(SLOTS, device=device)
+        ballot, late = self._ballot, self._late  # the hook holds tensors, not this object
+        self.weight.register_hook(lambda from_above: ballot + late)
         self._voting = [False, False]  # what _ballot holds: rewritten only when a vote changes
-        self._seen = [0.0, 0.0]  # the weight's gradient when it was last read
+        self._seen = [0.0] * SLOTS  # the weight's gradient when it was last read
         self.data_ended = False  # read with the stop vote: some rank's data ends at this step
+        self.nonfinite = False  # read with the stop vote: some rank's loss was not finite
         self._on_gpu = device.type == "cuda"
         self.lag = 1 if self._on_gpu else 0  # steps between a backward and reading its votes
         self._pending: tuple[Any, torch.Tensor, float] | None = None  # GPU: (event, copy, when)
@@ -74,12 +78,17 @@ class StopVote:
             self._voting[slot] = vote
             self._ballot[slot].fill_(1.0 if vote else 0.0)
 
+    def cast_nonfinite(self, flag: torch.Tensor) -> None:
+        """Vote, from the next backward on, whether this rank's loss was not finite: ``flag``
+        is a tensor on the vote's device, written there without waiting for it."""
+        self._late[2:].copy_(flag)
+
     def new_epoch(self) -> None:
         """Forget the votes carried so far (every rank, at the same point): a data-ended vote
         of the epoch before must not end this one. A stop is cast again from its cause."""
         if self.weight.grad is not None:
             self.weight.grad.zero_()
-        self._seen, self._pending, self.data_ended = [0.0, 0.0], None, False
+        self._seen, self._pending, self.data_ended = [0.0] * SLOTS, None, False
         self.cast(1, False)
 
     def agreed(self, local_vote: bool) -> bool:
@@ -100,11 +109,11 @@ class StopVote:
                 return False
         total = grad.tolist()
         voted = [now > before for now, before in zip(total, self._seen)]
-        self._seen, self.data_ended = total, voted[1]
+        self._seen, self.data_ended, self.nonfinite = total, voted[1], voted[2]
         return voted[0]
 
     def _copied_a_step_ago(self, grad: torch.Tensor) -> torch.Tensor | None:
-        host = torch.empty(2, pin_memory=True)
+        host = torch.empty(SLOTS, pin_memory=True)
         host.copy_(grad, non_blocking=True)
         # blocking: a wait on it sleeps in the driver instead of spinning a CPU core
         event = torch.cuda.Event(blocking=True)
@@ -144,6 +153,7 @@ class StopVote:
             recorder.record(FINISH, GRADIENT_SYNC)
 
 
+SLOTS = 3  # the ballot: [stop, my data ends, my loss was not finite]
 DEFAULT_TIMEOUT = 1800.0  # TrainerConfig.timeout's default, for a vote built without a trainer
 
 

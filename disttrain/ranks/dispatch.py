@@ -19,6 +19,7 @@ from disttrain.api.hooks import Callback, ModelHooks, overridden, warn_deprecate
 from disttrain.api.lightning_names import warn_never_called
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv
+from disttrain.dist.exits import NonFiniteLoss
 from disttrain.dist.flight import ENTER, FINISH, GRADIENT_SYNC, LEAVE, START, FlightRecorder
 from disttrain.dist.heartbeat import PeerSilent
 from disttrain.ranks.table import ACTION_TABLE, Action, Hook, Ranks, Rule, Sync
@@ -150,6 +151,8 @@ class Dispatcher:
             for obj, state in zip(checked, before):
                 _forbid_new_state(obj, state, _state_of(obj))
             return result, None
+        except NonFiniteLoss:  # from a save, on every rank at once: no verdict to wait for
+            raise
         except Exception as exc:
             return None, exc
         finally:
@@ -271,7 +274,7 @@ def _local_caller(
     def run(*args: Any) -> Any:
         try:  # costs nothing unless a hook raises
             return runner(*args)
-        except (HookFailed, HookRaised):
+        except (HookFailed, HookRaised, NonFiniteLoss):  # the last: every rank, from a save
             raise
         except Exception as exc:
             raise HookRaised(hook, rank, exc) from exc
