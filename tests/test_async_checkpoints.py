@@ -102,7 +102,8 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, mode):
 
 def unbroken(outdir: str) -> None:
     disttrain.seed_everything(0)
-    _trainer(outdir, "unbroken").fit(WideExport(str(Path(outdir) / "unbroken.pt")))
+    module = WideExport(str(Path(outdir) / "unbroken.pt"))  # before the Trainer, as below
+    _trainer(outdir, "unbroken").fit(module)
 
 
 def killed_while_writing(outdir: str) -> None:

@@ -59,16 +59,21 @@ def fit(run: Run, module: Module, datamodule: DataModule | None) -> None:
         max_time = max_time_seconds(run.config.max_time)
         stopping = Stopping(run.collectives, watcher, max_time, watch_loss_of=watched)
         run.nonfinite_losses = stopping.nonfinite_losses  # refused by every save and export
-        loop = start(run, dispatcher, module, stopping)
-        with ended(loop.train_data, loop.val_data):  # their persistent workers, on any exit
-            sanity_check(run, loop)
-            profiler = run.profiler  # with it, each phase's share of the training loop
-            train_loop = train if profiler is None else profiler.timed(TRAINING_LOOP, train)
-            try:
-                train_loop(run, loop, module)
-            finally:  # a stop, a signal or a failure keeps what was logged up to it
-                run.logger.save()
-        finish(run, loop)
+        try:
+            loop = start(run, dispatcher, module, stopping)
+            with ended(loop.train_data, loop.val_data):  # their persistent workers, on any exit
+                sanity_check(run, loop)
+                profiler = run.profiler  # with it, each phase's share of the training loop
+                train_loop = train if profiler is None else profiler.timed(TRAINING_LOOP, train)
+                try:
+                    train_loop(run, loop, module)
+                finally:  # a stop, a signal or a failure keeps what was logged up to it
+                    run.logger.save()
+            finish(run, loop)
+        finally:  # what fit found, without the loop's objects: a run outlives its fit, and
+            # a loop kept alive keeps its loader's workers (a next fit's fork then hangs)
+            found = stopping.nonfinite_losses()
+            run.nonfinite_losses = lambda agreed=False: found
     _say_where_files_went(run)  # last, where the eye lands
 
 

@@ -309,6 +309,29 @@ class FaultyJob(Resumable):
             )
 
 
+class ChaoticJob(FaultyJob):
+    """FaultyJob killed five times in one run: in restart attempt k, rank ``ranks[k]`` SIGKILLs
+    itself after step ``steps[k]`` (a seeded draw: increasing steps, so each attempt, resumed
+    from its predecessor's last checkpoint, reaches its own)."""
+
+    def __init__(self, report_dir: str, chaos_seed: int = 0, kills: int = 5, **kw) -> None:
+        super().__init__(report_dir, **kw)
+        draw = random.Random(chaos_seed)
+        self.kill_steps = sorted(draw.sample(range(2, 17), kills))  # of 18 steps at 2 ranks
+        self.kill_ranks = [draw.randrange(2) for _ in range(kills)]
+
+    def on_batch_end(self) -> None:
+        attempt = self.trainer.env.restart_count
+        if attempt >= len(self.kill_steps):
+            return
+        if (self.global_step, self.global_rank) == (
+            self.kill_steps[attempt],
+            self.kill_ranks[attempt],
+        ):
+            Path(self.report_dir, f"killed-{attempt}").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class LogsMetrics(Regressor):
     """Logs validation metrics of every reduction kind; training logs per step and per epoch."""
 
