@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -141,7 +140,7 @@ def export(run: CheckpointedRun, path: Where, dispatcher: Dispatcher | None = No
     if found:  # trained on a NaN or inf loss: no weights of that state
         raise NonFiniteLoss(found, run.global_step)
     # every rank, before any collective: a missing extra fails alike everywhere
-    writer = _safetensors_writer() if os.fspath(path).endswith(".safetensors") else write
+    writer = _safetensors_writer() if str(path).endswith(".safetensors") else write
     sharded = run.sharded
     module = run.running_module
     state = full_state_dict(module) if sharded else module.state_dict()

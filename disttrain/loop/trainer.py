@@ -373,5 +373,5 @@ class Trainer:
         nothing is kept or gathered and None is returned: pair it with
         ``disttrain.callbacks.PredictionWriter`` for outputs too large to gather.
         """
-        path = None if ckpt_path is None else os.fspath(ckpt_path)
+        path = None if ckpt_path is None else str(ckpt_path)  # a path, a URL, a Location
         return run_prediction(self._run, module, datamodule, dataloaders, path, return_predictions)
