@@ -130,10 +130,6 @@ def _check_dcp_metadata(path: Location) -> None:
         ) from None
 
 
-def remove(path: Where) -> None:
-    Location.at(path).remove()
-
-
 def check_path(path: Where) -> None:
     """What can be told of a checkpoint path without reading it (before workers start)."""
     where = Location.at(path)
@@ -155,18 +151,17 @@ def check_path(path: Where) -> None:
             )
 
 
-def load(path: Where, *, mmap: bool = False) -> dict[str, Any]:
-    """Read and check a checkpoint; ``CheckpointError`` names the file and what is wrong.
-    With ``mmap`` a local file's tensors are mapped, not read."""
+def load(path: Where) -> dict[str, Any]:
+    """Read and check a checkpoint; ``CheckpointError`` names the file and what is wrong."""
     where = Location.at(path)
     if where.is_dir():
         if not (where / ".metadata").exists():
             raise CheckpointError(f"{where}: sharded checkpoint without DCP .metadata (incomplete)")
         _check_dcp_metadata(where / ".metadata")
-        checkpoint = load(where / META, mmap=mmap)
+        checkpoint = load(where / META)
         checkpoint["sharded"] = str(where)
         return checkpoint
-    checkpoint = read(where, mmap=mmap)
+    checkpoint = read(where)
     _check_content(where, checkpoint)
     return checkpoint
 
@@ -276,14 +271,14 @@ def is_checkpoint(content: Any) -> bool:
     return isinstance(content, dict) and content.get("format") == FORMAT
 
 
-def read(path: Where, *, mmap: bool = False, map_location: Any = "cpu") -> Any:
+def read(path: Where, *, map_location: Any = "cpu") -> Any:
     """A ``torch.save`` file's content, read with ``weights_only=True`` (a checkpoint or an
     exported weights file); ``CheckpointError`` names the file and what is wrong."""
     path = Location.at(path)
     check_path(path)
     try:
         if path.local is not None:
-            return torch.load(path.local, map_location=map_location, weights_only=True, mmap=mmap)
+            return torch.load(path.local, map_location=map_location, weights_only=True)
         with path.open_read() as f:
             return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

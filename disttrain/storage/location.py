@@ -30,16 +30,8 @@ left (hidden temporaries; on marker backends, directories without their marker) 
 back what an interrupted local replace renamed aside; it never touches a complete one, and
 is called only while nothing is being written there (a resume, before the first save).
 
-Integration plan (the checkpoint code still takes local paths; ``Location.at`` everywhere):
-* checkpoint/format.py: ``write`` -> ``write_with``; ``sharded_tmp``/``finish_sharded`` ->
-  global zero ``begin_directory()``, a barrier, all ranks DCP into ``staging()``, global zero
-  writes ``META`` there and ``finish_directory``; ``check_path``/``load`` refuse what is not
-  ``is_complete()`` and read via ``open_read`` (``mmap`` only where ``.local``); ``remove``.
-* checkpoint/resume.py ``most_advanced``: ``remove_incomplete("*.ckpt")`` replaces ``recover``
-  and the ``.*.tmp`` loop; candidates are ``entries("*.ckpt")`` that are ``is_complete()``; on
-  a URL reading progress downloads a whole file, so load them best first by named step.
-* callbacks/model_checkpoint.py: ``directory`` may be a URL; ``last.ckpt`` only where local.
-* dist/fsdp.py: ``dcp_save``/``dcp_load`` take ``dist/dcp_io.py``'s writer and reader.
+The checkpoint code (``disttrain.checkpoint``: writing, choosing, loading, removing) and
+DCP's readers and writers (``dist/dcp_io.py``) go through ``Location`` alone.
 """
 
 from __future__ import annotations
