@@ -171,5 +171,42 @@ def test_two_rank_ddp_matches_a_hand_written_single_process_loop(tmp_path):
         )
 
 
+# -- gathering objects: one all-gather once the slot fits ----------------------------------
+def object_gather(outdir):
+    from disttrain.dist import collectives as module
+    from disttrain.dist.env import DistEnv
+
+    env = DistEnv.from_environ()
+    collectives = module.connect(env, torch.device("cpu"), 60.0, 60.0)
+    calls = []
+    real = module.dist.all_gather
+    module.dist.all_gather = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    sizes = {"small": 10, "grown": 20_000, "again": 20_000, "one rank longer": 0}
+    seen = {}
+    for case, size in sizes.items():
+        size = size or (50_000 if env.rank == 1 else 5)  # only rank 1's outgrows the slot
+        before = len(calls)
+        got = collectives.gather_object((env.rank, "x" * size))
+        seen[case] = {"got": [[r, len(text)] for r, text in got], "calls": len(calls) - before}
+    module.dist.all_gather = real
+    collectives.close()
+    write_result(outdir, env.rank, seen)
+
+
+def test_gathered_objects_take_one_all_gather_once_the_slot_has_grown_to_fit(tmp_path):
+    """Every rank's object on every rank, at world size 3: a first object larger than the
+    slot costs a second all-gather and grows the slot (alike on every rank), so the next
+    one of that size costs one; one rank's object outgrowing it alone is gathered too."""
+    run_beside(__file__, "object_gather", tmp_path, nproc=3, timeout=90)
+    results = read_results(tmp_path, 3)
+    assert results[0] == results[1] == results[2]
+    expected_calls = {"small": 1, "grown": 2, "again": 1, "one rank longer": 2}
+    for case, calls in expected_calls.items():
+        got = results[0][case]
+        assert got["calls"] == calls, (case, got)
+    assert results[0]["grown"]["got"] == [[0, 20_000], [1, 20_000], [2, 20_000]]
+    assert results[0]["one rank longer"]["got"] == [[0, 5], [1, 50_000], [2, 5]]
+
+
 if __name__ == "__main__":
     run_scenario(globals())

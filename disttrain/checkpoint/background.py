@@ -34,7 +34,7 @@ class CheckpointWrites:
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
         self._last: Future | None = None
-        self._host: dict[tuple, torch.Tensor] = {}
+        self._host: list[torch.Tensor] = []
 
     def start(self, job: Callable[[], Any]) -> None:
         """Run ``job`` on the writer thread, after every job started before it."""
@@ -60,18 +60,27 @@ class CheckpointWrites:
             self._executor = None
         self._host.clear()
 
-    def to_host(self, state: Any, where: tuple = ()) -> Any:
+    def to_host(self, state: Any) -> Any:
         """``state`` with every tensor copied to host memory: what the writer thread writes
         while the optimizer steps on the originals. Only once the last write has finished
-        (``wait``): its buffers are reused."""
-        if isinstance(state, torch.Tensor):
-            key = (where, state.dtype, state.shape)
-            host = self._host.get(key)
-            if host is None:
-                host = self._host[key] = torch.empty(state.shape, dtype=state.dtype)
-            return host.copy_(state.detach())
-        if isinstance(state, dict):
-            return type(state)((k, self.to_host(v, (*where, k))) for k, v in state.items())
-        if type(state) in (list, tuple):
-            return type(state)(self.to_host(v, (*where, i)) for i, v in enumerate(state))
-        return state
+        (``wait``): its buffers are reused, matched by the order the walk meets tensors in
+        (a state dict's order is the same from save to save)."""
+        buffers = self._host
+        met = 0
+
+        def copied(value: Any) -> Any:
+            nonlocal met
+            if isinstance(value, torch.Tensor):
+                host = buffers[met] if met < len(buffers) else None
+                if host is None or host.dtype != value.dtype or host.shape != value.shape:
+                    host = torch.empty(value.shape, dtype=value.dtype)
+                    buffers[met : met + 1] = [host]
+                met += 1
+                return host.copy_(value.detach())
+            if isinstance(value, dict):
+                return type(value)({k: copied(v) for k, v in value.items()})
+            if type(value) in (list, tuple):
+                return type(value)([copied(v) for v in value])
+            return value
+
+        return copied(state)

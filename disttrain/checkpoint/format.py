@@ -318,8 +318,9 @@ def plain_config(run: CheckpointedRun) -> dict[str, Any]:
     """The run's config as plain data: the resolved YAML config, or the trainer's options."""
     if run.resolved_config is not None:
         return _plain(run.resolved_config)
-    # callbacks and logger objects by class name (asdict would deep-copy them, a live run too)
-    options = dataclasses.asdict(dataclasses.replace(run.config, callbacks=[], logger=None))
+    # field by field, not asdict(replace(...)): replace validates every option again, and
+    # asdict deep-copies callbacks and loggers (a live run too); this runs at every save
+    options = {f.name: getattr(run.config, f.name) for f in dataclasses.fields(run.config)}
     options["callbacks"] = [type(cb).__qualname__ for cb in run.config.callbacks]
     logger = run.config.logger
     named = [_named(x) for x in logger] if isinstance(logger, list) else _named(logger)
@@ -340,4 +341,6 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return repr(value)
