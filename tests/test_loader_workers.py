@@ -172,6 +172,20 @@ class FailsWithWorkers(Regression):
         return self._loader(self.val_set, 33 if self.where in ("val", "validate") else -1)
 
 
+# -- a worker whose fork never returns -------------------------------------------------------
+def test_a_loader_worker_stuck_in_its_fork_is_forked_again_and_the_run_is_unchanged(tmp_path):
+    """A forked worker stuck inside ``fork`` (as CPython gh-112275 leaves one before 3.12,
+    emulated by an at-fork hook that never returns in the first child) is forked again after
+    ``_START_TIMEOUT`` (1 s here) with the same id, seed and queues: the fit ends, and it read
+    the same batches and ends with the same weights as a fit whose workers all started."""
+    proc = run_alone(HERE, "stuck_fork", tmp_path, timeout=90)
+    result = read_results(tmp_path, 1)[0]
+    assert (tmp_path / "hung-fork").exists()  # the first worker's fork did hang
+    assert "loader worker 0" in proc.stdout and "did not start within 1 s" in proc.stdout
+    assert result["stuck"] == result["unbroken"]
+    assert len(result["stuck"]["seen"]) == 2 * 24
+
+
 # -- a user's sampler chain ----------------------------------------------------------------
 @pytest.mark.parametrize("chain", ["torch's", "user's"])
 def test_every_sampler_of_a_users_batch_sampler_gets_each_epoch(tmp_path, chain):
@@ -487,6 +501,46 @@ def fails(outdir: str) -> None:
     if module.where == "validate":
         trainer.validate(module)
     trainer.fit(module)
+
+
+class ShuffledWithWorkers(Regressor):
+    """24 training samples in batches of 4, shuffled, read by 2 loader workers."""
+
+    def __init__(self) -> None:
+        super().__init__(n_train=24, batch_size=4, shuffle=True)
+
+    def train_dataloader(self):
+        data = IndexedData(self.n_train)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=True, num_workers=2)
+
+    def val_dataloader(self):
+        return None
+
+
+def stuck_fork(outdir: str) -> None:
+    """Two fits of ``ShuffledWithWorkers`` from one seed: in the first, the process's first
+    fork (a loader worker's) never returns from its at-fork hook; the second is unbroken."""
+    from disttrain.data import workers
+
+    workers._START_TIMEOUT = 1.0
+    marker = Path(outdir) / "hung-fork"
+
+    def stick_the_first_fork() -> None:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        time.sleep(3600)
+
+    os.register_at_fork(after_in_child=stick_the_first_fork)
+    results = {}
+    for name in ("stuck", "unbroken"):
+        disttrain.seed_everything(0)
+        module = ShuffledWithWorkers()
+        _trainer(Path(outdir) / name, max_epochs=2, num_sanity_val_steps=0).fit(module)
+        weights = [p.tolist() for p in module.parameters()]
+        results[name] = {"seen": module.seen, "weights": weights}
+    write_result(outdir, 0, results)
 
 
 def leaks(outdir: str) -> None:

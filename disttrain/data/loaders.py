@@ -27,7 +27,7 @@ from disttrain.data.positions import (
 from disttrain.data.sample_seeds import SeededSamples
 from disttrain.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from disttrain.data.streams import ShardedStream, shards_itself
-from disttrain.data.workers import WorkerInit, reading, rebuilt
+from disttrain.data.workers import WorkerInit, reading, rebuilt, restartable_context
 
 data_log = logging.getLogger("disttrain.data")
 
@@ -191,7 +191,10 @@ def _checked_custom(loader: Any, world_size: int, where: str) -> Any:
     workers, too, ignore SIGINT and SIGTERM (``WorkerInit``)."""
     dataset = getattr(loader, "dataset", None)
     if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, WorkerInit):
-        loader.worker_init_fn = WorkerInit(loader.worker_init_fn)  # a signal stops the rank
+        # a signal stops the rank; a worker stuck in its fork is forked again
+        loader.worker_init_fn = WorkerInit(loader.worker_init_fn, loader.num_workers)
+        context = restartable_context(loader.multiprocessing_context, loader.num_workers)
+        loader.multiprocessing_context = context
     if isinstance(dataset, IterableDataset):
         _check_stream(loader, dataset, world_size, where)
         return loader

@@ -12,6 +12,15 @@ them, would wait forever for workers nobody shut down. Two things make sure nobo
 - a backstop at the process's exit (``_end_daemonic_children``), for workers a path the
   loop does not own left running: it runs before multiprocessing's handler and kills
   (SIGKILL) the daemonic children that outlive a SIGTERM by a second.
+
+A forked worker can also never start: on Python before 3.12 (CPython gh-112275) a fork made
+while another thread of the rank holds the interpreter's thread-list lock leaves the child
+stuck inside ``fork`` for ever, and torch's loader then waits for its batch for ever (seen
+once in about a hundred 2-rank starts on a loaded machine). ``reading`` therefore waits for
+each newly forked worker to say it started (``WorkerInit`` marks its slot first thing), and
+forks a worker that has not within ``_START_TIMEOUT`` again with the same arguments: the
+same worker id, seed and index queue, so the batches are those of a worker that started at
+once.
 """
 
 from __future__ import annotations
@@ -19,18 +28,28 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.sharedctypes
 import multiprocessing.util  # registers multiprocessing's exit handler (before ours)
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data._utils import signal_handling
 from torch.utils.data._utils import worker as torch_worker
+
+log = logging.getLogger("disttrain.data")
 
 _GRACE = 1.0  # seconds a daemonic child has at exit to end on SIGTERM before SIGKILL
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # what launchers send a rank's process group
+
+_START_TIMEOUT = 10.0  # seconds a forked worker has to reach its worker loop, however loaded
+_START_ATTEMPTS = 3  # forks of one worker before the rank gives up with an error
 
 
 class WorkerInit:
@@ -46,14 +65,24 @@ class WorkerInit:
     called with, is the worker whose part this one reads: itself, or after a mid-epoch
     resume the worker whose place it takes (``positions.py``)."""
 
-    def __init__(self, user_init: Callable[[int], object] | None) -> None:
+    def __init__(self, user_init: Callable[[int], object] | None, workers: int = 0) -> None:
         self.user_init = user_init
+        # each worker's pid once it started, in memory its forked workers share (reading)
+        self.started: Any = multiprocessing.sharedctypes.RawArray("q", workers) if workers else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if multiprocessing.context.get_spawning_popen() is None:  # not a worker's start:
+            state["started"] = None  # shared memory passes to new processes only
+        return state
 
     def __call__(self, worker_id: int) -> None:
         for stop in _STOP_SIGNALS:  # one that came while the worker started is dropped
             signal.signal(stop, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # see _workers_starting
         info = get_worker_info()
+        if self.started is not None and info is not None and info.id < len(self.started):
+            self.started[info.id] = os.getpid()
         wrapper = getattr(info, "dataset", None)
         if info is not None and isinstance(wrapper, Wrapper):
             worker_id = wrapper.worker_role(info.id, info.num_workers)
@@ -111,6 +140,7 @@ def rebuilt(loader: Any, **changes: Any) -> DataLoader:
     ``persistent_workers``, ``pin_memory`` and the rest are kept as set. Its workers start
     with ``WorkerInit`` (the user's ``worker_init_fn`` inside it)."""
     init = loader.worker_init_fn
+    workers = changes.get("num_workers", loader.num_workers)
     options: dict[str, Any] = {
         "dataset": loader.dataset,
         "batch_size": loader.batch_size,
@@ -119,8 +149,8 @@ def rebuilt(loader: Any, **changes: Any) -> DataLoader:
         "pin_memory": loader.pin_memory,
         "drop_last": loader.drop_last,
         "timeout": loader.timeout,
-        "worker_init_fn": init if isinstance(init, WorkerInit) else WorkerInit(init),
-        "multiprocessing_context": loader.multiprocessing_context,
+        "worker_init_fn": init if isinstance(init, WorkerInit) else WorkerInit(init, workers),
+        "multiprocessing_context": restartable_context(loader.multiprocessing_context, workers),
         "generator": loader.generator,
         "prefetch_factor": loader.prefetch_factor,
         "persistent_workers": loader.persistent_workers,
@@ -143,6 +173,7 @@ def reading(loader: Any, opener: Callable[[Any], Iterator[Any]] = iter) -> Itera
         batches = opener(loader)
     failed = True
     try:
+        _forked_workers_started(loader, batches)
         yield batches
         failed = False
     finally:
@@ -175,6 +206,102 @@ def end_workers(loader: Any, batches: Any) -> None:
         shutdown()
     if getattr(loader, "_iterator", None) is batches and batches is not None:
         loader._iterator = None  # a persistent loader's next iter() starts new workers
+
+
+def _forked_workers_started(loader: Any, batches: Any) -> None:
+    """Return once every worker ``batches`` forked has started (marked its slot of
+    ``WorkerInit.started`` with its pid); fork one that has not within ``_START_TIMEOUT``
+    again, up to ``_START_ATTEMPTS`` times (the module's docstring says why). Workers that
+    start by spawn or forkserver exec a fresh interpreter, which that fork bug cannot
+    reach, and take seconds to start: they are not waited for."""
+    init = getattr(loader, "worker_init_fn", None)
+    workers = getattr(batches, "_workers", None)  # torch's list of this iterator's workers
+    if not isinstance(init, WorkerInit) or init.started is None or not workers:
+        return
+    if not all(isinstance(w, _RestartableForkProcess) for w in workers):
+        return  # spawn or forkserver (a fresh interpreter: no such fork), or the user's own
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        stuck = _not_started(init.started, workers, time.monotonic() + _START_TIMEOUT)
+        if not stuck:
+            return
+        if attempt == _START_ATTEMPTS:
+            pids = ", ".join(str(workers[i].pid) for i in stuck)
+            raise RuntimeError(
+                f"loader worker(s) {stuck} (pid {pids}) never started, forked "
+                f"{_START_ATTEMPTS} times, {_START_TIMEOUT:g} s each: their fork hangs "
+                "(a lock held at fork time in this process)"
+            )
+        with _workers_starting():
+            for i in stuck:
+                log.warning(
+                    "loader worker %d (pid %d) did not start within %g s of its fork (stuck "
+                    "inside fork: CPython gh-112275 before Python 3.12); forking it again",
+                    i,
+                    workers[i].pid,
+                    _START_TIMEOUT,
+                )
+                _fork_again(batches, i)
+
+
+class _RestartableForkProcess(multiprocessing.context.ForkProcess):
+    """A forked process that keeps what it was started with (``BaseProcess.start`` drops
+    it), so that ``_fork_again`` can start the same process once more."""
+
+    recipe: tuple[Any, tuple, dict] | None = None
+
+    def start(self) -> None:
+        self.recipe = (self._target, self._args, self._kwargs)  # type: ignore[attr-defined]
+        super().start()
+
+
+class _RestartableForkContext(multiprocessing.context.ForkContext):
+    Process = _RestartableForkProcess
+
+
+_RESTARTABLE_FORK = _RestartableForkContext()
+
+
+def restartable_context(context: Any, workers: int) -> Any:
+    """The ``multiprocessing_context`` disttrain gives a loader: the fork context whose
+    workers ``reading`` can fork again where the user left it unset (or chose fork) and the
+    platform forks; the user's own otherwise."""
+    if not workers:
+        return context
+    if context is None:
+        context = multiprocessing.get_context()
+    elif isinstance(context, str):
+        context = multiprocessing.get_context(context)
+    if type(context) is multiprocessing.context.ForkContext:
+        return _RESTARTABLE_FORK
+    return context
+
+
+def _not_started(started: Any, workers: list, deadline: float) -> list[int]:
+    """The workers that have not marked their slot by ``deadline`` (and are alive: one that
+    died is torch's to report, as its loader does)."""
+    pause = 1e-3
+    while True:
+        stuck = [i for i, w in enumerate(workers) if started[i] != w.pid and w.is_alive()]
+        if not stuck or time.monotonic() >= deadline:
+            return stuck
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
+def _fork_again(batches: Any, i: int) -> None:
+    """Replace worker ``i`` of torch's iterator ``batches`` by a new fork of the same
+    process (target, arguments: its id, seed and queues), before it read anything. torch's
+    child watch is told of the new pid before the stuck one is killed, so that its death
+    is not taken for a worker's failure."""
+    stuck = batches._workers[i]
+    target, args, kwargs = stuck.recipe
+    again = _RestartableForkProcess(target=target, args=args, kwargs=kwargs, daemon=True)
+    signal_handling._remove_worker_pids(id(batches))
+    stuck.kill()  # stuck inside fork with the stop signals still blocked: only SIGKILL ends it
+    stuck.join()
+    again.start()
+    batches._workers[i] = again
+    signal_handling._set_worker_pids(id(batches), tuple(w.pid for w in batches._workers))
 
 
 @contextlib.contextmanager
