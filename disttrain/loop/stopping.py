@@ -69,6 +69,8 @@ class EpochEnd(enum.Enum):
 
 _UNKNOWN = 2**62  # a loader without a length, in an integer agreement
 
+_STEPS_KEPT = 2  # steps of losses watch_loss keeps: more than the stop vote's lag (0 or 1)
+
 _SIGNALS = (None, "SIGTERM", "SIGINT")  # ordered: an agreed stop reports the strongest
 
 
@@ -90,7 +92,10 @@ class Stopping:
     ) -> None:
         self.collectives, self.watcher, self.max_time = collectives, watcher, max_time
         self.rank = watch_loss_of  # this rank, whose losses are watched (None: not watched)
-        self._first_bad: torch.Tensor | None = None  # [step, loss] of the first non-finite
+        self._bad: torch.Tensor | None = None  # on the loss's device: a loss was not finite
+        # the last steps' (step, loss): where the first non-finite one is looked up once
+        # _bad says there is one (a stop follows within the vote's lag: 1 step)
+        self._recent: collections.deque[tuple[int, torch.Tensor]] = collections.deque()
         self._found: list[tuple[int, int, float]] = []  # every rank's, once agreed
         self._deadline = math.inf  # time.monotonic() at which max_time runs out
         self.vote: StopVote | None = None
@@ -152,27 +157,39 @@ class Stopping:
     def watch_loss(self, loss: torch.Tensor, step: int) -> None:
         """Note whether a micro-batch's ``loss`` of optimizer step ``step`` is finite, on its
         device and without waiting for it; the first non-finite one votes to stop from this
-        backward on (the vote is cast before backward reads the ballot)."""
+        backward on (the vote is cast before backward reads the ballot). Three tensor ops
+        per micro-batch, and the vote's copy: which loss it was is looked up only once one
+        was not finite."""
         if self.rank is None:
             return
-        value = loss.detach().sum().double()
-        first = self._first_bad
-        if first is None:  # [step, loss]; an inf step: every loss so far was finite
-            first = self._first_bad = torch.full((2,), math.inf, device=value.device).double()
-        fresh = torch.isinf(first[0]) & ~torch.isfinite(value)
-        first.copy_(torch.where(fresh, torch.stack([torch.full_like(value, step), value]), first))
+        value = loss.detach()
+        bad = self._bad
+        if bad is None:
+            bad = self._bad = torch.zeros((), dtype=torch.bool, device=value.device)
+        finite = torch.isfinite(value)
+        if value.dim():  # a loss that is not a scalar
+            finite = finite.all()
+        bad.logical_or_(finite.logical_not_())
+        recent = self._recent
+        recent.append((step, value))
+        while recent[0][0] < step - _STEPS_KEPT:
+            recent.popleft()
         if self.vote is not None:
-            self.vote.cast_nonfinite(torch.isfinite(first[:1]))
+            self.vote.cast_nonfinite(bad)
 
     def nonfinite_losses(self, agreed: bool = False) -> list[tuple[int, int, float]]:
         """Every non-finite loss this rank knows of as ``(rank, step, loss)``: its own first
         one until the stop is agreed, every rank's after (a read of the device: a sync).
         ``agreed``: only what every rank knows alike (nothing before the agreed stop)."""
-        first = self._first_bad
-        if agreed or self._found or self.rank is None or first is None:
+        if agreed or self._found or self.rank is None or self._bad is None:
             return self._found
-        step, value = first.tolist()
-        return [] if math.isinf(step) else [(self.rank, int(step), value)]
+        if not bool(self._bad):
+            return []
+        for step, value in self._recent:
+            total = value.double().sum()
+            if not torch.isfinite(total):
+                return [(self.rank, step, float(total))]
+        return [(self.rank, self._recent[0][0], math.nan)]  # older than the steps kept
 
     def epoch_vote(self, should_stop: bool) -> bool:
         """This rank's vote at an epoch's end: the stop vote, or a non-finite loss (read once

@@ -43,6 +43,7 @@ class StopVote:
         # what is cast between a forward and its backward (a non-finite loss): read by the
         # hook only, since the forward saved _ballot for backward and it must not change there
         self._late = torch.zeros(SLOTS, device=device)
+        self._late_nonfinite = self._late[2:]  # made once: cast_nonfinite runs per micro-batch
         ballot, late = self._ballot, self._late  # the hook holds tensors, not this object
         self.weight.register_hook(lambda from_above: ballot + late)
         self._voting = [False, False]  # what _ballot holds: rewritten only when a vote changes
@@ -81,7 +82,7 @@ class StopVote:
     def cast_nonfinite(self, flag: torch.Tensor) -> None:
         """Vote, from the next backward on, whether this rank's loss was not finite: ``flag``
         is a tensor on the vote's device, written there without waiting for it."""
-        self._late[2:].copy_(flag)
+        self._late_nonfinite.copy_(flag)
 
     def new_epoch(self) -> None:
         """Forget the votes carried so far (every rank, at the same point): a data-ended vote
