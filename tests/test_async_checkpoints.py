@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from common import WideExport, read_results, run_scenario, write_result
 from conftest import run_beside
 
@@ -71,6 +72,7 @@ def writes_in_background(outdir: str) -> None:
             writes["active"] -= 1
 
     snapshot.write = slow_write
+    collectives = _count_collectives_in_saves()
     disttrain.seed_everything(0)
     module = WideExport(str(Path(outdir) / "final.pt"))
     watch = WatchesWrites(writes)
@@ -83,7 +85,35 @@ def writes_in_background(outdir: str) -> None:
         (path,) = directory.glob(f"epoch=*-step={step}.ckpt")
         saved = checkpoint.load(path)["module"]
         same[step] = all(torch.equal(saved[k], v) for k, v in watch.weights[step].items())
-    write_result(outdir, trainer.global_rank, {**writes, "same_weights": same})
+    result = {**writes, "same_weights": same, "collectives": collectives}
+    write_result(outdir, trainer.global_rank, result)
+
+
+def _count_collectives_in_saves() -> list[int]:
+    """How many torch.distributed collectives each ``ModelCheckpoint.save`` calls on this
+    rank (DDP's gradient all-reduce runs in C++ and is not among them)."""
+    counts: list[int] = []
+    for name in ("all_gather", "all_reduce", "broadcast", "barrier", "gather", "scatter"):
+        real = getattr(dist, name)
+
+        def counted(*args, _real=real, **kwargs):
+            if counts and counts[-1] >= 0 and threading.current_thread() is threading.main_thread():
+                counts[-1] += 1
+            return _real(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    save = ModelCheckpoint.save
+
+    def counted_save(self, trainer):
+        counts.append(0)
+        try:
+            return save(self, trainer)
+        finally:
+            counts[-1] = counts[-1]  # settled: later collectives count for no save
+            counts.append(-1)
+
+    ModelCheckpoint.save = counted_save
+    return counts
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
@@ -98,6 +128,47 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, mode):
         assert rank0["steps_during_a_write"] >= 3, rank0
     else:
         assert rank0["steps_during_a_write"] == 0, rank0
+    # an async save costs the state's gather only (its first, two: the slot grows), a
+    # synchronous one the gather and the write's verdict; alike on every rank
+    saves = [n for n in rank0["collectives"] if n >= 0]
+    assert saves == ([2, 1, 1, 1] if mode == "async" else [3, 2, 2, 2]), rank0["collectives"]
+    assert read_results(outdir, 2)[1]["collectives"] == rank0["collectives"]
+
+
+def write_fails(outdir: str) -> None:
+    """Rank 0's background write of the step-4 checkpoint raises."""
+    write = snapshot.write
+
+    def fails_at_step_4(path, state):
+        if Location.at(path).name.endswith("step=4.ckpt"):
+            raise OSError(28, "No space left on device", str(path))
+        write(path, state)
+
+    snapshot.write = fails_at_step_4
+    disttrain.seed_everything(0)
+    module = WideExport(str(Path(outdir) / "final.pt"))
+    trainer = _trainer(outdir, "run", async_checkpointing=True)
+    try:
+        trainer.fit(module)
+    except disttrain.HookFailed as failed:
+        write_result(
+            outdir, trainer.global_rank, {"step": trainer.global_step, "error": str(failed)}
+        )
+        raise
+
+
+def test_a_background_write_that_fails_stops_every_rank_at_the_next_save_naming_it(tmp_path):
+    """No collective of its own, yet every rank learns of a failed background write: at the
+    next checkpoint's gather (step 6), each raises the same error naming rank 0 and why."""
+    proc = run_beside(__file__, "write_fails", tmp_path, timeout=120, expect_ok=False)
+    assert proc.returncode != 0
+    results = read_results(tmp_path, 2)
+    assert results[0] == results[1], results
+    assert results[0]["step"] == 6
+    error = results[0]["error"]
+    assert "'start_checkpoint_write' failed on rank 0" in error, error
+    assert "No space left on device" in error and "step=4.ckpt" in error, error
+    assert not list((tmp_path / "run" / "checkpoints").glob("*step=4.ckpt"))
 
 
 def unbroken(outdir: str) -> None:

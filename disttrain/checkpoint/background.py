@@ -9,7 +9,9 @@ that follows a save (``last.ckpt``, deleting checkpoints no longer kept). So:
 * a crash during a background write leaves the previous checkpoint complete and chosen by
   ``resume="auto"``: the new one never became complete, and nothing older was deleted yet;
 * there is never more than one write in flight: the next save first waits for the last one
-  (on every rank, with a verdict: a write that failed on any rank stops the run there, named);
+  (a write that failed on any rank stops the run there, named, on every rank: under FSDP in a
+  verdict, for DDP's files in the gather every checkpoint makes anyway, so that an async
+  save of DDP costs that one collective and no other);
 * a stop (signal, ``max_time``) and the end of ``fit`` wait for the write before saying that
   a checkpoint was written, so what a message names exists.
 """
@@ -17,6 +19,7 @@ that follows a save (``last.ckpt``, deleting checkpoints no longer kept). So:
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -47,6 +50,22 @@ class CheckpointWrites:
         last, self._last = self._last, None
         if last is not None:
             last.result()
+
+    def finished(self) -> str:
+        """``wait``, with the error of a job that failed as text (empty if none): what a
+        checkpoint's gather tells every rank."""
+        try:
+            self.wait()
+        except Exception as error:
+            return "".join(traceback.format_exception_only(error)).strip()
+        return ""
+
+    def fail(self, error: Exception) -> None:
+        """Keep ``error`` as the outcome of the writes in flight (the next ``wait`` raises it):
+        a save that failed before its write started is told as a write that failed."""
+        failed: Future = Future()
+        failed.set_exception(error)
+        self._last = failed
 
     def close(self) -> None:
         """At the end of a session, also a failed one: let a write in flight finish (a

@@ -24,7 +24,7 @@ from disttrain.checkpoint.format import (
 )
 from disttrain.dist.exits import NonFiniteLoss
 from disttrain.dist.fsdp import dcp_async_save, dcp_load, dcp_save, full_state_dict
-from disttrain.ranks.dispatch import Dispatcher
+from disttrain.ranks.dispatch import Dispatcher, HookFailed
 from disttrain.ranks.table import Action, Hook
 from disttrain.rng import rng_state
 from disttrain.storage.location import Location, Where
@@ -36,16 +36,25 @@ if TYPE_CHECKING:  # source.py imports what imports this module
 log = logging.getLogger("disttrain.checkpoint")
 
 
-def gather_state(run: CheckpointedRun, progress: Progress, weights: bool = True) -> dict[str, Any]:
+def gather_state(
+    run: CheckpointedRun, progress: Progress, weights: bool = True, waits: bool = False
+) -> dict[str, Any]:
     """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state).
     Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead.
     The same gather tells every rank of any rank's non-finite loss: then every rank raises
-    ``NonFiniteLoss`` and nothing is saved."""
+    ``NonFiniteLoss`` and nothing is saved. With ``waits``, each rank first waits for its
+    background write in flight, and the gather tells every rank whether one failed: then
+    every rank raises ``HookFailed`` naming the rank and its error."""
     data_position = run.data_position  # a stream's position: data/positions.py
-    mine = (rng_state(), data_position() if data_position is not None else None, _nonfinite(run))
-    rngs, data, nonfinite = zip(*run.collectives.gather_object(mine))
+    failed_write = run.checkpoint_writes.finished() if waits else ""
+    position = data_position() if data_position is not None else None
+    mine = (rng_state(), position, _nonfinite(run), failed_write)
+    rngs, data, nonfinite, failed_writes = zip(*run.collectives.gather_object(mine))
     if any(nonfinite):
         raise NonFiniteLoss([f for found in nonfinite for f in found], run.global_step)
+    failed = [rank for rank, text in enumerate(failed_writes) if text]
+    if failed:
+        raise HookFailed(Action.START_WRITE, failed, list(failed_writes))
     checkpoint = {
         "format": FORMAT,
         "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
@@ -95,11 +104,9 @@ def save(
             dcp_save(run.running_module, run.optimizers, staging)
             dispatcher.run(Action.WRITE_CHECKPOINT, _finish_sharded_then, path, state, after)
     else:
-        state = gather_state(run, progress)
+        state = gather_state(run, progress, waits=background)
         if background:
-            dispatcher.run(
-                Action.WRITE_CHECKPOINT, _write_in_background, writes, path, state, after
-            )
+            dispatcher.run(Action.START_WRITE, _write_in_background, writes, path, state, after)
         else:
             dispatcher.run(Action.WRITE_CHECKPOINT, _write_then, path, state, after)
     return Location.at(path)
@@ -118,10 +125,15 @@ def _finish_sharded_then(path: Where, state: dict[str, Any], after: Callable[[],
 def _write_in_background(
     writes: CheckpointWrites, path: Where, state: dict[str, Any], after: Callable[[], Any]
 ) -> None:
-    """Global zero, the only rank writing: never two at once, and a failed write stops every
-    rank in this step's verdict (no collective of its own)."""
-    writes.wait()
-    writes.start(functools.partial(_write_then, path, writes.to_host(state), after))
+    """Global zero, the only rank writing, once its last write finished (``gather_state``
+    waited for it): no collective of its own. A failure here is kept as the write's, which
+    every rank learns of at the next checkpoint's gather or at the end of fit."""
+    try:
+        host = writes.to_host(state)
+    except Exception as error:
+        writes.fail(error)
+        return
+    writes.start(functools.partial(_write_then, path, host, after))
 
 
 def _nothing() -> None:

@@ -118,8 +118,11 @@ class Dispatcher:
         return hook in self._implemented
 
     def run(self, action: Action, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run trainer work ``fn`` on the ranks ``ACTION_TABLE`` names, then its verdict."""
+        """Run trainer work ``fn`` on the ranks ``ACTION_TABLE`` names, then its verdict
+        (``Sync.LATER``: none; ``fn`` keeps its failure for where it is next waited for)."""
         sync = ACTION_TABLE[action].sync
+        if sync is Sync.LATER:
+            return fn(*args) if self._actions[action] else None
         return self._call_with_verdict(action, sync, self._actions[action], fn, args)
 
     def _call_with_verdict(self, hook, sync, runs_here, runner, args) -> Any:

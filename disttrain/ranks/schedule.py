@@ -30,7 +30,8 @@ def describe_schedule(run: Any, world_size: int | None = None) -> str:
     ]
     table = hook_schedule(run.trainer.prepare_data_per_node)
     shown = envs if world <= 8 else envs[:4] + envs[-4:]
-    head = f"{'hook':<28}" + "".join(f"{'rank ' + str(e.rank):>9}" for e in shown) + "  then"
+    width = 2 + max(len("(trainer) " + action.value) for action in ACTION_TABLE)
+    head = f"{'hook':<{width}}" + "".join(f"{'rank ' + str(e.rank):>9}" for e in shown) + "  then"
     lines = [
         f"hook schedule (fit, validate, test, predict) at world size {world} "
         f"({world // per_node} node(s) x {per_node}), "
@@ -43,7 +44,7 @@ def describe_schedule(run: Any, world_size: int | None = None) -> str:
             note = "" if rule.sync is Sync.NONE else rule.sync.value
             if rule.sync is Sync.AGREE_STOP:
                 note += "; free unless the module overrides it"
-            lines.append(f"{kind + name.value:<28}{marks}  {note}")
+            lines.append(f"{kind + name.value:<{width}}{marks}  {note}")
     if len(shown) < world:
         lines.append(f"(ranks 4..{world - 5} as their node's rank of the same local rank)")
     return "\n".join(lines) + "\n"

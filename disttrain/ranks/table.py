@@ -96,6 +96,9 @@ class Sync(enum.Enum):
     VERDICT_HEARTBEAT = "verdict (after waiting on a heartbeat)"
     DECISION = "verdict, then global zero's result is sent to every rank"
     AGREE_STOP = "agreement (-1 on any rank stops every rank)"
+    # no collective now: the work keeps its failure, and every rank learns of it where it is
+    # next waited for (a background write's: the next checkpoint's gather, or fit's end)
+    LATER = "none now: its failure is told where it is next waited for"
 
 
 class Hook(str, enum.Enum):
@@ -225,6 +228,7 @@ class Action(str, enum.Enum):
     MANAGE_FILES = "manage_files"  # choose, clean up or delete files in the run directory
     LOAD_CHECKPOINT = "load_checkpoint"  # every rank reads the file global zero chose
     FINISH_WRITES = "finish_checkpoint_writes"  # wait for this rank's background checkpoint write
+    START_WRITE = "start_checkpoint_write"  # copy the state to host memory, write it on a thread
     PREDICT = "predict"  # the predict loop over this rank's shard: a failure stops every rank
 
 
@@ -234,13 +238,17 @@ ACTION_TABLE: Mapping[Action, Rule] = {
     Action.MANAGE_FILES:     Rule(Ranks.GLOBAL_ZERO, Sync.DECISION, callbacks=False),
     Action.LOAD_CHECKPOINT:  Rule(Ranks.ALL, Sync.VERDICT_LONG, callbacks=False),
     Action.FINISH_WRITES:    Rule(Ranks.ALL, Sync.VERDICT_LONG, callbacks=False),
+    Action.START_WRITE:      Rule(Ranks.GLOBAL_ZERO, Sync.LATER, callbacks=False),
     Action.PREDICT:          Rule(Ranks.ALL, Sync.VERDICT, callbacks=False),
 }  # fmt: skip
 
 
-# A hook limited to some ranks is safe only if a verdict (the barrier) follows it on every rank.
+# A hook limited to some ranks is safe only if a verdict (the barrier) follows it on every
+# rank, or (LATER: trainer work that raises nothing and runs no collective) its outcome is
+# waited for in a later collective of every rank.
+_FOLLOWED = (Sync.VERDICT, Sync.VERDICT_LONG, Sync.VERDICT_HEARTBEAT, Sync.DECISION, Sync.LATER)
 assert all(
-    rule.sync in (Sync.VERDICT, Sync.VERDICT_LONG, Sync.VERDICT_HEARTBEAT, Sync.DECISION)
+    rule.sync in _FOLLOWED
     for rule in [*HOOK_TABLE.values(), *ACTION_TABLE.values()]
     if rule.ranks is not Ranks.ALL
 )
