@@ -30,6 +30,7 @@ from disttrain.callbacks.progress import ProgressBar
 from disttrain.checkpoint.background import CheckpointWrites
 from disttrain.checkpoint.format import Progress
 from disttrain.checkpoint.snapshot import export, save
+from disttrain.config.layout import resolve_layout
 from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
 from disttrain.dist.env import DistEnv, select_device
@@ -76,9 +77,11 @@ class Run:
         self.seed = seed_for_run(config.seed, explicit_seed)  # the user's seeding stands
         use_deterministic(config.deterministic)
         self.device = select_device(config.accelerator, self.env)
+        self.layout = resolve_layout(config, self.env)  # the device mesh's sizes, if any
         self.callbacks: list[Callback] = _callbacks(config, self.env.rank)
         logger = make_loggers(config.logger, config.default_root_dir, self.env.rank)
         self.reporter = Reporter(logger, config.log_every_n_steps, config.sync_step_metrics)
+        self.reporter.replicas = self.layout.tp if self.layout else 1
         self.flight = FlightRecorder(self.env.rank)
         self.flight.progress = self
         self.flight.directory = Path(config.default_root_dir) / "flight"
@@ -121,6 +124,17 @@ class Run:
     @property
     def world_size(self) -> int:
         return self.env.world_size
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of the data this rank reads: its global rank, or under tensor
+        parallelism its data-parallel rank (a data group's ``tp`` ranks read the same)."""
+        return self.env.rank if self.layout is None else self.layout.data_rank(self.env.rank)
+
+    @property
+    def data_world_size(self) -> int:
+        """Into how many shares the data is split: the world size, or the data-parallel ranks."""
+        return self.env.world_size if self.layout is None else self.layout.data_world_size
 
     @property
     def logger(self) -> Logger:
