@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from common import Regressor, read_results, run_scenario, write_result
 from conftest import LAUNCHED_PATH, _descendants, _run_group, run_beside
 
 import disttrain
-from disttrain import Trainer
+from disttrain import ModelCheckpoint, Trainer
 from disttrain.config.layout import resolve_layout
 from disttrain.config.options import ConfigError, TrainerConfig
 from disttrain.dist.env import DistEnv
@@ -189,6 +190,81 @@ def test_the_debug_mode_calls_configure_model_without_a_mesh(tmp_path):
         strategy="hsdp", mesh={"tp": 2}, max_steps=1, logger=False, enable_checkpointing=False
     ).fit(Once(batch_size=4))
     assert seen == [None]
+
+
+# -- sharded checkpoints across meshes ------------------------------------------------------
+class Exporting(Parallel):
+    """``Parallel`` exporting its whole weights at the end of fit (collective)."""
+
+    def __init__(self, batch_size, export):
+        super().__init__(batch_size)
+        self.export = export
+
+    def on_fit_end(self):
+        self.trainer.export_weights(self.export)
+
+
+def _mesh_run(root, name, run, batch_size=8, **options):
+    """``Exporting`` for 2 epochs of 4 steps (64 samples) into ``root/run``, exported to
+    ``root/NAME.pt``; dp 2 x tp 2 unless ``options`` say otherwise. Returns its steps."""
+    disttrain.seed_everything(0)
+    module = Exporting(batch_size, str(Path(root) / f"{name}.pt"))
+    options = {"strategy": "fsdp", "mesh": {"tp": 2}, **options}
+    Trainer(
+        max_epochs=2,
+        num_sanity_val_steps=0,
+        seed=1,
+        default_root_dir=str(Path(root) / run),
+        logger=False,
+        callbacks=[ModelCheckpoint(keep_last_k=5)],
+        **options,
+    ).fit(module)
+    return len(module.losses)
+
+
+def mesh_checkpoints(outdir):
+    """dp 2 x tp 2: stopped after step 6 (mid-epoch), resumed, against a full run; then the
+    step-6 checkpoint resumed by plain FSDP over 4 ranks (4 x 1), which trains the rest."""
+    steps = {
+        "full": _mesh_run(outdir, "full", "full"),
+        "stopped": _mesh_run(outdir, "at_step_6", "stopped", max_steps=6),
+        "resumed": _mesh_run(outdir, "resumed", "stopped", resume="auto"),
+    }
+    ckpt = Path(outdir) / "stopped" / "checkpoints" / "epoch=1-step=6.ckpt"
+    steps["fsdp4"] = _mesh_run(
+        outdir, "fsdp4", "fsdp4", strategy="fsdp", mesh=None, resume=str(ckpt)
+    )
+    write_result(outdir, int(os.environ["RANK"]), steps)
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def _assert_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_mesh_checkpoints_resume_exactly_and_reshard_to_fsdp_and_one_process(tmp_path):
+    outdir = tmp_path / "out"
+    run_beside(__file__, "mesh_checkpoints", outdir, nproc=4, timeout=300)
+    for steps in read_results(outdir, 4):
+        # 2 x 2 -> 2 x 2 trains what was left; 4 x 1 the rest of epoch 1's samples: 32,
+        # 8 a rank: one step (its checkpoint records the data split in 2 shares, not 4)
+        assert steps == {"full": 8, "stopped": 6, "resumed": 2, "fsdp4": 1}
+    _assert_equal(_weights(outdir / "resumed.pt"), _weights(outdir / "full.pt"))
+    # 2 x 2 -> 1 process (the debug mode reads every rank's shards), and 4 x 1 -> 1 process
+    for ckpt, expected in [
+        ("stopped/checkpoints/epoch=1-step=6.ckpt", "at_step_6.pt"),
+        ("fsdp4/checkpoints/epoch=1-step=7.ckpt", "fsdp4.pt"),
+    ]:
+        module = Parallel(batch_size=8)
+        Trainer(resume=str(outdir / ckpt), enable_checkpointing=False, logger=False).validate(
+            module
+        )
+        _assert_equal(dict(module.state_dict()), _weights(outdir / expected))
 
 
 # -- two launcher agents as two nodes ------------------------------------------------------

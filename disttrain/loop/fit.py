@@ -90,7 +90,7 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     module.to(device=run.device, dtype=run.param_dtype)  # *-true: before the optimizers
     call(Hook.ON_FIT_START)
     step, optimizers, schedulers = _wrapped(run, call, module, stopping)
-    progress, saved_rng, saved_data, saved_world_size = resume(run)
+    progress, saved_rng, saved_data, saved_data_world = resume(run)
     run.logger.resume_from(progress.global_step if progress else None)
     run.logger.log_hyperparams(hyperparams(run))  # after a purge that would hide it
     forward = step.compiled() if cfg.compile else step.forward
@@ -108,7 +108,7 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     n_train = loaders.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
     n_train = stopping.fewest_batches(n_train)  # every rank ends at the shortest loader
     if progress:  # at another world size (now or before): the rest of the epoch, split anew
-        first = reshard(train_data, progress, saved_world_size, run.world_size)
+        first = reshard(train_data, progress, saved_data_world, run.data_world_size)
         progress = dataclasses.replace(progress, next_batch=first)
     run.count_samples = sample_counter(train_data)
     run.num_training_batches = n_train
