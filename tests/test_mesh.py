@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import Regressor, read_results, run_scenario, write_result
+from common import IndexedData, Regressor, read_results, run_scenario, write_result
 from conftest import LAUNCHED_PATH, _descendants, _run_group, run_beside
+from torch.utils.data import DataLoader
 
 import disttrain
 from disttrain import ModelCheckpoint, Trainer
 from disttrain.config.layout import resolve_layout
 from disttrain.config.options import ConfigError, TrainerConfig
+from disttrain.data.streams import ShardedStream
 from disttrain.dist.env import DistEnv
 
 N_TRAIN, N_VAL = 64, 10
@@ -85,6 +87,15 @@ LAYOUTS = {  # name: (options, per-rank batch size): every step reads the same 1
 }
 
 
+class Streamed(Parallel):
+    """``Parallel`` reading a ``ShardedStream`` of 8 shards of 8 samples each."""
+
+    def train_dataloader(self):
+        data = IndexedData(N_TRAIN)
+        stream = ShardedStream(range(8), lambda s: (data[i] for i in range(8 * s, 8 * s + 8)))
+        return DataLoader(stream, batch_size=self.batch_size)
+
+
 def layouts(outdir):
     """Each layout in turn on the same 4 ranks: one epoch, 4 micro-batches of 16 samples in
     all, accumulating 2, clipping at 0.5, validation at the end."""
@@ -112,6 +123,11 @@ def layouts(outdir):
             "param_elements": local,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         }
+    module = Streamed(batch_size=8)  # a stream under dp 2 x tp 2: read by data rank too
+    Trainer(max_epochs=1, logger=False, enable_checkpointing=False, **LAYOUTS["fsdp_tp"][0]).fit(
+        module
+    )
+    result["stream_seen"] = module.seen
     write_result(outdir, int(os.environ["RANK"]), result)
 
 
@@ -147,6 +163,9 @@ def test_ddp_fsdp_hsdp_and_tensor_parallel_train_alike_on_a_mesh(tmp_path):
     assert tp[0]["losses"] == tp[1]["losses"]
     assert sorted(tp[0]["seen"] + tp[2]["seen"]) == list(range(N_TRAIN))  # disjoint, all
     assert sorted(tp[0]["val_seen"] + tp[2]["val_seen"]) == list(range(N_VAL))
+    streamed = [results[r]["stream_seen"] for r in range(4)]
+    assert streamed[0] == streamed[1] and streamed[2] == streamed[3]
+    assert sorted(streamed[0] + streamed[2]) == list(range(N_TRAIN))
     full = results[0]["ddp"]["param_elements"]  # 97 parameter elements
     assert results[0]["hsdp"]["param_elements"] < 0.6 * full
     assert results[0]["fsdp_tp"]["param_elements"] < 0.35 * full  # a quarter, rounded up
