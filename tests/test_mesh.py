@@ -20,6 +20,7 @@ import pytest
 import torch
 from common import IndexedData, Regressor, read_results, run_scenario, write_result
 from conftest import LAUNCHED_PATH, _descendants, _run_group, run_beside
+from test_lifecycle import expected_fit, recorded_fit
 from torch.utils.data import DataLoader
 
 import disttrain
@@ -84,6 +85,8 @@ LAYOUTS = {  # name: (options, per-rank batch size): every step reads the same 1
     "fsdp": ({"strategy": "fsdp"}, 4),
     "hsdp": ({"strategy": "hsdp", "mesh": {"dp_shard": 2}}, 4),
     "fsdp_tp": ({"strategy": "fsdp", "mesh": {"tp": 2}}, 8),
+    # a 3-D mesh, 2 replicas x 1 shard x tp 2 (a shard group of one rank: 4 ranks allow no more)
+    "hsdp_tp": ({"strategy": "hsdp", "mesh": {"dp_shard": 1, "tp": 2}}, 8),
 }
 
 
@@ -128,6 +131,8 @@ def layouts(outdir):
         module
     )
     result["stream_seen"] = module.seen
+    recorder, _ = recorded_fit(strategy="hsdp", mesh={"dp_shard": 2}, enable_checkpointing=False)
+    result["hsdp_calls"] = recorder.calls
     write_result(outdir, int(os.environ["RANK"]), result)
 
 
@@ -145,11 +150,12 @@ def test_ddp_fsdp_hsdp_and_tensor_parallel_train_alike_on_a_mesh(tmp_path):
     assert len(ddp) == 4  # 64 samples, 16 a micro-batch
     for name in ("fsdp", "hsdp"):
         assert _global_losses(results, name, range(4)) == pytest.approx(ddp, rel=1e-5), name
-    assert _global_losses(results, "fsdp_tp", [0, 2]) == pytest.approx(ddp, rel=1e-5)
+    for name in ("fsdp_tp", "hsdp_tp"):
+        assert _global_losses(results, name, [0, 2]) == pytest.approx(ddp, rel=1e-5), name
     for r in range(4):  # the norms before clipping (every step clips: > 0.5), as DDP's
         norms = results[r]["ddp"]["norms"]
         assert min(norms) > 0.5
-        for name in ("fsdp", "hsdp", "fsdp_tp"):
+        for name in ("fsdp", "hsdp", "fsdp_tp", "hsdp_tp"):
             assert results[r][name]["norms"] == pytest.approx(norms, rel=1e-5), (r, name)
     # hsdp: shard groups {0,1} {2,3}, replicated across them; each rank half of the elements
     assert [results[r]["hsdp"]["groups"]["dp_shard"] for r in range(4)] == [[0, 1]] * 2 + [
@@ -169,12 +175,17 @@ def test_ddp_fsdp_hsdp_and_tensor_parallel_train_alike_on_a_mesh(tmp_path):
     full = results[0]["ddp"]["param_elements"]  # 97 parameter elements
     assert results[0]["hsdp"]["param_elements"] < 0.6 * full
     assert results[0]["fsdp_tp"]["param_elements"] < 0.35 * full  # a quarter, rounded up
+    assert results[0]["hsdp_tp"]["groups"]["dp_replicate"] == [0, 2]
     reference = results[0]["ddp"]["metrics"]["val_mse"]
     for r in range(4):  # each sample counted once: tp replicas do not count twice
         for name in LAYOUTS:
             metrics = results[r][name]["metrics"]
             assert metrics["val_n"] == N_VAL, (r, name)
             assert metrics["val_mse"] == pytest.approx(reference, rel=1e-5), (r, name)
+        # the golden hook order (test_lifecycle) under HSDP 2 x 2: 7 validation samples, 1
+        # batch of 2 a rank at 4 data ranks
+        golden = [c for c in expected_fit(r, 2, 2, 1, 1) if "checkpoint" not in c]
+        assert results[r]["hsdp_calls"] == golden, r  # (run without checkpoints)
 
 
 def test_mesh_option_errors_name_the_key_and_the_numbers():
