@@ -28,6 +28,7 @@ def test_callback_has_exactly_the_notification_hooks():
         "prepare_data",
         "backward",
         "transfer_batch_to_device",
+        "configure_model",
     }
 
 

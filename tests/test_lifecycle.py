@@ -69,6 +69,7 @@ def expected_fit(rank: int, epochs: int, train_batches: int, val_batches: int, s
         e("prepare_data")
     e("setup", "fit")
     e("on_fit_start")
+    e("configure_model")  # mesh=None: no device mesh in these runs
     e("on_train_start")
     e("on_sanity_check_start")
     e.evaluation(sanity, "validation")

@@ -74,6 +74,27 @@ class ModelHooks:
         the device, before the optimizers are configured and the module is wrapped in DDP.
         May use collectives."""
 
+    def configure_model(self, mesh: Any) -> None:
+        """Parallelize the module on the device mesh, before FSDP2 shards its data dimension.
+
+        Runs in fit on every rank after ``on_fit_start`` (the module is on its device) and
+        before the module is sharded or wrapped and before ``configure_optimizers``; a
+        verdict follows, so a failure on one rank stops every rank. ``mesh`` is torch's
+        ``DeviceMesh`` with dimensions ``dp_replicate``, ``dp_shard`` and ``tp``
+        (``Trainer(mesh=...)``, or ``strategy="hsdp"``), or None where the run has none
+        (DDP, FSDP over every rank, the one-process debug mode, where the module then runs
+        as it is). Apply a tensor-parallel plan to ``mesh["tp"]``::
+
+            def configure_model(self, mesh):
+                if mesh is not None and mesh["tp"].size() > 1:
+                    parallelize_module(self.net, mesh["tp"],
+                                       {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+        The ``tp`` ranks of one data-parallel group read the same batches. May use
+        collectives (all ranks run it; distributing parameters is one). Not called by
+        validate, test or predict, which run the module unsharded.
+        """
+
     def on_fit_end(self) -> None:
         """Runs at the very end of fit on every rank, after ``on_train_end``. May use
         collectives."""

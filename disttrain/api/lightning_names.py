@@ -69,7 +69,6 @@ NEVER_CALLED: Mapping[str, str] = {
     "tbptt_split_batch": "disttrain has no truncated backpropagation through time; split the "
     "sequence in training_step",
     # building and wrapping the model (0.8, 1.x, 2.x)
-    "configure_model": _BUILD,
     "configure_sharded_model": _BUILD,
     "on_configure_sharded_model": _BUILD,
     "configure_ddp": "disttrain wraps the module in DDP itself (strategy='ddp' | 'fsdp')",
@@ -115,6 +114,7 @@ CALLED: frozenset[str] = frozenset(
         *("on_test_start", "on_test_end", "on_test_epoch_start", "on_test_epoch_end"),
         *("on_test_batch_start", "on_test_batch_end", "configure_callbacks"),
         *("predict_step", "predict_dataloader", "on_predict_start", "on_predict_end"),
+        "configure_model",  # with the device mesh: configure_model(mesh)
         *("on_predict_batch_start", "on_predict_batch_end"),
     }
 )

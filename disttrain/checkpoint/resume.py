@@ -32,7 +32,9 @@ class Resumed(NamedTuple):
     progress: Progress | None  # where training goes on
     rng: dict | None  # this rank's RNG state, to put back
     data: dict | None  # this rank's stream position (data/positions.py)
-    world_size: int | None  # the checkpoint's
+    # how many shares the checkpoint's run split the data into (its world size, or its
+    # data-parallel ranks under tensor parallelism): a resume at another count reshards
+    data_world_size: int | None
 
 
 def resume(run: CheckpointedRun) -> Resumed:
@@ -45,10 +47,11 @@ def resume(run: CheckpointedRun) -> Resumed:
     progress = restore(run, state)
     log.info("resumed from %s: epoch %d, step %d", source, progress.epoch, progress.global_step)
     rng = rng_for_rank(state, run.global_rank, run.world_size)
-    saved_world_size = state.get("world_size")
-    same_world = saved_world_size == run.world_size
+    saved_data_world = state.get("data_world_size", state.get("world_size"))
+    same_world = state.get("world_size") == run.world_size
+    same_world = same_world and saved_data_world == run.data_world_size
     data = state.get("data", [None] * run.world_size)[run.global_rank] if same_world else None
-    return Resumed(progress, rng, data, saved_world_size)
+    return Resumed(progress, rng, data, saved_data_world)
 
 
 def restore_weights(run: CheckpointedRun, path: str | None = None) -> None:

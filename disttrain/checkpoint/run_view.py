@@ -53,6 +53,9 @@ class CheckpointedRun(Protocol):
     def world_size(self) -> int: ...
 
     @property
+    def data_world_size(self) -> int: ...
+
+    @property
     def sharded(self) -> bool: ...
 
     @property

@@ -65,6 +65,7 @@ def gather_state(
         "scaler": run.scaler.state_dict() if run.scaler is not None else {},
         "progress": dataclasses.asdict(progress),
         "world_size": run.world_size,
+        "data_world_size": run.data_world_size,  # fewer than world_size under tensor parallelism
         "rng": list(rngs),
         "data": list(data),
         "callbacks": {key: cb.state_dict() for key, cb in callback_keys(run).items()},

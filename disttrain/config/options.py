@@ -106,7 +106,13 @@ class TrainerConfig:
     enable_progress_bar: bool = True  # tqdm on a terminal, log lines otherwise; rank 0 only
     profiler: Literal["simple"] | None = None  # per hook and loop phase, with the slowest rank
     compile: bool = False  # torch.compile the training step (after the DDP wrap)
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: ddp
+    # auto: ddp; fsdp: FSDP2 over the data ranks; hsdp: FSDP2 sharding within dp_shard ranks
+    # (by default one node's) and replicating across them (docs/strategies.md)
+    strategy: Literal["auto", "ddp", "fsdp", "hsdp"] = "auto"
+    # fsdp/hsdp: the device mesh, {dp_replicate: R, dp_shard: S, tp: T}, R x S x T ranks; an
+    # omitted size follows from the others (dp_shard: LOCAL_WORLD_SIZE / tp under hsdp). With
+    # tp > 1 the module's configure_model(mesh) applies its tensor-parallel plan
+    mesh: dict | None = None
     activation_checkpointing: bool = False  # fsdp: recompute each block's activations
 
     def __post_init__(self) -> None:
@@ -141,6 +147,7 @@ class TrainerConfig:
         max_time_seconds(self.max_time)
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ConfigError("gradient_clip_val", f"must be >= 0, got {self.gradient_clip_val}")
+        _check_mesh(self.mesh, self.strategy)
 
     @property
     def epoch_limit(self) -> float:
@@ -236,6 +243,32 @@ def max_time_seconds(value: Any) -> float | None:
     if seconds <= 0:
         raise ConfigError("max_time", f"must be a positive duration, got {value!r}")
     return seconds
+
+
+MESH_SIZES = ("dp_replicate", "dp_shard", "tp")
+
+
+def _check_mesh(mesh: dict | None, strategy: str) -> None:
+    """The ``mesh`` option's own rules; its product against the world size is checked when
+    the run knows the world (``disttrain.config.layout``)."""
+    if mesh is None:
+        return
+    for key, value in mesh.items():
+        if key not in MESH_SIZES:
+            close = difflib.get_close_matches(str(key), MESH_SIZES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"mesh.{key}", f"unknown mesh dimension{hint}; expected {MESH_SIZES}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"mesh.{key}", f"must be an int >= 1, got {value!r}")
+    if strategy not in ("fsdp", "hsdp"):
+        raise ConfigError(
+            "mesh", f"a device mesh needs strategy 'fsdp' or 'hsdp', got strategy={strategy!r}"
+        )
+    if strategy == "fsdp" and mesh.get("dp_replicate", 1) > 1:
+        raise ConfigError(
+            "mesh.dp_replicate",
+            f"is {mesh['dp_replicate']}: replicating across shard groups is strategy='hsdp'",
+        )
 
 
 def _is_number(value: Any) -> bool:

@@ -3,7 +3,9 @@
 The contract, for any ``IterableDataset`` a training loader reads at world size > 1:
 
 - **Who am I.** The rank and world size come from torchrun's environment (``RANK``,
-  ``WORLD_SIZE``: ``DistEnv.from_environ()``), the loader worker from
+  ``WORLD_SIZE``: ``DistEnv.from_environ()``), or under tensor parallelism the data-parallel
+  rank and size the trainer publishes (the ``tp`` ranks of a data group read one share:
+  ``disttrain.dist.env.data_place``), the loader worker from
   ``torch.utils.data.get_worker_info()`` (``None`` with ``num_workers=0``: one worker, id 0).
   Together they name one of ``world_size * num_workers`` *readers*:
   ``reader = rank * num_workers + worker_id``.
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from disttrain.dist.env import DistEnv
+from disttrain.dist.env import data_place
 from disttrain.rng import rng_state, sample_seed, seed_draws, set_rng_state
 
 log = logging.getLogger("disttrain.data")
@@ -41,12 +43,13 @@ log = logging.getLogger("disttrain.data")
 
 def reader_position() -> tuple[int, int]:
     """``(reader, readers)``: this process's reader index ``rank * num_workers + worker_id``
-    among ``world_size * num_workers``, read from torchrun's environment and the loader
-    worker this runs in (``num_workers=0`` counts as one worker)."""
-    env = DistEnv.from_environ()
+    among ``world_size * num_workers``, read from torchrun's environment (the data rank and
+    size under tensor parallelism) and the loader worker this runs in (``num_workers=0``
+    counts as one worker)."""
+    rank, world_size = data_place()
     worker = get_worker_info()
     workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-    return env.rank * workers + worker_id, env.world_size * workers
+    return rank * workers + worker_id, world_size * workers
 
 
 def shards_itself(dataset: Any) -> bool:

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from disttrain.dist.env import DistEnv
 from disttrain.dist.flight import FINISH, START
 from disttrain.dist.heartbeat import HeartbeatTimes, beating, wait_for_beats
+from disttrain.dist.mesh import Layout, device_mesh
 
 
 class Collectives:
@@ -70,6 +71,10 @@ class Collectives:
 
     def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool):
         return module
+
+    def device_mesh(self, layout: Layout | None) -> Any:
+        """torch's ``DeviceMesh`` of ``layout`` (collective), or None: one process has none."""
+        return None
 
     def close(self) -> None:
         pass
@@ -202,6 +207,9 @@ class ProcessGroupCollectives(Collectives):
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=find_unused,
         )
+
+    def device_mesh(self, layout: Layout | None) -> Any:
+        return None if layout is None else device_mesh(layout, self.device)
 
     def close(self) -> None:
         if not dist.is_initialized():

@@ -48,6 +48,32 @@ class DistEnv:
         )
 
 
+# Where the trainer says this process's share of the data is, when it is not its rank's:
+# "DATA_RANK/DATA_WORLD_SIZE" under tensor parallelism (the tp ranks of a data group read one
+# share). An environment variable, so that loader workers (forked or spawned) see it too.
+DATA_PLACE = "DISTTRAIN_DATA_PLACE"
+
+
+def data_place(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(data rank, data world size)``: which of how many shares of the data this process
+    reads; torchrun's ``RANK`` and ``WORLD_SIZE`` unless the trainer set ``DATA_PLACE``."""
+    env = os.environ if environ is None else environ
+    place = env.get(DATA_PLACE)
+    if place:
+        rank, world_size = place.split("/")
+        return int(rank), int(world_size)
+    dist_env = DistEnv.from_environ(env)
+    return dist_env.rank, dist_env.world_size
+
+
+def set_data_place(rank: int, world_size: int, env: DistEnv) -> None:
+    """Publish this process's data share (cleared where it is its rank's own)."""
+    if (rank, world_size) == (env.rank, env.world_size):
+        os.environ.pop(DATA_PLACE, None)
+    else:
+        os.environ[DATA_PLACE] = f"{rank}/{world_size}"
+
+
 def select_device(accelerator: str, env: DistEnv) -> torch.device:
     """``cuda:LOCAL_RANK`` or ``cpu``, from the ``accelerator`` option."""
     if accelerator == "auto":

@@ -26,8 +26,10 @@ def shard_fsdp(
     blocks: list[torch.nn.Module],
     precision: str,
     activation_checkpointing: bool,
+    mesh: Any = None,
 ) -> None:
-    """FSDP2: shard each block, then the module as root (parameters stay DTensors in place).
+    """FSDP2: shard each block, then the module as root (parameters stay DTensors in place),
+    over ``mesh`` (None: every rank; a 2-D mesh: replicate x shard, HSDP).
 
     ``bf16-mixed`` keeps parameters in bf16 for compute and reduces gradients in bf16 while the
     optimizer updates fp32 shards; activation checkpointing recomputes each block's
@@ -46,8 +48,8 @@ def shard_fsdp(
         chosen = set(map(id, blocks))
         apply_activation_checkpointing(module, check_fn=lambda m: id(m) in chosen)
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(module, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
 
 
 def dcp_save(module: torch.nn.Module, optimizers: list, directory: Where) -> None:

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from disttrain.data.loaders import batch_indices
 from disttrain.data.positions import track_positions
 from disttrain.data.samplers import reshard, sample_counter
 from disttrain.data.workers import ended
+from disttrain.dist.mesh import data_mesh
 from disttrain.loop import optim, sources, strategy
 from disttrain.loop.evaluation import evaluate
 from disttrain.loop.fitloop import FitLoop, batch_hooks, clipping
@@ -88,8 +89,8 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     call(Hook.SETUP, "fit")
     module.to(device=run.device, dtype=run.param_dtype)  # *-true: before the optimizers
     call(Hook.ON_FIT_START)
-    step, optimizers, schedulers = _wrapped(run, module, stopping)
-    progress, saved_rng, saved_data, saved_world_size = resume(run)
+    step, optimizers, schedulers = _wrapped(run, call, module, stopping)
+    progress, saved_rng, saved_data, saved_data_world = resume(run)
     run.logger.resume_from(progress.global_step if progress else None)
     run.logger.log_hyperparams(hyperparams(run))  # after a purge that would hide it
     forward = step.compiled() if cfg.compile else step.forward
@@ -107,7 +108,7 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     n_train = loaders.limit_batches(train_data, cfg.limit_train_batches, "limit_train_batches")
     n_train = stopping.fewest_batches(n_train)  # every rank ends at the shortest loader
     if progress:  # at another world size (now or before): the rest of the epoch, split anew
-        first = reshard(train_data, progress, saved_world_size, run.world_size)
+        first = reshard(train_data, progress, saved_data_world, run.data_world_size)
         progress = dataclasses.replace(progress, next_batch=first)
     run.count_samples = sample_counter(train_data)
     run.num_training_batches = n_train
@@ -135,13 +136,18 @@ def start(run: Run, dispatcher: Dispatcher, module: Module, stopping: Stopping) 
     return loop
 
 
-def _wrapped(run: Run, module: Module, stopping: Stopping) -> tuple[Any, list, list]:
-    """The module wrapped (DDP or FSDP) with its optimizers and schedulers, into the run;
-    then each rank's own random stream (the module is alike on every rank by now)."""
+def _wrapped(
+    run: Run, call: Callable[..., Any], module: Module, stopping: Stopping
+) -> tuple[Any, list, list]:
+    """The device mesh (if the run has one) and ``configure_model(mesh)``; the module wrapped
+    (DDP, FSDP or HSDP) with its optimizers and schedulers, into the run; then each rank's
+    own random stream (the module is alike on every rank by now)."""
     cfg = run.config
+    mesh = run.collectives.device_mesh(run.layout)  # None: DDP, FSDP over all, one process
+    call(Hook.CONFIGURE_MODEL, mesh)
     configure = lambda: optim.normalise(module.configure_optimizers())  # noqa: E731
     step, (optimizers, schedulers) = strategy.build(
-        cfg, run.collectives, run.device, module, configure, stopping
+        cfg, run.collectives, run.device, module, configure, stopping, data_mesh(mesh, run.layout)
     )
     run.step, run.optimizers, run.schedulers = step, optimizers, schedulers
     seed_rank(run.seed, run.global_rank)

@@ -30,11 +30,13 @@ from disttrain.callbacks.progress import ProgressBar
 from disttrain.checkpoint.background import CheckpointWrites
 from disttrain.checkpoint.format import Progress
 from disttrain.checkpoint.snapshot import export, save
+from disttrain.config.layout import resolve_layout
 from disttrain.config.options import TrainerConfig
 from disttrain.dist.collectives import Collectives
-from disttrain.dist.env import DistEnv, select_device
+from disttrain.dist.env import DistEnv, select_device, set_data_place
 from disttrain.dist.flight import FlightRecorder
 from disttrain.dist.fsdp import is_sharded
+from disttrain.dist.mesh import Layout
 from disttrain.loggers import Logger, make_loggers
 from disttrain.loop.optim import SchedulerEntry
 from disttrain.loop.precision import autocast_context, input_converter, param_dtype
@@ -79,6 +81,7 @@ class Run:
         self.callbacks: list[Callback] = _callbacks(config, self.env.rank)
         logger = make_loggers(config.logger, config.default_root_dir, self.env.rank)
         self.reporter = Reporter(logger, config.log_every_n_steps, config.sync_step_metrics)
+        self.layout = self._laid_out()  # the device mesh's sizes, if any
         self.flight = FlightRecorder(self.env.rank)
         self.flight.progress = self
         self.flight.directory = Path(config.default_root_dir) / "flight"
@@ -121,6 +124,27 @@ class Run:
     @property
     def world_size(self) -> int:
         return self.env.world_size
+
+    def _laid_out(self) -> Layout | None:
+        """The device mesh's sizes, and what follows from them: the data share streams read
+        (published for loader workers), one rank per data group in the metrics' reductions."""
+        layout = resolve_layout(self.config, self.env)
+        self.reporter.replicas = layout.tp if layout else 1
+        data_rank = self.env.rank if layout is None else layout.data_rank(self.env.rank)
+        data_world_size = self.env.world_size if layout is None else layout.data_world_size
+        set_data_place(data_rank, data_world_size, self.env)
+        return layout
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of the data this rank reads: its global rank, or under tensor
+        parallelism its data-parallel rank (a data group's ``tp`` ranks read the same)."""
+        return self.env.rank if self.layout is None else self.layout.data_rank(self.env.rank)
+
+    @property
+    def data_world_size(self) -> int:
+        """Into how many shares the data is split: the world size, or the data-parallel ranks."""
+        return self.env.world_size if self.layout is None else self.layout.data_world_size
 
     @property
     def logger(self) -> Logger:

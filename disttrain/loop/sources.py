@@ -18,8 +18,8 @@ def train_loader_for(run: Run, module: Any) -> Any:
     source = _loader_source(run, module, "train_dataloader")
     where = f"{type(source).__name__}.train_dataloader()"
     seed = run.seed if run.seed is not None else 0
-    env = run.env
-    return train_loader(source.train_dataloader(), env.rank, env.world_size, seed, where)
+    loader = source.train_dataloader()
+    return train_loader(loader, run.data_rank, run.data_world_size, seed, where)
 
 
 def eval_loader_for(run: Run, module: Any, loader_name: str, step_name: str) -> Any:
@@ -29,7 +29,7 @@ def eval_loader_for(run: Run, module: Any, loader_name: str, step_name: str) -> 
     source = _loader_source(run, module, loader_name)
     where = f"{type(source).__name__}.{loader_name}()"
     loader = getattr(source, loader_name)()
-    return eval_loader(loader, run.env.rank, run.env.world_size, where)
+    return eval_loader(loader, run.data_rank, run.data_world_size, where)
 
 
 def _loader_source(run: Run, module: Any, loader_name: str) -> Any:

@@ -3,7 +3,10 @@
 - one process: ``training_step`` is called directly;
 - ``ddp``: through DistributedDataParallel's forward (its hooks all-reduce gradients);
 - ``fsdp``: through the FSDP2 root's ``__call__`` with the step as its forward for that one
-  call (forward redirection), so the root's all-gather and reshard hooks run around it.
+  call (forward redirection), so the root's all-gather and reshard hooks run around it;
+- ``hsdp``, and ``fsdp`` on a device mesh: the same, FSDP2 sharding over the mesh's data
+  dimensions (``disttrain.dist.mesh``) after ``configure_model(mesh)`` applied any
+  tensor-parallel plan.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ def check_torch_version(strategy: str, version: str | None = None) -> None:
     an ImportError from inside the sharding."""
     version = torch.__version__ if version is None else version
     found = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
-    if strategy == "fsdp" and found < MIN_TORCH:
+    if strategy in ("fsdp", "hsdp") and found < MIN_TORCH:
         need = ".".join(map(str, MIN_TORCH))
         raise RuntimeError(
-            f"strategy='fsdp' needs torch>={need} (torch.distributed.fsdp.fully_shard); "
+            f"strategy={strategy!r} needs torch>={need} (torch.distributed.fsdp.fully_shard); "
             f"this is torch {version}. Install torch>={need}, or use strategy='ddp'."
         )
 
@@ -83,15 +86,17 @@ def build(
     module: Any,
     configure: Callable[[], tuple],
     stopping: Stopping,
+    data_mesh: Any = None,
 ) -> tuple[Step, tuple]:
     """Wrap ``module`` as ``cfg.strategy`` says and build the optimizers with
-    ``configure()``: after sharding for FSDP (they must see the sharded parameters), before
-    the wrap for DDP (whose ``find_unused_parameters`` depends on how many there are). One
-    process (no process group) runs the module as it is."""
+    ``configure()``: after sharding for FSDP and HSDP (they must see the sharded parameters),
+    before the wrap for DDP (whose ``find_unused_parameters`` depends on how many there are).
+    FSDP2 shards over ``data_mesh`` (None: every rank). One process (no process group) runs
+    the module as it is."""
     check_torch_version(cfg.strategy)
-    if cfg.strategy == "fsdp" and collectives.backend != "none":
+    if cfg.strategy in ("fsdp", "hsdp") and collectives.backend != "none":
         blocks = module.fsdp_blocks() if hasattr(module, "fsdp_blocks") else _default_blocks(module)
-        shard_fsdp(module, blocks, cfg.precision, cfg.activation_checkpointing)
+        shard_fsdp(module, blocks, cfg.precision, cfg.activation_checkpointing, data_mesh)
         step = Step(_redirected(module, module.training_step), None, module, sharded=True)
         return step, configure()
     configured = configure()

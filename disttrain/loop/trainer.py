@@ -264,7 +264,9 @@ class Trainer:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` in place across ranks and return it (a no-op in one process).
 
-        A collective: call it only from hooks that run on every rank, at the same point.
+        A collective: call it only from hooks that run on every rank, at the same point. Over
+        every rank, also under tensor parallelism, where a data group's ``tp`` ranks hold the
+        same batches: a sum over samples then counts each ``tp`` times.
         """
         return self._run.collectives.all_reduce(tensor, op)
 

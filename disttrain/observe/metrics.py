@@ -209,6 +209,9 @@ class Reporter:
         self.callback_metrics: dict[str, float] = {}
         self.logged_metrics: dict[str, float] = {}
         self.batch: Any = None  # the current batch, for a default batch size
+        # every how many ranks one counts: the tensor-parallel ranks of a data group see the
+        # same batches, so only the first of each (ranks 0, tp, 2 tp, ...) enters a reduction
+        self.replicas = 1
 
     def record(
         self,
@@ -240,12 +243,13 @@ class Reporter:
             return
         values = self.train.step_values()
         if self.sync_steps:  # one collective per logging interval, on every rank
-            values = reduce_steps(collectives.gather_object(values))
+            values = reduce_steps(collectives.gather_object(values)[:: self.replicas])
         self._publish(values, global_step)
 
     def end_evaluation(self, collectives: Collectives, global_step: int) -> dict[str, float]:
         """The end of a validation/test loop: one collective reduces its epoch values."""
-        reduced = reduce_epoch(collectives.gather_object(self.eval.take_epoch()))
+        gathered = collectives.gather_object(self.eval.take_epoch())
+        reduced = reduce_epoch(gathered[:: self.replicas])
         self.eval.step.clear()
         self._publish(reduced, global_step)
         return reduced
@@ -256,7 +260,7 @@ class Reporter:
         """The end of a training epoch: one collective reduces the epoch's values and carries
         every rank's stop vote; returns whether any rank voted to stop."""
         gathered = collectives.gather_object((self.train.take_epoch(), bool(stop_vote)))
-        reduced = reduce_epoch([packed for packed, _ in gathered])
+        reduced = reduce_epoch([packed for packed, _ in gathered[:: self.replicas]])
         self._publish({**reduced, "epoch": float(epoch)}, global_step)
         self.logger.save()
         return any(vote for _, vote in gathered)

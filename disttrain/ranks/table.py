@@ -7,7 +7,8 @@ Lightning 2.x's hooks sit beside Lightning 0.8's, at their Lightning moments)::
     setup("fit")                         # all                                [v]
     module.to(device)
     on_fit_start()
-    configure_optimizers(); wrap in DDP; dataloaders with distributed samplers
+    configure_model(mesh)                # all; the device mesh, or None       [v]
+    configure_optimizers(); wrap in DDP (shard with FSDP2); dataloaders with distributed samplers
     on_train_start()
     on_sanity_check_start()
     validation(num_sanity_val_steps batches)                 # as below
@@ -105,6 +106,7 @@ class Hook(str, enum.Enum):
     PREPARE_DATA = "prepare_data"
     SETUP = "setup"
     ON_FIT_START = "on_fit_start"
+    CONFIGURE_MODEL = "configure_model"
     ON_TRAIN_START = "on_train_start"
     ON_SANITY_CHECK_START = "on_sanity_check_start"
     ON_SANITY_CHECK_END = "on_sanity_check_end"
@@ -160,6 +162,7 @@ HOOK_TABLE: Mapping[Hook, Rule] = {
     Hook.PREPARE_DATA:              Rule(Ranks.GLOBAL_ZERO, Sync.VERDICT_HEARTBEAT, callbacks=False, forbids_state=True),  # noqa: E501
     Hook.SETUP:                     Rule(Ranks.ALL, Sync.VERDICT_LONG),
     Hook.ON_FIT_START:              Rule(Ranks.ALL, Sync.NONE),
+    Hook.CONFIGURE_MODEL:           Rule(Ranks.ALL, Sync.VERDICT, callbacks=False),
     Hook.ON_TRAIN_START:            Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_SANITY_CHECK_START:     Rule(Ranks.ALL, Sync.NONE),
     Hook.ON_SANITY_CHECK_END:       Rule(Ranks.ALL, Sync.NONE),
