@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import Regressor, read_results, run_scenario, write_result
-from conftest import run_alone, run_beside
+from common import Regressor, read_results, run_scenario, run_scenarios, write_result
+from conftest import run_alone, run_beside, shared_run
 
 import disttrain
 from disttrain.api.lightning_names import CALLED, LIGHTNING_HOOKS, NEVER_CALLED
@@ -170,21 +170,20 @@ def minus_one(outdir):
 
 def on_two_ranks(outdir):
     """The 2-rank runs of this file's tests, in one launch: each in its own directory."""
-    for scenario in (lightning2, minus_one):
-        (Path(outdir) / scenario.__name__).mkdir(exist_ok=True)
-        scenario(Path(outdir) / scenario.__name__)
+    run_scenarios(outdir, lightning2, minus_one)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory) -> Path:
-    """``on_two_ranks``, launched once for the tests of the group ``lightning_two_ranks``
-    (``--dist loadgroup`` runs them on one test worker)."""
-    outdir = tmp_path_factory.mktemp("two_ranks")
-    run_beside(__file__, "on_two_ranks", outdir, nproc=2)
-    return outdir
+    """``on_two_ranks``, launched once in the test session
+    (``conftest.shared_run``) for the tests that read it."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "on_two_ranks", outdir, nproc=2)
+
+    return shared_run(tmp_path_factory, "lightning_hooks-two_ranks", run)
 
 
-@pytest.mark.xdist_group("lightning_two_ranks")
 def test_lightning2_hooks_run_at_their_moments_on_two_ranks(two_ranks):
     for rank, result in enumerate(read_results(two_ranks / "lightning2", 2)):
         assert result["fit"] == expected_fit(4, accumulate=2, val_batches=1), f"rank {rank}"
@@ -203,7 +202,6 @@ def test_the_debug_mode_runs_the_lightning2_hooks_in_the_same_order(tmp_path):
     assert result["rank_seen"] == 0.0 and result["global_step"] == 2
 
 
-@pytest.mark.xdist_group("lightning_two_ranks")
 def test_minus_one_from_on_train_batch_start_on_one_rank_ends_the_epoch_on_both(two_ranks):
     for rank, result in enumerate(read_results(two_ranks / "minus_one", 2)):
         assert result["trained"] == ["training_step(0)"] * 2, f"rank {rank}"
