@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,18 +198,42 @@ def final_weights(tmp_path: Path) -> dict:
     return torch.load(tmp_path / "report" / "final.pt", weights_only=True)
 
 
-@pytest.fixture(scope="session")  # once per test worker
+@pytest.fixture(scope="session")  # once per session, for every test worker (shared_run)
 def uninterrupted(tmp_path_factory) -> dict:
-    tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    proc = launch(job_config(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return final_weights(tmp_path)
+    def run(tmp_path: Path) -> None:
+        proc = launch(job_config(tmp_path))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    return final_weights(shared_run(tmp_path_factory, "uninterrupted", run))
 
 
 def assert_same_weights(got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+# -- one run that several tests read -----------------------------------------------------
+def shared_run(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """``make(DIR)`` once per test session, however many test workers (``pytest -n``) ask for
+    ``name``: the first runs it while the others wait on a lock, then every one reads DIR.
+    (A module fixture would run it again on each worker that runs one of its tests, as
+    ``--dist load`` spreads them; ``--dist loadgroup`` does not group under pytest 9.2 with
+    xdist 3.8, which still writes the group into ``item._nodeid``.) A ``make`` that failed is
+    run again by the next worker that asks."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # popen-gwN: the session's directory is above
+        base = base.parent
+    outdir = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on failure
+        done = outdir / ".done"
+        if not done.exists():
+            shutil.rmtree(outdir, ignore_errors=True)
+            outdir.mkdir()
+            make(outdir)
+            done.touch()
+    return outdir
 
 
 # -- a scenario written beside its test ---------------------------------------------------

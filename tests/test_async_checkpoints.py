@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from common import WideExport, read_results, run_scenario, write_result
-from conftest import run_beside
+from common import WideExport, read_results, run_scenario, run_scenarios, write_result
+from conftest import run_beside, shared_run
 
 import disttrain
 from disttrain import Callback, ModelCheckpoint, Trainer
@@ -57,7 +58,7 @@ class WatchesWrites(Callback):
         self.weights[trainer.global_step] = {k: v.clone() for k, v in state.items()}
 
 
-def writes_in_background(outdir: str) -> None:
+def writes_in_background(outdir: str, async_checkpointing: bool) -> None:
     writes = {"active": 0, "most_at_once": 0, "steps_during_a_write": 0}
     lock = threading.Lock()
     write = snapshot.write
@@ -72,13 +73,17 @@ def writes_in_background(outdir: str) -> None:
             writes["active"] -= 1
 
     snapshot.write = slow_write
-    collectives = _count_collectives_in_saves()
-    disttrain.seed_everything(0)
-    module = WideExport(str(Path(outdir) / "final.pt"))
-    watch = WatchesWrites(writes)
-    async_checkpointing = os.environ["ASYNC"] == "1"
-    trainer = _trainer(outdir, "run", callbacks=[watch], async_checkpointing=async_checkpointing)
-    trainer.fit(module)
+    collectives, uncount = _count_collectives_in_saves()
+    try:
+        disttrain.seed_everything(0)
+        module = WideExport(str(Path(outdir) / "final.pt"))
+        watch = WatchesWrites(writes)
+        options = {"callbacks": [watch], "async_checkpointing": async_checkpointing}
+        trainer = _trainer(outdir, "run", **options)
+        trainer.fit(module)
+    finally:
+        snapshot.write = write
+        uncount()
     directory = Path(outdir) / "run" / "checkpoints"
     same = {}
     for step in (2, 4, 6, 8):
@@ -89,12 +94,14 @@ def writes_in_background(outdir: str) -> None:
     write_result(outdir, trainer.global_rank, result)
 
 
-def _count_collectives_in_saves() -> list[int]:
+def _count_collectives_in_saves() -> tuple[list[int], Callable[[], None]]:
     """How many torch.distributed collectives each ``ModelCheckpoint.save`` calls on this
-    rank (DDP's gradient all-reduce runs in C++ and is not among them)."""
+    rank (DDP's gradient all-reduce runs in C++ and is not among them); and what undoes the
+    counting."""
     counts: list[int] = []
-    for name in ("all_gather", "all_reduce", "broadcast", "barrier", "gather", "scatter"):
-        real = getattr(dist, name)
+    names = ("all_gather", "all_reduce", "broadcast", "barrier", "gather", "scatter")
+    originals = {name: getattr(dist, name) for name in names}
+    for name, real in originals.items():
 
         def counted(*args, _real=real, **kwargs):
             if counts and counts[-1] >= 0 and threading.current_thread() is threading.main_thread():
@@ -113,14 +120,49 @@ def _count_collectives_in_saves() -> list[int]:
             counts.append(-1)
 
     ModelCheckpoint.save = counted_save
-    return counts
+
+    def uncount() -> None:
+        ModelCheckpoint.save = save
+        for name, real in originals.items():
+            setattr(dist, name, real)
+
+    return counts, uncount
+
+
+def writes_async(outdir: str) -> None:
+    writes_in_background(outdir, async_checkpointing=True)
+
+
+def writes_sync(outdir: str) -> None:
+    writes_in_background(outdir, async_checkpointing=False)
+
+
+def unbroken(outdir: str) -> None:
+    disttrain.seed_everything(0)
+    module = WideExport(str(Path(outdir) / "unbroken.pt"))  # before the Trainer, as below
+    _trainer(outdir, "unbroken").fit(module)
+
+
+def on_two_ranks(outdir: str) -> None:
+    """The 2-rank runs of this file that end normally, in one launch, each in its own
+    directory (``OUTDIR/NAME``): both modes, and the crash test's unbroken run."""
+    run_scenarios(outdir, writes_async, writes_sync, unbroken)
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory) -> Path:
+    """``on_two_ranks``, launched once in the test session
+    (``conftest.shared_run``) for the tests that read it."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "on_two_ranks", outdir, timeout=240)
+
+    return shared_run(tmp_path_factory, "async_checkpoints-two_ranks", run)
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
-def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, mode):
-    outdir = tmp_path / "out"
-    run_beside(__file__, "writes_in_background", outdir, timeout=180, ASYNC=int(mode == "async"))
-    rank0 = read_results(outdir, 2)[0]
+def test_training_goes_on_while_a_checkpoint_is_written(two_ranks, mode):
+    rank0 = read_results(two_ranks / f"writes_{mode}", 2)[0]
     # each checkpoint holds the weights of its own step, though training went on meanwhile
     assert rank0["same_weights"] == {"2": True, "4": True, "6": True, "8": True}
     assert rank0["most_at_once"] == 1  # never two writes at once
@@ -132,7 +174,7 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, mode):
     # synchronous one the gather and the write's verdict; alike on every rank
     saves = [n for n in rank0["collectives"] if n >= 0]
     assert saves == ([2, 1, 1, 1] if mode == "async" else [3, 2, 2, 2]), rank0["collectives"]
-    assert read_results(outdir, 2)[1]["collectives"] == rank0["collectives"]
+    assert read_results(two_ranks / f"writes_{mode}", 2)[1]["collectives"] == rank0["collectives"]
 
 
 def write_fails(outdir: str) -> None:
@@ -171,12 +213,6 @@ def test_a_background_write_that_fails_stops_every_rank_at_the_next_save_naming_
     assert not list((tmp_path / "run" / "checkpoints").glob("*step=4.ckpt"))
 
 
-def unbroken(outdir: str) -> None:
-    disttrain.seed_everything(0)
-    module = WideExport(str(Path(outdir) / "unbroken.pt"))  # before the Trainer, as below
-    _trainer(outdir, "unbroken").fit(module)
-
-
 def killed_while_writing(outdir: str) -> None:
     """Rank 0's process dies in the middle of writing the step-4 checkpoint (first attempt
     only); torchrun restarts both ranks, which resume from what ``auto`` chooses."""
@@ -204,9 +240,11 @@ def killed_while_writing(outdir: str) -> None:
     write_result(outdir, trainer.global_rank, {"steps": len(module.losses), "files": names})
 
 
-def test_a_crash_during_a_background_write_resumes_from_the_previous_checkpoint(tmp_path):
+@pytest.mark.timeout(600)  # with the fixture's run (240 s at most) or the wait for it
+def test_a_crash_during_a_background_write_resumes_from_the_previous_checkpoint(
+    tmp_path, two_ranks
+):
     outdir = tmp_path / "out"
-    run_beside(__file__, "unbroken", outdir, timeout=180)
     run_beside(
         __file__, "killed_while_writing", outdir, timeout=240, launcher_args=("--max-restarts=1",)
     )
@@ -216,7 +254,7 @@ def test_a_crash_during_a_background_write_resumes_from_the_previous_checkpoint(
         assert result["files"] == [f"epoch={s // 5}-step={s}.ckpt" for s in (2, 4, 6, 8)] + [
             "last.ckpt"
         ]
-    full = torch.load(outdir / "unbroken.pt", weights_only=True)
+    full = torch.load(two_ranks / "unbroken" / "unbroken.pt", weights_only=True)
     resumed = torch.load(outdir / "resumed.pt", weights_only=True)
     for key in full:
         assert torch.equal(full[key], resumed[key]), key

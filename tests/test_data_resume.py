@@ -31,7 +31,14 @@ from common import (
     sharded_stream,
     write_result,
 )
-from conftest import assert_same_weights, final_weights, job_config, launch, run_beside
+from conftest import (
+    assert_same_weights,
+    final_weights,
+    job_config,
+    launch,
+    run_beside,
+    shared_run,
+)
 from torch.utils.data import DataLoader, IterableDataset
 
 import disttrain
@@ -268,18 +275,42 @@ def killed_thrice_config(tmp_path: Path, kind: str, strategy: str, kills: str) -
     return config
 
 
-@pytest.mark.timeout(400)
+CASES = [(kind, strategy) for strategy in ("ddp", "fsdp") for kind in ("map", "sharded")]
+
+
+def unbroken_runs(outdir: str) -> None:
+    """Each case's unbroken run, one after the other in this launch: what a rank of
+    ``disttrain launch fit --config OUTDIR/KIND-STRATEGY/job.yaml`` runs (``disttrain fit``
+    under torchrun), saving the launch and start-up of each."""
+    from disttrain.cli.main import main
+
+    for kind, strategy in CASES:
+        config = Path(outdir) / f"{kind}-{strategy}" / "job.yaml"
+        assert main(["fit", "--config", str(config)]) == 0, f"the unbroken {kind}-{strategy} run"
+
+
+@pytest.fixture(scope="session")
+def unbroken(tmp_path_factory) -> Path:
+    """The unbroken run of every case (``OUTDIR/KIND-STRATEGY``), in one launch in the test
+    session (``conftest.shared_run``)."""
+
+    def run(outdir: Path) -> None:
+        for kind, strategy in CASES:
+            (outdir / f"{kind}-{strategy}").mkdir()
+            killed_thrice_config(outdir / f"{kind}-{strategy}", kind, strategy, "0:0")
+        run_beside(__file__, "unbroken_runs", outdir, nproc=2, timeout=300)
+
+    return shared_run(tmp_path_factory, "data_resume-unbroken", run)
+
+
+@pytest.mark.timeout(700)  # the fixture's run (or the wait for it): 300 s at most, then 300
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("kind", ["map", "sharded"])
-def test_three_sigkills_and_restarts_end_bitwise_equal(tmp_path, kind, strategy):
+def test_three_sigkills_and_restarts_end_bitwise_equal(tmp_path, unbroken, kind, strategy):
     """World size 2, 2 loader workers per rank, random augmentation in the workers: a run
     whose ranks are SIGKILLed at steps 5, 16 and 29 (each time going on from the checkpoint
     of step 3, 15 or 27, where the second worker reads next) ends with the unbroken run's
     weights, bit for bit."""
-    unbroken = tmp_path / "unbroken"
-    unbroken.mkdir()
-    proc = launch(killed_thrice_config(unbroken, kind, strategy, "0:0"), timeout=150)
-    assert proc.returncode == 0, proc.stderr[-6000:]
     killed = tmp_path / "killed"
     killed.mkdir()
     config = killed_thrice_config(killed, kind, strategy, KILLS)
@@ -293,7 +324,7 @@ def test_three_sigkills_and_restarts_end_bitwise_equal(tmp_path, kind, strategy)
     ]
     assert (report / "start-rank0-attempt3").exists()  # three restarts
     assert proc.stderr.count("resumed from") >= 3
-    assert_same_weights(final_weights(killed), final_weights(unbroken))
+    assert_same_weights(final_weights(killed), final_weights(unbroken / f"{kind}-{strategy}"))
 
 
 # -- each sample's draws, in one process ---------------------------------------------------

@@ -1,10 +1,12 @@
 """Rank behaviour on real torchrun launches (gloo): agreements, verdicts, sharding, correctness.
 
-Each test's torchrun ranks run the scenario function written above it (``conftest.run_beside``)."""
+Each test's torchrun ranks run the scenario function written above it (``conftest.run_beside``);
+the sharding and correctness tests read one launch of both (``on_two_ranks``)."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +17,10 @@ from common import (
     TwoHeads,
     read_results,
     run_scenario,
+    run_scenarios,
     write_result,
 )
-from conftest import run_beside
+from conftest import run_beside, shared_run
 
 import disttrain
 from disttrain import HookFailed, Trainer
@@ -85,10 +88,8 @@ def data_sharding(outdir):
     write_result(outdir, trainer.global_rank, {"train": per_epoch, "val": module.val_seen})
 
 
-def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(tmp_path):
-    outdir = tmp_path / "out"
-    run_beside(__file__, "data_sharding", outdir)
-    results = read_results(outdir, 2)
+def test_training_shards_are_disjoint_cover_the_data_and_reshuffle_each_epoch(two_ranks):
+    results = read_results(two_ranks / "data_sharding", 2)
     orders = []
     for epoch in ("0", "1"):
         shards = [r["train"][epoch] for r in results]
@@ -155,10 +156,8 @@ def _hand_written(cls, options, world_size=2, batch_size=2, n=16, epochs=2, seed
     return model.state_dict()
 
 
-def test_two_rank_ddp_matches_a_hand_written_single_process_loop(tmp_path):
-    outdir = tmp_path / "out"
-    run_beside(__file__, "correctness", outdir)
-    rank0, rank1 = read_results(outdir, 2)
+def test_two_rank_ddp_matches_a_hand_written_single_process_loop(two_ranks):
+    rank0, rank1 = read_results(two_ranks / "correctness", 2)
     for name, (cls, options) in CASES.items():
         expected = _hand_written(cls, options)
         for key, value in expected.items():
@@ -206,6 +205,23 @@ def test_gathered_objects_take_one_all_gather_once_the_slot_has_grown_to_fit(tmp
         assert got["calls"] == calls, (case, got)
     assert results[0]["grown"]["got"] == [[0, 20_000], [1, 20_000], [2, 20_000]]
     assert results[0]["one rank longer"]["got"] == [[0, 5], [1, 50_000], [2, 5]]
+
+
+def on_two_ranks(outdir):
+    """Both 2-rank runs that end normally in one launch, each in its own directory
+    (``OUTDIR/NAME``)."""
+    run_scenarios(outdir, data_sharding, correctness)
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory) -> Path:
+    """``on_two_ranks``, launched once in the test session (``conftest.shared_run``) for the
+    tests that read it."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "on_two_ranks", outdir, timeout=180)
+
+    return shared_run(tmp_path_factory, "distributed-two_ranks", run)
 
 
 if __name__ == "__main__":

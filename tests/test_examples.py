@@ -168,6 +168,11 @@ def test_smoke_run_logs_its_metrics_and_plots_them(tmp_path):
     assert all(math.isfinite(v) for key in ("train_loss", "val_loss") for v in values(rows, key))
     progress = [line for line in proc.stderr.splitlines() if "steps/s" in line]
     assert progress and all("train_loss" in line for line in progress)
+    # the run says where its files went (a user's first question)
+    lines = proc.stderr.splitlines()
+    assert f"[rank 0] run directory: {run_dir}" in lines
+    assert f"[rank 0] checkpoints: {run_dir / 'checkpoints' / 'epoch=1-step=6.ckpt'}" in lines
+    assert f"[rank 0] metrics: {run_dir / 'metrics.csv'}" in lines
 
     plotted = disttrain_cli("plot", str(run_dir), timeout=60)
     assert plotted.returncode == 0, plotted.stderr

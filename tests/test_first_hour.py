@@ -1,6 +1,7 @@
 """A user's first hour, as real commands: no numpy, Ctrl-C once and twice, rerun and resume,
-wrong resume files, a failing rank. Each test runs the ``disttrain`` command in real
-processes on real files and signals."""
+wrong resume files, a failing rank (where a run says its files went: test_examples.py's
+smoke run). Each test runs the ``disttrain`` command in real processes on real files and
+signals."""
 
 from __future__ import annotations
 
@@ -135,16 +136,6 @@ def test_a_failing_rank_is_summarised_and_its_traceback_kept_in_the_run_director
     assert any("on_fit_start exploded on rank 1" in line for line in tail), proc.stderr
     log = (run_dir / "logs" / "rank1-error.log").read_text()
     assert log.startswith("Traceback") and "on_fit_start exploded on rank 1" in log
-
-
-def test_a_run_says_where_its_files_went(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = disttrain_cli("launch", "fit", "--config", SMOKE, f"run_dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stderr.splitlines()
-    assert f"[rank 0] run directory: {run_dir}" in lines
-    assert f"[rank 0] checkpoints: {run_dir / 'checkpoints' / 'epoch=1-step=6.ckpt'}" in lines
-    assert f"[rank 0] metrics: {run_dir / 'metrics.csv'}" in lines
 
 
 def test_the_printed_resume_command_parses_whatever_overrides_it_repeats(tmp_path, capsys):

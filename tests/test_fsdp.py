@@ -1,7 +1,8 @@
 """The FSDP2 strategy on CPU/gloo: same losses as DDP, less parameter memory, same hook order,
 sharded (DCP) checkpoints that resume exactly and load at another world size.
 
-Each test's torchrun ranks run the scenario function written above it (``conftest.run_beside``)."""
+Each test's torchrun ranks run the scenario function written above it (``conftest.run_beside``),
+all in one launch (``on_two_ranks``) after the one-rank save the resharding test loads."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from common import (
     exact_validation,
     read_results,
     run_scenario,
+    run_scenarios,
     write_result,
 )
-from conftest import run_beside
+from conftest import run_beside, shared_run
 from test_lifecycle import expected_fit, recorded_fit
 
 import disttrain
@@ -65,10 +67,9 @@ def fsdp_vs_ddp(outdir):
     write_result(outdir, trainer.global_rank, result)
 
 
-def test_fsdp_matches_ddp_shards_parameters_and_keeps_the_hook_order(tmp_path):
-    outdir = tmp_path / "out"
-    run_beside(__file__, "fsdp_vs_ddp", outdir, timeout=240)
-    for rank, result in enumerate(read_results(outdir, 2)):
+@pytest.mark.timeout(900)  # with the fixture's run (or the wait for it)
+def test_fsdp_matches_ddp_shards_parameters_and_keeps_the_hook_order(launched):
+    for rank, result in enumerate(read_results(launched / "fsdp_vs_ddp", 2)):
         ddp, fsdp = result["ddp"], result["fsdp"]
         assert len(fsdp["losses"]) == len(ddp["losses"]) == 8
         assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-4, abs=1e-6), rank
@@ -150,9 +151,29 @@ def _assert_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_sharded_checkpoints_resume_exactly_and_reshard(tmp_path):
-    outdir = tmp_path / "fsdp_resume"
-    run_beside(__file__, "fsdp_resume", outdir, timeout=240)
+def on_two_ranks(outdir):
+    """The 2-rank scenarios of this file in one launch, each in its own directory
+    (``OUTDIR/NAME``); ``fsdp_load`` loads what ``fsdp_save_one_rank`` wrote before it."""
+    run_scenarios(outdir, fsdp_vs_ddp, fsdp_resume, fsdp_load, fsdp_uneven_eval)
+
+
+@pytest.fixture(scope="session")
+def launched(tmp_path_factory) -> Path:
+    """The one-rank save, then ``on_two_ranks``: two launches, once in the test session
+    (``conftest.shared_run``) for the tests that read them."""
+
+    def run(outdir: Path) -> None:
+        one = outdir / "fsdp_save_one_rank"
+        run_beside(__file__, "fsdp_save_one_rank", one, nproc=1, timeout=180)
+        (written,) = (one / "one_rank" / "checkpoints").glob("epoch=*-step=3.ckpt")
+        run_beside(__file__, "on_two_ranks", outdir, timeout=720, CKPT=written)  # 810 s before
+
+    return shared_run(tmp_path_factory, "fsdp-launched", run)
+
+
+@pytest.mark.timeout(900)  # with the fixture's run (or the wait for it)
+def test_sharded_checkpoints_resume_exactly_and_reshard(launched):
+    outdir = launched / "fsdp_resume"
     for steps in read_results(outdir, 2):  # the resumed run trained only what was left
         assert steps == {"full": 8, "stopped": 6, "resumed": 2}
     _assert_equal(_weights(outdir / "resumed.pt"), _weights(outdir / "full.pt"))
@@ -166,10 +187,7 @@ def test_sharded_checkpoints_resume_exactly_and_reshard(tmp_path):
     Trainer(resume=str(sharded), enable_checkpointing=False).validate(module)
     _assert_equal({k: v for k, v in module.state_dict().items()}, _weights(outdir / "at_step_6.pt"))
     # 1 -> 2: written by one FSDP rank, loaded by two
-    one, two = tmp_path / "fsdp_save_one_rank", tmp_path / "fsdp_load"
-    run_beside(__file__, "fsdp_save_one_rank", one, nproc=1, timeout=180)
-    (written,) = (one / "one_rank" / "checkpoints").glob("epoch=*-step=3.ckpt")
-    run_beside(__file__, "fsdp_load", two, nproc=2, timeout=180, CKPT=written)
+    one, two = launched / "fsdp_save_one_rank", launched / "fsdp_load"
     _assert_equal(_weights(two / "loaded.pt"), _weights(one / "one_rank.pt"))
 
 
@@ -232,11 +250,11 @@ def fsdp_uneven_eval(outdir):
     write_result(outdir, trainer.global_rank, {"val_seen": seen, **trainer.callback_metrics})
 
 
-def test_uneven_evaluation_shards_under_fsdp_finish_and_stay_exact(tmp_path):
+@pytest.mark.timeout(900)  # with the fixture's run (or the wait for it)
+def test_uneven_evaluation_shards_under_fsdp_finish_and_stay_exact(launched):
     """9 validation samples, batches of 4, 2 ranks: 2 batches on rank 0, 1 on rank 1. The
     old evaluation all-gathered per batch and rank 0 waited for rank 1 until the timeout."""
-    outdir = tmp_path / "out"
-    run_beside(__file__, "fsdp_uneven_eval", outdir, timeout=150)
+    outdir = launched / "fsdp_uneven_eval"
     results = read_results(outdir, 2)
     seen = [i for result in results for i in result["val_seen"]]
     # the sanity check (2 batches: each rank's whole shard) and one validation epoch

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import IndexedData, run_scenario
-from conftest import run_beside
+from common import IndexedData, run_scenario, run_scenarios
+from conftest import run_beside, shared_run
 from torch.utils.data import DataLoader
 
 import disttrain
@@ -59,27 +59,27 @@ def test_save_hyperparameters_records_the_init_arguments():
         Unsaved(3, gen=torch.Generator(), keep=True)
 
 
-def test_a_model_trained_on_two_ranks_loads_for_inference_in_a_plain_process(tmp_path):
-    run_beside(__file__, "train_and_export", tmp_path)
-    expected = torch.load(tmp_path / "outputs.pt")
-    checkpoint = next((tmp_path / "checkpoints").glob("epoch=1-*.ckpt"))
+def test_a_model_trained_on_two_ranks_loads_for_inference_in_a_plain_process(two_ranks):
+    outdir = two_ranks / "train_and_export"
+    expected = torch.load(outdir / "outputs.pt")
+    checkpoint = next((outdir / "checkpoints").glob("epoch=1-*.ckpt"))
     loaded = Sized.load_from_checkpoint(checkpoint)
     assert not loaded.training and loaded.hparams["hidden"] == 6
     assert loaded.net[0].out_features == 6  # built from the saved hyperparameters
     with torch.no_grad():
         assert torch.equal(loaded(X), expected)
     # the exported weights: the hyperparameters come as arguments (the file is a state dict)
-    exported = Sized.load_from_checkpoint(tmp_path / "weights.pt", hidden=6, map_location="cpu")
+    exported = Sized.load_from_checkpoint(outdir / "weights.pt", hidden=6, map_location="cpu")
     with torch.no_grad():
         assert torch.equal(exported(X), expected)
     with pytest.raises(CheckpointError, match="hidden") as wrong:  # a wrong shape is named
-        Sized.load_from_checkpoint(tmp_path / "weights.pt")
-    assert f"{tmp_path / 'weights.pt'}: its weights do not fit Sized" in str(wrong.value)
+        Sized.load_from_checkpoint(outdir / "weights.pt")
+    assert f"{outdir / 'weights.pt'}: its weights do not fit Sized" in str(wrong.value)
     assert "of another shape 3: net.0.weight (checkpoint [6, 4], module [8, 4])" in str(wrong.value)
     overridden = Sized.load_from_checkpoint(checkpoint, lr=0.5)  # an override wins
     assert overridden.hparams["lr"] == 0.5
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        Sized.load_from_checkpoint(tmp_path / "nothing.ckpt")
+        Sized.load_from_checkpoint(outdir / "nothing.ckpt")
 
 
 class Sharded(Sized):
@@ -88,14 +88,14 @@ class Sharded(Sized):
             self.outputs = self(X)
 
 
-def test_a_sharded_checkpoint_directory_loads_in_a_plain_process(tmp_path):
-    run_beside(__file__, "train_sharded", tmp_path)
-    checkpoint = next((tmp_path / "checkpoints").glob("epoch=1-*.ckpt"))
+def test_a_sharded_checkpoint_directory_loads_in_a_plain_process(two_ranks):
+    outdir = two_ranks / "train_sharded"
+    checkpoint = next((outdir / "checkpoints").glob("epoch=1-*.ckpt"))
     assert checkpoint.is_dir()  # DCP shards of both ranks
     loaded = Sharded.load_from_checkpoint(checkpoint)
     with torch.no_grad():
-        assert torch.equal(loaded(X), torch.load(tmp_path / "outputs.pt"))
-    assert "load_from_checkpoint" in (tmp_path / "export_error.txt").read_text()
+        assert torch.equal(loaded(X), torch.load(outdir / "outputs.pt"))
+    assert "load_from_checkpoint" in (outdir / "export_error.txt").read_text()
 
 
 def train_sharded(outdir: str) -> None:
@@ -126,6 +126,22 @@ def train_and_export(outdir: str) -> None:
     if int(os.environ["RANK"]) == 0:
         with torch.no_grad():
             torch.save(module.eval()(X), Path(outdir) / "outputs.pt")
+
+
+def on_two_ranks(outdir: str) -> None:
+    """Both 2-rank fits in one launch, each in its own directory (``OUTDIR/NAME``)."""
+    run_scenarios(outdir, train_and_export, train_sharded)
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory) -> Path:
+    """``on_two_ranks``, launched once in the test session
+    (``conftest.shared_run``) for the tests that read it."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "on_two_ranks", outdir, timeout=180)
+
+    return shared_run(tmp_path_factory, "inference-two_ranks", run)
 
 
 if __name__ == "__main__":

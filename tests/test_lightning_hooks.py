@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from common import Regressor, read_results, run_scenario, write_result
-from conftest import run_alone, run_beside
+from common import Regressor, read_results, run_scenario, run_scenarios, write_result
+from conftest import run_alone, run_beside, shared_run
 
 import disttrain
 from disttrain.api.lightning_names import CALLED, LIGHTNING_HOOKS, NEVER_CALLED
@@ -160,9 +161,31 @@ def lightning2(outdir):
     )
 
 
-def test_lightning2_hooks_run_at_their_moments_on_two_ranks(tmp_path):
-    run_beside(__file__, "lightning2", tmp_path, nproc=2)
-    for rank, result in enumerate(read_results(tmp_path, 2)):
+def minus_one(outdir):
+    """Rank 1 alone returns -1 from on_train_batch_start at batch 1, in each of 2 epochs."""
+    module, trainer = fit_lightning2(module={"stop_at": 1}, max_epochs=2)
+    trained = [c for c in module.calls if c.startswith("training_step")]
+    write_result(outdir, trainer.global_rank, {"trained": trained, "step": trainer.global_step})
+
+
+def on_two_ranks(outdir):
+    """The 2-rank runs of this file's tests, in one launch: each in its own directory."""
+    run_scenarios(outdir, lightning2, minus_one)
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory) -> Path:
+    """``on_two_ranks``, launched once in the test session
+    (``conftest.shared_run``) for the tests that read it."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "on_two_ranks", outdir, nproc=2)
+
+    return shared_run(tmp_path_factory, "lightning_hooks-two_ranks", run)
+
+
+def test_lightning2_hooks_run_at_their_moments_on_two_ranks(two_ranks):
+    for rank, result in enumerate(read_results(two_ranks / "lightning2", 2)):
         assert result["fit"] == expected_fit(4, accumulate=2, val_batches=1), f"rank {rank}"
         assert result["fit"].count("on_train_batch_end(3)") == 1
         assert result["fit"].count("on_before_optimizer_step") == 2
@@ -179,16 +202,8 @@ def test_the_debug_mode_runs_the_lightning2_hooks_in_the_same_order(tmp_path):
     assert result["rank_seen"] == 0.0 and result["global_step"] == 2
 
 
-def minus_one(outdir):
-    """Rank 1 alone returns -1 from on_train_batch_start at batch 1, in each of 2 epochs."""
-    module, trainer = fit_lightning2(module={"stop_at": 1}, max_epochs=2)
-    trained = [c for c in module.calls if c.startswith("training_step")]
-    write_result(outdir, trainer.global_rank, {"trained": trained, "step": trainer.global_step})
-
-
-def test_minus_one_from_on_train_batch_start_on_one_rank_ends_the_epoch_on_both(tmp_path):
-    run_beside(__file__, "minus_one", tmp_path, nproc=2)
-    for rank, result in enumerate(read_results(tmp_path, 2)):
+def test_minus_one_from_on_train_batch_start_on_one_rank_ends_the_epoch_on_both(two_ranks):
+    for rank, result in enumerate(read_results(two_ranks / "minus_one", 2)):
         assert result["trained"] == ["training_step(0)"] * 2, f"rank {rank}"
         assert result["step"] == 2
 

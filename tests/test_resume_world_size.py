@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from common import Regressor, run_scenario
-from conftest import run_beside
+from conftest import run_beside, shared_run
 
 from disttrain import Trainer
 from disttrain.checkpoint import format as checkpoint
@@ -101,11 +101,15 @@ def _assert_ends_with_a_loadable_checkpoint(run_dir: Path, step: int) -> None:
     assert checkpoint.load(chosen)["progress"]["global_step"] == step
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def first(tmp_path_factory) -> Path:
-    """The 2-rank runs, once for the module's tests: never resumed in place."""
-    outdir = tmp_path_factory.mktemp("first")
-    run_beside(__file__, "first_runs", outdir, nproc=2, timeout=240)
+    """The 2-rank runs, once in the test session for the module's tests (on whichever test
+    worker: ``conftest.shared_run``): never resumed in place."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "first_runs", outdir, nproc=2, timeout=240)
+
+    outdir = shared_run(tmp_path_factory, "resume_world_size-first", run)
     for case in CASES:
         assert len(_seen(outdir / case, "first")) == 128
     return outdir

@@ -4,7 +4,8 @@ compiled), max_steps, early stopping, SIGTERM to a rank or to the launcher, Ctrl
 twice in the launcher and in the debug mode.
 
 Each test's torchrun ranks run the scenario function written above it
-(``conftest.run_beside``); the modules a ``disttrain launch`` config names
+(``conftest.run_beside``; the 2-rank scenarios that end normally share one launch,
+``on_two_ranks``); the modules a ``disttrain launch`` config names
 (``test_stopping.SlowSave``) are here too, above their tests."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import Regressor, read_results, run_scenario, write_result
+from common import Regressor, read_results, run_scenario, run_scenarios, write_result
 from conftest import (
     LONG,
     SMOKE,
@@ -30,6 +31,7 @@ from conftest import (
     launch,
     launch_two,
     run_beside,
+    shared_run,
     worker_env,
 )
 
@@ -83,10 +85,8 @@ def stop_on_rank1(outdir):
     )
 
 
-def test_minus_one_on_rank_one_stops_every_rank_at_the_same_batch(tmp_path):
-    outdir = tmp_path / "out"
-    run_beside(__file__, "stop_on_rank1", outdir)
-    for result in read_results(outdir, 2):
+def test_minus_one_on_rank_one_stops_every_rank_at_the_same_batch(two_ranks):
+    for result in read_results(two_ranks / "stop_on_rank1", 2):
         assert result["steps"]["0"] == [0, 1, 2]  # rank 1 said -1 at batch 3 of epoch 0
         assert result["steps"]["1"] == [0, 1, 2, 3]  # the next epoch runs in full
         assert result["val_runs"] == 2 and result["epoch_ends"] == 2
@@ -161,9 +161,7 @@ def test_sigterm_to_one_rank_checkpoints_exits_75_and_the_same_command_resumes(
     assert_same_weights(final_weights(tmp_path), uninterrupted)
 
 
-def test_sigterm_to_the_launcher_stops_the_run_and_the_same_command_resumes_it(
-    tmp_path, uninterrupted
-):
+def test_sigterm_to_the_launcher_stops_the_run_and_the_same_command_resumes_it(tmp_path):
     config = job_config(tmp_path, n_train=96)  # long enough to be caught mid-run
     full = launch(config)
     assert full.returncode == 0
@@ -218,19 +216,17 @@ def early_stop_one_rank(outdir):
     )
 
 
-def test_early_stopping_seen_on_one_rank_stops_every_rank_together(tmp_path):
-    outdir = tmp_path / "out"
-    run_beside(__file__, "early_stop_one_rank", outdir)
-    rank0, rank1 = read_results(outdir, 2)
+def test_early_stopping_seen_on_one_rank_stops_every_rank_together(two_ranks):
+    rank0, rank1 = read_results(two_ranks / "early_stop_one_rank", 2)
     assert rank1["stopped_epoch"] == 1 and rank0["stopped_epoch"] is None
     assert rank0["epoch"] == rank1["epoch"] == 1
     assert rank0["step"] == rank1["step"] == 8
 
 
-def vote_on_a_micro_step(outdir):
+def vote_on_a_micro_step(outdir, precision=None, compile_=None):
     """The last rank asks to stop on a micro-step inside an accumulation window (a no_sync
     backward); the vote rides the window's synchronised backward. Precision and compile
-    come from the environment."""
+    come from the arguments, else from the environment."""
     import torch._dynamo
 
     torch._dynamo.config.error_on_recompile = True  # a vote must not recompile the model
@@ -245,8 +241,8 @@ def vote_on_a_micro_step(outdir):
     trainer = Trainer(
         max_epochs=1,
         accumulate_grad_batches=2,
-        precision=os.environ["PRECISION"],
-        compile=os.environ.get("COMPILE") == "1",
+        precision=precision or os.environ["PRECISION"],
+        compile=(compile_ or os.environ.get("COMPILE")) == "1",
         num_sanity_val_steps=0,
         limit_val_batches=0,
         enable_checkpointing=False,
@@ -263,27 +259,55 @@ def vote_on_a_micro_step(outdir):
     write_result(outdir, trainer.global_rank, {"stopped_after": trainer.global_step})
 
 
+def vote_fp32(outdir):
+    vote_on_a_micro_step(outdir, "32", "0")
+
+
+def vote_fp16_scaled(outdir):
+    vote_on_a_micro_step(outdir, "16-mixed", "0")
+
+
+def on_two_ranks(outdir):
+    """The 2-rank runs of this file that end normally, in one launch, each in its own
+    directory (``OUTDIR/NAME``)."""
+    run_scenarios(outdir, stop_on_rank1, early_stop_one_rank, vote_fp32, vote_fp16_scaled)
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory) -> Path:
+    """``on_two_ranks``, launched once in the test session
+    (``conftest.shared_run``) for the tests that read it."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "on_two_ranks", outdir, timeout=240)
+
+    return shared_run(tmp_path_factory, "stopping-two_ranks", run)
+
+
 @pytest.mark.parametrize(
     ("precision", "compile_", "nproc"),
     [("32", "0", 2), ("16-mixed", "0", 2), ("32", "1", 1)],
     ids=["fp32", "fp16-scaled", "compiled"],
 )
 def test_a_vote_cast_on_a_micro_step_stops_every_rank_after_the_same_step(
-    tmp_path, precision, compile_, nproc
+    tmp_path, request, precision, compile_, nproc
 ):
     # asked on batch 4 (inside step 3's window), cast after step 3, carried by step 4's
     # no_sync micro-step and then its synchronised backward: every rank stops after step 4
-    timeout = 300 if compile_ == "1" else 120
-    outdir = tmp_path / "out"
-    run_beside(
-        __file__,
-        "vote_on_a_micro_step",
-        outdir,
-        nproc=nproc,
-        timeout=timeout,
-        PRECISION=precision,
-        COMPILE=compile_,
-    )
+    if compile_ == "1":  # one rank: a launch of its own
+        outdir = tmp_path / "out"
+        run_beside(
+            __file__,
+            "vote_on_a_micro_step",
+            outdir,
+            nproc=nproc,
+            timeout=300,
+            PRECISION=precision,
+            COMPILE=compile_,
+        )
+    else:  # in the shared 2-rank launch (the fixture two_ranks)
+        case = "vote_fp32" if precision == "32" else "vote_fp16_scaled"
+        outdir = request.getfixturevalue("two_ranks") / case
     assert [r["stopped_after"] for r in read_results(outdir, nproc)] == [4] * nproc
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import IndexedData, Regressor, Resumable, run_scenario
-from conftest import run_beside
+from common import IndexedData, Regressor, Resumable, run_scenario, run_scenarios
+from conftest import run_beside, shared_run
 from torch.utils.data import DataLoader, IterableDataset
 
 from disttrain import ConfigError, ModelCheckpoint, Trainer
@@ -123,36 +123,57 @@ def resume_after_a_mid_epoch_validation(outdir: str) -> None:
             (Path(outdir) / f"same{accumulate}.json").write_text(json.dumps(same))
 
 
+def on_two_ranks(outdir: str) -> None:
+    """The three scenarios above in one launch, each in its own directory (``OUTDIR/NAME``)."""
+    run_scenarios(
+        outdir, max_steps_alone, validation_inside_the_epoch, resume_after_a_mid_epoch_validation
+    )
+
+
 # -- the tests ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory) -> Path:
+    """``on_two_ranks``, launched once in the test session
+    (``conftest.shared_run``) for the tests that read it."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "on_two_ranks", outdir, timeout=480)
+
+    return shared_run(tmp_path_factory, "training_by_steps-two_ranks", run)
+
+
 def _read(outdir: Path, name: str):
     return json.loads((outdir / f"{name}.json").read_text())
 
 
-def test_max_steps_alone_trains_exactly_that_many_steps_over_any_loader(tmp_path):
-    run_beside(__file__, "max_steps_alone", tmp_path, timeout=240)
-    assert _read(tmp_path, "map") == {"steps": 1005, "epoch": 1004}
-    assert _read(tmp_path, "streamNone") == {"steps": 7}
-    assert _read(tmp_path, "stream-1") == {"steps": 7}
+@pytest.mark.timeout(600)  # with the fixture's run (or the wait for it)
+def test_max_steps_alone_trains_exactly_that_many_steps_over_any_loader(two_ranks):
+    outdir = two_ranks / "max_steps_alone"
+    assert _read(outdir, "map") == {"steps": 1005, "epoch": 1004}
+    assert _read(outdir, "streamNone") == {"steps": 7}
+    assert _read(outdir, "stream-1") == {"steps": 7}
 
 
-def test_val_check_interval_validates_inside_the_epoch(tmp_path):
-    run_beside(__file__, "validation_inside_the_epoch", tmp_path, timeout=240)
+@pytest.mark.timeout(600)
+def test_val_check_interval_validates_inside_the_epoch(two_ranks):
+    outdir = two_ranks / "validation_inside_the_epoch"
     # 12 batches an epoch: after batches 4 and 8, and at the epoch's end (no double at 12)
-    assert _read(tmp_path, "val4")["at"] == [4, 8, 12, 16, 20, 24]
-    assert _read(tmp_path, "val0.25")["at"] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert _read(outdir, "val4")["at"] == [4, 8, 12, 16, 20, 24]
+    assert _read(outdir, "val0.25")["at"] == [3, 6, 9, 12, 15, 18, 21, 24]
     # check_val_every_n_epoch=None: every 5 batches counted across epochs, none at the end
-    assert _read(tmp_path, "val5")["at"] == [5, 10, 15, 20]
+    assert _read(outdir, "val5")["at"] == [5, 10, 15, 20]
 
 
-def test_a_resume_from_a_mid_epoch_validation_and_checkpoint_is_exact(tmp_path):
-    run_beside(__file__, "resume_after_a_mid_epoch_validation", tmp_path, timeout=240)
+@pytest.mark.timeout(600)
+def test_a_resume_from_a_mid_epoch_validation_and_checkpoint_is_exact(two_ranks):
+    outdir = two_ranks / "resume_after_a_mid_epoch_validation"
     for accumulate in (1, 2):
-        whole = _read(tmp_path, f"whole{accumulate}")
-        parted = _read(tmp_path, f"parted{accumulate}")
+        whole = _read(outdir, f"whole{accumulate}")
+        parted = _read(outdir, f"parted{accumulate}")
         assert whole["step"] == parted["step"] == 20 // accumulate
         # the resumed run validates at the same steps as the rest of the uninterrupted one
         assert parted["at"] == [s for s in whole["at"] if s > 8 // accumulate]
-        assert _read(tmp_path, f"same{accumulate}") is True
+        assert _read(outdir, f"same{accumulate}") is True
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import IndexedData, Regressor, read_results, run_scenario, write_result
-from conftest import run_beside
+from common import IndexedData, Regressor, read_results, run_scenario, run_scenarios, write_result
+from conftest import run_beside, shared_run
 
 import disttrain
 from disttrain import Trainer
@@ -78,10 +78,10 @@ class UnevenRegressor(Regressor):
         }
 
 
-def uneven(outdir):
+def uneven(outdir, strategy=None):
     """Rank 0 has 10 batches an epoch, rank 1 has 7 (a stream without a length, a custom
     batch sampler with one), 2 epochs, with and without accumulation; the strategy comes from
-    the environment. A short collective timeout: a hang fails fast."""
+    the argument, else the environment. A short collective timeout: a hang fails fast."""
     result = {}
     for kind in ("stream", "sampler"):
         for accumulate in (1, 2):
@@ -94,7 +94,7 @@ def uneven(outdir):
                 enable_checkpointing=False,
                 logger=None,
                 accumulate_grad_batches=accumulate,
-                strategy=os.environ["STRATEGY"],
+                strategy=strategy or os.environ["STRATEGY"],
                 timeout=20,
                 default_root_dir=str(Path(outdir) / f"{kind}{accumulate}"),
             )
@@ -108,11 +108,34 @@ def uneven(outdir):
     write_result(outdir, int(os.environ["RANK"]), result)
 
 
+def ddp(outdir):
+    uneven(outdir, "ddp")
+
+
+def fsdp(outdir):
+    uneven(outdir, "fsdp")
+
+
+def both_strategies(outdir):
+    """Both strategies' runs in one launch, each in its own directory (``OUTDIR/STRATEGY``)."""
+    run_scenarios(outdir, ddp, fsdp)
+
+
+@pytest.fixture(scope="session")
+def both(tmp_path_factory) -> Path:
+    """``both_strategies``, launched once in the test session
+    (``conftest.shared_run``) for the tests that read it."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "both_strategies", outdir, nproc=2, timeout=300)  # 150 s each before
+
+    return shared_run(tmp_path_factory, "uneven-both", run)
+
+
+@pytest.mark.timeout(400)  # with the fixture's run (or the wait for it)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_every_rank_stops_at_the_shortest_data_after_the_same_step(tmp_path, strategy):
-    outdir = tmp_path / "out"
-    run_beside(__file__, "uneven", outdir, nproc=2, timeout=150, STRATEGY=strategy)
-    rank0, rank1 = read_results(outdir, 2)
+def test_every_rank_stops_at_the_shortest_data_after_the_same_step(both, strategy):
+    rank0, rank1 = read_results(both / strategy, 2)
     for run, steps in STEPS_PER_EPOCH.items():
         first, second = rank0[run], rank1[run]
         assert first["steps_at_epoch_end"] == second["steps_at_epoch_end"] == [steps, 2 * steps]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import IndexedData, Regressor, read_results, run_scenario, write_result
-from conftest import run_beside
+from common import IndexedData, Regressor, read_results, run_scenario, run_scenarios, write_result
+from conftest import run_beside, shared_run
 
 import disttrain
 from disttrain import Trainer
@@ -76,8 +76,9 @@ class Voter(Regressor):
             self.trainer.should_stop = True
 
 
-def votes_whatever_the_gradient(outdir):
-    """Every upstream gradient with both votes, one fit each; the strategy from the env."""
+def votes_whatever_the_gradient(outdir, strategy=None):
+    """Every upstream gradient with both votes, one fit each; the strategy from the argument,
+    else the environment."""
     result = {}
     for upstream, (precision, factor, dtype) in UPSTREAM.items():
         for vote in VOTES:
@@ -92,7 +93,7 @@ def votes_whatever_the_gradient(outdir):
                 limit_val_batches=0,
                 enable_checkpointing=False,
                 logger=None,
-                strategy=os.environ["STRATEGY"],
+                strategy=strategy or os.environ["STRATEGY"],
                 timeout=20,
                 # NaN from above makes the weights NaN, so the next step's loss is NaN: the
                 # votes, not that guard, are what this test is about
@@ -104,13 +105,36 @@ def votes_whatever_the_gradient(outdir):
     write_result(outdir, int(os.environ["RANK"]), result)
 
 
+def ddp(outdir):
+    votes_whatever_the_gradient(outdir, "ddp")
+
+
+def fsdp(outdir):
+    votes_whatever_the_gradient(outdir, "fsdp")
+
+
+def both_strategies(outdir):
+    """Both strategies' runs in one launch, each in its own directory (``OUTDIR/STRATEGY``)."""
+    run_scenarios(outdir, ddp, fsdp)
+
+
+@pytest.fixture(scope="session")
+def both(tmp_path_factory) -> Path:
+    """``both_strategies``, launched once in the test session
+    (``conftest.shared_run``) for the tests that read it."""
+
+    def run(outdir: Path) -> None:
+        run_beside(__file__, "both_strategies", outdir, nproc=2, timeout=400)  # 240 s each before
+
+    return shared_run(tmp_path_factory, "vote_gradient-both", run)
+
+
+@pytest.mark.timeout(500)  # with the fixture's run (or the wait for it)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_every_rank_hears_both_votes_whatever_gradient_reaches_the_loss(tmp_path, strategy):
-    outdir = tmp_path / "out"
-    run_beside(__file__, "votes_whatever_the_gradient", outdir, timeout=240, STRATEGY=strategy)
+def test_every_rank_hears_both_votes_whatever_gradient_reaches_the_loss(both, strategy):
     ends_after = ENDS_AFTER[strategy]
     expected = {f"{u}/{v}": ends_after[v] for u in UPSTREAM for v in VOTES}
-    rank0, rank1 = read_results(outdir, 2)
+    rank0, rank1 = read_results(both / strategy, 2)
     for run, step in expected.items():
         assert rank0[run][0] == rank1[run][0] == step, run
         assert rank0[run][1] == rank1[run][1], run  # GradScaler skipped the same steps

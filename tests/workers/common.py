@@ -365,6 +365,21 @@ def exact_validation(model: torch.nn.Module, n_val: int) -> dict[str, float]:
     }
 
 
+def run_scenarios(outdir: str | os.PathLike, *scenarios) -> None:
+    """Several scenarios in one launch, one after the other: each ``f`` runs as ``f(OUTDIR/NAME)``
+    in that directory (its own working directory too, so default run directories never meet),
+    where its test reads what it wrote."""
+    here = os.getcwd()
+    for scenario in scenarios:
+        own = Path(outdir) / scenario.__name__
+        own.mkdir(parents=True, exist_ok=True)
+        os.chdir(own)
+        try:
+            scenario(str(own))
+        finally:
+            os.chdir(here)
+
+
 def run_scenario(namespace: dict) -> None:
     """A test file run by torchrun as ``FILE NAME OUTDIR``: call its function ``NAME(OUTDIR)``
     on this rank (see ``conftest.run_beside``)."""
