@@ -37,19 +37,34 @@ log = logging.getLogger("disttrain.checkpoint")
 
 
 def gather_state(
-    run: CheckpointedRun, progress: Progress, weights: bool = True, waits: bool = False
+    run: CheckpointedRun,
+    progress: Progress,
+    weights: bool = True,
+    waits: bool = False,
+    stage: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble a checkpoint on every rank (collective: it gathers each rank's RNG state).
     Without ``weights`` (sharded checkpoints) the module and optimizers go to DCP instead.
     The same gather tells every rank of any rank's non-finite loss: then every rank raises
     ``NonFiniteLoss`` and nothing is saved. With ``waits``, each rank first waits for its
     background write in flight, and the gather tells every rank whether one failed: then
-    every rank raises ``HookFailed`` naming the rank and its error."""
+    every rank raises ``HookFailed`` naming the rank and its error. ``stage``, on the rank
+    that writes in the background, copies the module's and optimizers' states to host
+    memory while the gather runs; if it fails, the failure is kept as the write's."""
     data_position = run.data_position  # a stream's position: data/positions.py
     failed_write = run.checkpoint_writes.finished() if waits else ""
     position = data_position() if data_position is not None else None
-    mine = (rng_state(), position, _nonfinite(run), failed_write)
-    rngs, data, nonfinite, failed_writes = zip(*run.collectives.gather_object(mine))
+    gathered = run.collectives.gather_object_started(
+        (rng_state(), position, _nonfinite(run), failed_write)
+    )
+    module_state = run.running_module.state_dict() if weights else {}
+    optimizer_states = [o.state_dict() for o in run.optimizers] if weights else []
+    if stage is not None:
+        try:
+            module_state, optimizer_states = stage((module_state, optimizer_states))
+        except Exception as error:  # told at the next save's gather or fit's end
+            run.checkpoint_writes.fail(error)
+    rngs, data, nonfinite, failed_writes = zip(*gathered())
     if any(nonfinite):
         raise NonFiniteLoss([f for found in nonfinite for f in found], run.global_step)
     failed = [rank for rank, text in enumerate(failed_writes) if text]
@@ -58,9 +73,9 @@ def gather_state(
     checkpoint = {
         "format": FORMAT,
         "versions": {"disttrain": __version__, "torch": str(torch.__version__)},
-        "module": run.running_module.state_dict() if weights else {},
+        "module": module_state,
         "hyper_parameters": dict(getattr(run.running_module, "hparams", {})),
-        "optimizers": [o.state_dict() for o in run.optimizers] if weights else [],
+        "optimizers": optimizer_states,
         "schedulers": [entry.scheduler.state_dict() for entry in run.schedulers],
         "scaler": run.scaler.state_dict() if run.scaler is not None else {},
         "progress": dataclasses.asdict(progress),
@@ -104,8 +119,9 @@ def save(
         else:
             dcp_save(run.running_module, run.optimizers, staging)
             dispatcher.run(Action.WRITE_CHECKPOINT, _finish_sharded_then, path, state, after)
-    else:
-        state = gather_state(run, progress, waits=background)
+    else:  # global zero writes: in the background, from host copies made during the gather
+        stage = writes.to_host if background and dispatcher.runs_here(Action.START_WRITE) else None
+        state = gather_state(run, progress, waits=background, stage=stage)
         if background:
             dispatcher.run(Action.START_WRITE, _write_in_background, writes, path, state, after)
         else:
@@ -127,14 +143,11 @@ def _write_in_background(
     writes: CheckpointWrites, path: Where, state: dict[str, Any], after: Callable[[], Any]
 ) -> None:
     """Global zero, the only rank writing, once its last write finished (``gather_state``
-    waited for it): no collective of its own. A failure here is kept as the write's, which
-    every rank learns of at the next checkpoint's gather or at the end of fit."""
-    try:
-        host = writes.to_host(state)
-    except Exception as error:
-        writes.fail(error)
-        return
-    writes.start(functools.partial(_write_then, path, host, after))
+    waited for it, and copied the state to host memory): no collective of its own. Nothing
+    starts if the copy failed; the failure is kept as the write's, which every rank learns
+    of at the next checkpoint's gather or at the end of fit."""
+    if not writes.holds_failure():
+        writes.start(functools.partial(_write_then, path, state, after))
 
 
 def _nothing() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import pickle
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -56,6 +57,12 @@ class Collectives:
     def gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""
         return [obj]
+
+    def gather_object_started(self, obj: Any) -> Callable[[], list[Any]]:
+        """``gather_object`` begun: it runs while this rank goes on, and the function returned
+        waits for it. Every rank calls that function at the same point (where an object did
+        not fit, it gathers again), before any other collective."""
+        return lambda: [obj]
 
     def checkpoint_group(self) -> Any:
         """The group DCP's background writes coordinate over (None: no group, one process)."""
@@ -160,13 +167,20 @@ class ProcessGroupCollectives(Collectives):
     def gather_object(self, obj: Any) -> list[Any]:
         return self._gather_pickled("gather", obj, self._long_control)
 
+    def gather_object_started(self, obj: Any) -> Callable[[], list[Any]]:
+        return self._gather_started("gather", obj, self._long_control)
+
     def _gather_pickled(self, name: str, obj: Any, group: Any) -> list[Any]:
+        return self._gather_started(name, obj, group)()
+
+    def _gather_started(self, name: str, obj: Any, group: Any) -> Callable[[], list[Any]]:
         """Every rank's ``obj`` on every rank: pickled into a byte tensor on the gloo control
         group, in one all-gather. Each rank sends its size and, if it fits, its bytes in a
         slot of ``_room[name]`` bytes; only when some rank's does not fit does a second
         all-gather follow, and the slot grows (alike on every rank: each saw every size) so
         that the next call fits again. A checkpoint's RNG gather, the same size every time,
-        is then one collective instead of the two of torch's ``all_gather_object``."""
+        is then one collective instead of the two of torch's ``all_gather_object``. The
+        all-gather is started here; the function returned waits for it and unpickles."""
         payload = _pickled(obj)
         size = payload.numel()
         room = self._room.get(name, _FIRST_ROOM)
@@ -175,17 +189,27 @@ class ProcessGroupCollectives(Collectives):
         if size <= room:
             sent[_SIZE_BYTES : _SIZE_BYTES + size] = payload
         out = [torch.empty_like(sent) for _ in range(self.world_size)]
-        self._run(name, dist.all_gather, out, sent, group=group)
-        sizes = [int(t[:_SIZE_BYTES].view(torch.int64).item()) for t in out]
-        longest = max(sizes)
-        if longest <= room:
-            return [_unpickled(t[_SIZE_BYTES:], s) for t, s in zip(out, sizes)]
-        self._room[name] = 1 << (longest - 1).bit_length()
-        padded = torch.zeros(longest, dtype=torch.uint8)
-        padded[:size] = payload
-        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-        self._run(name, dist.all_gather, out, padded, group=group)
-        return [_unpickled(t, s) for t, s in zip(out, sizes)]
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.record(START, name)
+        work = dist.all_gather(out, sent, group=group, async_op=True)
+
+        def finish() -> list[Any]:
+            work.wait()
+            if recorder is not None:
+                recorder.record(FINISH, name)
+            sizes = [int(t[:_SIZE_BYTES].view(torch.int64).item()) for t in out]
+            longest = max(sizes)
+            if longest <= room:
+                return [_unpickled(t[_SIZE_BYTES:], s) for t, s in zip(out, sizes)]
+            self._room[name] = 1 << (longest - 1).bit_length()
+            padded = torch.zeros(longest, dtype=torch.uint8)
+            padded[:size] = payload
+            whole = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+            self._run(name, dist.all_gather, whole, padded, group=group)
+            return [_unpickled(t, s) for t, s in zip(whole, sizes)]
+
+        return finish
 
     def checkpoint_group(self) -> Any:
         """A gloo group of every rank for background checkpoint writes, made at the first

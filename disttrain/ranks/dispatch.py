@@ -117,6 +117,10 @@ class Dispatcher:
         the loop prepares a hook's arguments only then."""
         return hook in self._implemented
 
+    def runs_here(self, action: Action) -> bool:
+        """Whether this rank does ``action``'s work (``ACTION_TABLE``)."""
+        return self._actions[action]
+
     def run(self, action: Action, fn: Callable[..., Any], *args: Any) -> Any:
         """Run trainer work ``fn`` on the ranks ``ACTION_TABLE`` names, then its verdict
         (``Sync.LATER``: none; ``fn`` keeps its failure for where it is next waited for)."""
