@@ -236,6 +236,16 @@ def shared_run(tmp_path_factory, name: str, make: Callable[[Path], object]) -> P
     return outdir
 
 
+def shared_launch(tmp_path_factory, key: str, test_file: str | Path, scenario: str, **options):
+    """``run_beside(test_file, scenario, DIR, **options)`` once per test session
+    (``shared_run`` under ``key``): the launch several tests of a file read. Returns DIR."""
+
+    def launch(outdir: Path) -> None:
+        run_beside(test_file, scenario, outdir, **options)
+
+    return shared_run(tmp_path_factory, key, launch)
+
+
 # -- a scenario written beside its test ---------------------------------------------------
 def run_beside(
     test_file: str | Path,

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from common import WideExport, read_results, run_scenario, run_scenarios, write_result
-from conftest import run_beside, shared_run
+from conftest import run_beside, shared_launch
 
 import disttrain
 from disttrain import Callback, ModelCheckpoint, Trainer
@@ -155,12 +155,11 @@ def on_two_ranks(outdir: str) -> None:
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory) -> Path:
     """``on_two_ranks``, launched once in the test session
-    (``conftest.shared_run``) for the tests that read it."""
+    (``conftest.shared_launch``) for the tests that read it."""
 
-    def run(outdir: Path) -> None:
-        run_beside(__file__, "on_two_ranks", outdir, timeout=240)
-
-    return shared_run(tmp_path_factory, "async_checkpoints-two_ranks", run)
+    return shared_launch(
+        tmp_path_factory, "async_checkpoints-two_ranks", __file__, "on_two_ranks", timeout=240
+    )
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])

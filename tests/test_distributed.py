@@ -20,7 +20,7 @@ from common import (
     run_scenarios,
     write_result,
 )
-from conftest import run_beside, shared_run
+from conftest import run_beside, shared_launch
 
 import disttrain
 from disttrain import HookFailed, Trainer
@@ -215,13 +215,12 @@ def on_two_ranks(outdir):
 
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory) -> Path:
-    """``on_two_ranks``, launched once in the test session (``conftest.shared_run``) for the
+    """``on_two_ranks``, launched once in the test session (``conftest.shared_launch``) for the
     tests that read it."""
 
-    def run(outdir: Path) -> None:
-        run_beside(__file__, "on_two_ranks", outdir, timeout=180)
-
-    return shared_run(tmp_path_factory, "distributed-two_ranks", run)
+    return shared_launch(
+        tmp_path_factory, "distributed-two_ranks", __file__, "on_two_ranks", timeout=180
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from common import Regressor, read_results, run_scenario, run_scenarios, write_result
-from conftest import run_alone, run_beside, shared_run
+from conftest import run_alone, shared_launch
 
 import disttrain
 from disttrain.api.lightning_names import CALLED, LIGHTNING_HOOKS, NEVER_CALLED
@@ -176,12 +176,11 @@ def on_two_ranks(outdir):
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory) -> Path:
     """``on_two_ranks``, launched once in the test session
-    (``conftest.shared_run``) for the tests that read it."""
+    (``conftest.shared_launch``) for the tests that read it."""
 
-    def run(outdir: Path) -> None:
-        run_beside(__file__, "on_two_ranks", outdir, nproc=2)
-
-    return shared_run(tmp_path_factory, "lightning_hooks-two_ranks", run)
+    return shared_launch(
+        tmp_path_factory, "lightning_hooks-two_ranks", __file__, "on_two_ranks", nproc=2
+    )
 
 
 def test_lightning2_hooks_run_at_their_moments_on_two_ranks(two_ranks):

@@ -31,7 +31,7 @@ from conftest import (
     launch,
     launch_two,
     run_beside,
-    shared_run,
+    shared_launch,
     worker_env,
 )
 
@@ -276,12 +276,11 @@ def on_two_ranks(outdir):
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory) -> Path:
     """``on_two_ranks``, launched once in the test session
-    (``conftest.shared_run``) for the tests that read it."""
+    (``conftest.shared_launch``) for the tests that read it."""
 
-    def run(outdir: Path) -> None:
-        run_beside(__file__, "on_two_ranks", outdir, timeout=240)
-
-    return shared_run(tmp_path_factory, "stopping-two_ranks", run)
+    return shared_launch(
+        tmp_path_factory, "stopping-two_ranks", __file__, "on_two_ranks", timeout=240
+    )
 
 
 @pytest.mark.parametrize(

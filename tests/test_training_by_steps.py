@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from common import IndexedData, Regressor, Resumable, run_scenario, run_scenarios
-from conftest import run_beside, shared_run
+from conftest import shared_launch
 from torch.utils.data import DataLoader, IterableDataset
 
 from disttrain import ConfigError, ModelCheckpoint, Trainer
@@ -134,12 +134,11 @@ def on_two_ranks(outdir: str) -> None:
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory) -> Path:
     """``on_two_ranks``, launched once in the test session
-    (``conftest.shared_run``) for the tests that read it."""
+    (``conftest.shared_launch``) for the tests that read it."""
 
-    def run(outdir: Path) -> None:
-        run_beside(__file__, "on_two_ranks", outdir, timeout=480)
-
-    return shared_run(tmp_path_factory, "training_by_steps-two_ranks", run)
+    return shared_launch(
+        tmp_path_factory, "training_by_steps-two_ranks", __file__, "on_two_ranks", timeout=480
+    )
 
 
 def _read(outdir: Path, name: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from common import IndexedData, Regressor, read_results, run_scenario, run_scenarios, write_result
-from conftest import run_beside, shared_run
+from conftest import shared_launch
 
 import disttrain
 from disttrain import Trainer
@@ -121,12 +121,11 @@ def both_strategies(outdir):
 @pytest.fixture(scope="session")
 def both(tmp_path_factory) -> Path:
     """``both_strategies``, launched once in the test session
-    (``conftest.shared_run``) for the tests that read it."""
+    (``conftest.shared_launch``) for the tests that read it."""
 
-    def run(outdir: Path) -> None:
-        run_beside(__file__, "both_strategies", outdir, nproc=2, timeout=400)  # 240 s each before
-
-    return shared_run(tmp_path_factory, "vote_gradient-both", run)
+    return shared_launch(
+        tmp_path_factory, "vote_gradient-both", __file__, "both_strategies", nproc=2, timeout=400
+    )  # 240 s each before
 
 
 @pytest.mark.timeout(500)  # with the fixture's run (or the wait for it)
