@@ -238,3 +238,18 @@ def test_the_run_dir_probe_leaves_nothing_behind(tmp_path):
     existing.mkdir()
     cli._check_run_dir(runconfig.load(SMOKE, [f"run_dir={existing}"]), [])
     assert list(existing.iterdir()) == []
+
+
+def test_a_mesh_that_does_not_fit_the_job_is_refused_by_the_launcher_before_any_worker():
+    """``trainer.mesh`` against ``--nproc-per-node`` x ``--nnodes``: exit 2, one line naming
+    ``mesh`` and the numbers, and no worker started (each would have refused it, exit 1)."""
+    proc = disttrain_cli(
+        *("launch", "--nproc-per-node", "2", "fit", "--config", SMOKE),
+        *("trainer.strategy=hsdp", "trainer.mesh={tp: 3}"),
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("disttrain: config error: "), lines
+    assert "mesh" in lines[0] and "tp=3" in lines[0] and "WORLD_SIZE is 2" in lines[0], lines
+    assert "rank" not in proc.stdout

@@ -29,6 +29,7 @@ import torch
 from disttrain.callbacks.prediction_writer import PredictionWriter
 from disttrain.checkpoint.format import SUFFIX, CheckpointError, check_path
 from disttrain.config import runfile as runconfig
+from disttrain.config.layout import resolve_layout
 from disttrain.config.options import ConfigError
 from disttrain.dist.env import DistEnv
 from disttrain.dist.exits import EXIT_INTERRUPTED
@@ -306,6 +307,9 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
             raise ConfigError(name, f"must be at least 1, got {value}")
     if nnodes > 1 and not endpoint:
         raise ConfigError("--rdzv-endpoint", "needed with more than one node", run.source)
+    # trainer.mesh against the job's size, before any worker starts (each would refuse it)
+    job = DistEnv(world_size=nproc * nnodes, local_world_size=nproc, launched=True)
+    resolve_layout(run.trainer, job)
     torchrun_argv = [
         f"--nproc-per-node={nproc}",
         f"--max-restarts={pick(args.max_restarts, launch.max_restarts)}",
