@@ -404,7 +404,9 @@ def test_rebuilt_loaders_keep_the_users_worker_options(tmp_path):
     would have had them forced (the training, evaluation and stream loaders)."""
     for persistent, pin in [(False, False), (True, False), (False, True)]:
         module = UserOptions(persistent, pin)
-        run = SimpleNamespace(seed=0, env=DistEnv(), datamodule=None)  # what sources reads
+        run = SimpleNamespace(  # what sources reads
+            seed=0, env=DistEnv(), datamodule=None, data_rank=0, data_world_size=1
+        )
         built = [
             sources.train_loader_for(run, module),
             sources.eval_loader_for(run, module, "val_dataloader", "validation_step"),

@@ -53,9 +53,9 @@ def launch_workers(torchrun_argv: list[str], after_failure: Any = None) -> int:
         return exit_code_for(err.sigval.name)
     except ChildFailedError as err:
         rank, failure = root_cause(err.failures)
+        if after_failure is not None:  # the flight recorder's trace, then the cause: last,
+            after_failure()  # where the eye lands
         print(_failure_summary(rank, failure, err.failures), file=sys.stderr, flush=True)
-        if after_failure is not None:
-            after_failure()
         return failure.exitcode if failure.exitcode > 0 else 1  # killed by a signal: 1
     finally:
         if previous is not None:
