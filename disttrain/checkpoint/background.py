@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+
+from disttrain.ranks.dispatch import error_text
 
 log = logging.getLogger("disttrain.checkpoint")
 
@@ -64,7 +65,7 @@ class CheckpointWrites:
         try:
             self.wait()
         except Exception as error:
-            return "".join(traceback.format_exception_only(error)).strip()
+            return error_text(error)
         return ""
 
     def holds_failure(self) -> bool:

@@ -27,7 +27,7 @@ from disttrain.data.positions import (
 from disttrain.data.sample_seeds import SeededSamples
 from disttrain.data.samplers import ResumableDistributedSampler, UnpaddedDistributedSampler
 from disttrain.data.streams import ShardedStream, shards_itself
-from disttrain.data.workers import WorkerInit, reading, rebuilt, restartable_context
+from disttrain.data.workers import WorkerInit, reading, rebuilt, worker_start
 
 data_log = logging.getLogger("disttrain.data")
 
@@ -192,9 +192,11 @@ def _checked_custom(loader: Any, world_size: int, where: str) -> Any:
     dataset = getattr(loader, "dataset", None)
     if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, WorkerInit):
         # a signal stops the rank; a worker stuck in its fork is forked again
-        loader.worker_init_fn = WorkerInit(loader.worker_init_fn, loader.num_workers)
-        context = restartable_context(loader.multiprocessing_context, loader.num_workers)
-        loader.multiprocessing_context = context
+        start = worker_start(
+            loader.worker_init_fn, loader.multiprocessing_context, loader.num_workers
+        )
+        for option, value in start.items():
+            setattr(loader, option, value)
     if isinstance(dataset, IterableDataset):
         _check_stream(loader, dataset, world_size, where)
         return loader

@@ -140,7 +140,6 @@ def rebuilt(loader: Any, **changes: Any) -> DataLoader:
     ``persistent_workers``, ``pin_memory`` and the rest are kept as set. Its workers start
     with ``WorkerInit`` (the user's ``worker_init_fn`` inside it)."""
     init = loader.worker_init_fn
-    workers = changes.get("num_workers", loader.num_workers)
     options: dict[str, Any] = {
         "dataset": loader.dataset,
         "batch_size": loader.batch_size,
@@ -149,8 +148,9 @@ def rebuilt(loader: Any, **changes: Any) -> DataLoader:
         "pin_memory": loader.pin_memory,
         "drop_last": loader.drop_last,
         "timeout": loader.timeout,
-        "worker_init_fn": init if isinstance(init, WorkerInit) else WorkerInit(init, workers),
-        "multiprocessing_context": restartable_context(loader.multiprocessing_context, workers),
+        **worker_start(
+            init, loader.multiprocessing_context, changes.get("num_workers", loader.num_workers)
+        ),
         "generator": loader.generator,
         "prefetch_factor": loader.prefetch_factor,
         "persistent_workers": loader.persistent_workers,
@@ -261,10 +261,19 @@ class _RestartableForkContext(multiprocessing.context.ForkContext):
 _RESTARTABLE_FORK = _RestartableForkContext()
 
 
-def restartable_context(context: Any, workers: int) -> Any:
-    """The ``multiprocessing_context`` disttrain gives a loader: the fork context whose
-    workers ``reading`` can fork again where the user left it unset (or chose fork) and the
-    platform forks; the user's own otherwise."""
+def worker_start(init: Any, context: Any, workers: int) -> dict[str, Any]:
+    """A loader's ``worker_init_fn`` and ``multiprocessing_context`` as disttrain starts its
+    ``workers``: ``WorkerInit`` around the user's function (signals; the start mark
+    ``reading`` waits for), and a fork context whose workers can be forked again."""
+    return {
+        "worker_init_fn": init if isinstance(init, WorkerInit) else WorkerInit(init, workers),
+        "multiprocessing_context": _restartable_context(context, workers),
+    }
+
+
+def _restartable_context(context: Any, workers: int) -> Any:
+    """The fork context whose workers ``reading`` can fork again, where the user left the
+    context unset (or chose fork) and the platform forks; the user's own otherwise."""
     if not workers:
         return context
     if context is None:
@@ -291,8 +300,8 @@ def _not_started(started: Any, workers: list, deadline: float) -> list[int]:
 def _fork_again(batches: Any, i: int) -> None:
     """Replace worker ``i`` of torch's iterator ``batches`` by a new fork of the same
     process (target, arguments: its id, seed and queues), before it read anything. torch's
-    child watch is told of the new pid before the stuck one is killed, so that its death
-    is not taken for a worker's failure."""
+    child watch forgets this iterator's workers before the stuck one is killed, so that its
+    death is not taken for a worker's failure, and learns them again, the new pid with them."""
     stuck = batches._workers[i]
     target, args, kwargs = stuck.recipe
     again = _RestartableForkProcess(target=target, args=args, kwargs=kwargs, daemon=True)

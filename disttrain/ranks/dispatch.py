@@ -39,6 +39,11 @@ class HookFailed(RuntimeError):
         super().__init__(f"{kind} '{hook.value}' failed on rank {ranks}:\n{detail}")
 
 
+def error_text(error: BaseException) -> str:
+    """An error as a verdict tells it to every rank: its type and message, no traceback."""
+    return "".join(traceback.format_exception_only(error)).strip()
+
+
 class HookRaised(RuntimeError):
     """A hook without a verdict raised on this rank; the launcher shows this message."""
 
@@ -141,7 +146,7 @@ class Dispatcher:
             self._wait_for(hook)
         failed = self.collectives.verdict(error is not None, long=long)
         if failed:
-            text = "" if error is None else "".join(traceback.format_exception_only(error)).strip()
+            text = "" if error is None else error_text(error)
             raise HookFailed(hook, failed, self.collectives.gather_text(text, long=long)) from error
         if sync is Sync.DECISION:
             return self.collectives.broadcast_object(result)
